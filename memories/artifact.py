@@ -1,0 +1,192 @@
+"""A memory on disk: a Hugging Face causal-LM directory plus an optional ``memory.json``.
+
+Reading and checking an artifact happens in the API process before any engine
+worker sees it, so that every refusal is a clear message naming the memory,
+the check and both sides' values, and nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MEMORY_JSON = "memory.json"
+FORMAT_VERSION = 1
+# Architectures the memory runtime (memories/decoder.py) can run incrementally.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+class ArtifactError(ValueError):
+    """A memory directory that cannot be served; the message says why."""
+
+    def __init__(self, memory: str, check: str, detail: str):
+        self.memory, self.check, self.detail = memory, check, detail
+        super().__init__(f"memory {memory!r}: {check}: {detail}")
+
+
+@dataclass(frozen=True)
+class MemoryCard:
+    """What we know about a memory without loading its weights."""
+
+    name: str
+    path: str
+    weight: float = 0.5  # λ
+    temperature: float = 1.0
+    domain: str | None = None
+    description: str = ""
+    base_model: str | None = None
+    tokenizer_sha256: str | None = None
+    architecture: str = ""
+    vocab_size: int = 0
+    num_parameters: int = 0
+    content_sha256: str = ""
+    corpus: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the token→id map plus special tokens, independent of file layout.
+
+    Two tokenizers with the same hash map every string to the same ids, which
+    is what fusing two distributions over token ids requires.
+    """
+    specials = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    canonical = json.dumps(
+        {"vocab": tokenizer.get_vocab(), "special_tokens": specials},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _read_json(name: str, path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(name, f"{what} missing", f"no {path.name} in {path.parent}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(name, f"{what} is not valid JSON", f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(name, f"{what} is not a JSON object", str(path))
+    return data
+
+
+def _check_fraction(name: str, key: str, value: Any, lo: float, hi: float, lo_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ArtifactError(name, f"memory.json {key} is not a number", repr(value))
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise ArtifactError(name, f"memory.json {key} out of range", f"{value} not in {'(' if lo_open else '['}{lo}, {hi}]")
+    return float(value)
+
+
+def content_sha256(path: Path) -> str:
+    """Hash of config and weight files: identifies a memory version across replicas."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json" or f.suffix == ".safetensors":
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def read_card(path: str | os.PathLike, name: str, default_weight: float | None = None) -> MemoryCard:
+    """Read and check a memory directory's metadata (no weights are loaded)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(name, "not a directory", str(root))
+    config = _read_json(name, root / "config.json", "config.json")
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ArtifactError(
+            name, "unsupported architecture", f"memory has {arch or 'none'}, supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    weights = sorted(root.glob("*.safetensors"))
+    if not weights:
+        raise ArtifactError(name, "no weights", f"no *.safetensors file in {root}")
+    meta: dict[str, Any] = {}
+    if (root / MEMORY_JSON).exists():
+        meta = _read_json(name, root / MEMORY_JSON, MEMORY_JSON)
+        if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ArtifactError(name, "unknown memory.json format", f"memory has {meta.get('format')!r}, server reads {FORMAT_VERSION}")
+    weight = meta.get("lambda", default_weight if default_weight is not None else 0.5)
+    temperature = meta.get("temperature", 1.0)
+    return MemoryCard(
+        name=name,
+        path=str(root.resolve()),
+        weight=_check_fraction(name, "lambda", weight, 0.0, 1.0),
+        temperature=_check_fraction(name, "temperature", temperature, 0.0, 100.0, lo_open=True),
+        domain=meta.get("domain"),
+        description=str(meta.get("description", "")),
+        base_model=meta.get("base_model"),
+        tokenizer_sha256=meta.get("tokenizer_sha256"),
+        architecture=arch,
+        vocab_size=int(config.get("vocab_size", 0)),
+        num_parameters=_count_parameters(name, weights),
+        content_sha256=content_sha256(root),
+        corpus=meta.get("corpus") or {},
+        metrics=meta.get("metrics") or {},
+    )
+
+
+def _count_parameters(name: str, weights: list[Path]) -> int:
+    """Reads only the safetensors headers; a corrupt header is refused here."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in weights:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    total += math.prod(st.get_slice(key).get_shape())
+        except Exception as e:  # safetensors raises several types for bad files
+            raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
+    return total
+
+
+def check_compatible(card: MemoryCard, base_tokenizer) -> None:
+    """Refuse a memory whose token ids would not mean the base's token ids."""
+    base_sha = tokenizer_sha256(base_tokenizer)
+    root = Path(card.path)
+    if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        try:
+            mem_sha = tokenizer_sha256(AutoTokenizer.from_pretrained(root))
+        except Exception as e:
+            raise ArtifactError(card.name, "unreadable tokenizer", str(e)) from None
+        if mem_sha != base_sha:
+            raise ArtifactError(card.name, "tokenizer differs from the base's", f"memory sha256 {mem_sha[:16]}…, base sha256 {base_sha[:16]}…")
+    elif card.tokenizer_sha256 and card.tokenizer_sha256 != base_sha:
+        raise ArtifactError(
+            card.name, "memory.json tokenizer_sha256 differs from the base's", f"memory {card.tokenizer_sha256[:16]}…, base {base_sha[:16]}…"
+        )
+    needed = len(base_tokenizer)
+    if card.vocab_size < needed:
+        raise ArtifactError(card.name, "vocabulary too small", f"memory vocab_size {card.vocab_size} < base tokenizer's {needed} tokens")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write-then-rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

