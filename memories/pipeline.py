@@ -1,0 +1,361 @@
+"""The memory build, stage by stage: corpus → datastore → index → heldout → targets → train → evaluate → package.
+
+Layout of a build with ``--out OUT --name NAME``:
+
+    OUT/NAME/                 the memory artifact (HF dir + tokenizer + memory.json)
+    OUT/work/NAME/corpus/     token streams per split (.npy) + corpus summary
+    OUT/work/NAME/datastore/shard-III-of-NNN/   keys (fp16), values, positions
+    OUT/work/NAME/index/      faiss index + merged values
+    OUT/work/NAME/heldout/    base log-probs, query keys' neighbours for validation/test; tuned kNN-LM
+    OUT/work/NAME/targets/    sparse kNN distributions per training position
+    OUT/work/NAME/train/      trained memory (HF dir) + loss log; checkpoints in train-checkpoints/
+    OUT/work/NAME/evaluate/   report.json, report.md, ppl_vs_lambda.png
+
+Each stage directory carries ``stage.json`` with the fingerprint of its inputs
+and options (see ``memories.stage``); a re-run skips every stage whose
+fingerprint is unchanged and resumes training from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents
+from memories.stage import StageError, fingerprint, require, run_stage, stage_info
+
+log = logging.getLogger("memserve.memory")
+
+
+@dataclass
+class BuildConfig:
+    base: str
+    corpus: str
+    name: str
+    out: str
+    domain: str | None = None
+    description: str = ""
+    text_field: str = "text"
+    # corpus
+    max_tokens: int = 200_000  # training tokens (datastore rows + 1)
+    eval_tokens: int = 20_000  # per split, validation and test
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    # windows
+    context: int = 512
+    stride: int = 256
+    # datastore / index / targets
+    layer: int = -1
+    shard: int = 0
+    shards: int = 1
+    flat_max: int = 2_000_000
+    train_sample: int = 200_000
+    nprobe: int = 32
+    k: int = 1024
+    knn_temperature: float | None = None  # None: the kNN-LM temperature tuned on validation
+    top: int = 64
+    # training
+    layers: int = 4
+    epochs: int = 3
+    lr: float = 3e-4
+    beta: float = 0.5
+    accumulate: int = 8
+    warmup: float = 0.05
+    weight_decay: float = 0.01
+    seed: int = 0
+    work_root: str | None = None  # default OUT/work
+    # runtime only (never part of a fingerprint)
+    threads: int = 0
+    progress: bool = True
+    stop_after: str | None = None  # for tests and manual runs: stop after this stage
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_root or Path(self.out) / "work") / self.name
+
+    @property
+    def artifact(self) -> Path:
+        return Path(self.out) / self.name
+
+
+STAGES = ("corpus", "datastore", "index", "heldout", "targets", "train", "evaluate", "package")
+
+
+class _Stop(Exception):
+    pass
+
+
+def set_threads(n: int) -> int:
+    """Torch and faiss thread counts; 0 = all cores (this machine class has 2)."""
+    import torch
+
+    n = n or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def base_identity(base: str) -> dict:
+    """Cheap identity of a base checkpoint: config content + weight file sizes and times."""
+    root = Path(base)
+    if not (root / "config.json").exists():
+        raise StageError(f"base {base!r} is not a Hugging Face model directory (no config.json)")
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(root.glob("*.safetensors"))}
+    return {"path": str(root.resolve()), "config": hashlib.sha256((root / "config.json").read_bytes()).hexdigest(), "weights": files}
+
+
+def _load_tokenizer(base: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base)
+
+
+def _vocab_size(base: str) -> int:
+    return int(json.loads((Path(base) / "config.json").read_text())["vocab_size"])
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def stage_corpus(cfg: BuildConfig) -> dict:
+    from memories.artifact import tokenizer_sha256
+
+    corpus = load_corpus(cfg.corpus, cfg.text_field)
+    tok = _load_tokenizer(cfg.base)
+    fp = fingerprint(corpus=corpus.identity, tokenizer=tokenizer_sha256(tok), max_tokens=cfg.max_tokens, eval_tokens=cfg.eval_tokens, fractions=[cfg.validation_fraction, cfg.test_fraction])
+
+    def produce(tmp: Path) -> dict:
+        splits = split_documents(corpus, cfg.validation_fraction, cfg.test_fraction)
+        for s in SPLITS:
+            if not splits[s]:
+                raise CorpusError(
+                    f"corpus {cfg.corpus!r} has {len(corpus.documents)} documents and none fell into the {s} split; "
+                    "add documents (a few dozen at least) or raise --validation-fraction / --test-fraction"
+                )
+        summary = {"spec": cfg.corpus, "description": corpus.description, "documents": len(corpus.documents), "splits": {}}
+        for s in SPLITS:
+            cap = cfg.max_tokens if s == "train" else cfg.eval_tokens
+            stream, used = _tokenize(tok, splits[s], cap + 1)
+            if len(stream) < 2:
+                raise CorpusError(f"corpus {cfg.corpus!r}: the {s} split tokenizes to fewer than 2 tokens")
+            np.save(tmp / f"{s}.npy", stream)
+            summary["splits"][s] = {"documents": len(splits[s]), "documents_used": used, "tokens": int(len(stream))}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        return {"summary": summary}
+
+    return run_stage("corpus", cfg.work / "corpus", fp, produce)
+
+
+def _tokenize(tok, docs, cap: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents (each followed by EOS) until ``cap`` tokens."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    parts, total, used = [], 0, 0
+    batch = 32
+    for s in range(0, len(docs), batch):
+        enc = tok([d.text for d in docs[s : s + batch]], add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            parts.append(np.asarray(ids + eos, dtype=np.int32))
+            total += len(parts[-1])
+            used += 1
+            if total >= cap:
+                return np.concatenate(parts)[:cap], used
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), used
+
+
+def _streams(cfg: BuildConfig, splits=SPLITS) -> dict[str, np.ndarray]:
+    d = cfg.work / "corpus"
+    require(d, "corpus stage", "`memserve memory datastore` (or build)")
+    return {s: np.load(d / f"{s}.npy") for s in splits}
+
+
+def _shard_dir(cfg: BuildConfig, shard: int, shards: int) -> Path:
+    return cfg.work / "datastore" / f"shard-{shard:03d}-of-{shards:03d}"
+
+
+def stage_datastore(cfg: BuildConfig, corpus_info: dict, shards: list[int] | None = None, model=None) -> list[dict]:
+    from memories.datastore import build_datastore, load_base
+
+    tokens = _streams(cfg, ["train"])["train"]
+    records = []
+    for shard in shards if shards is not None else [cfg.shard]:
+        fp = fingerprint(corpus=corpus_info["fingerprint"], base=base_identity(cfg.base), context=cfg.context, stride=cfg.stride, layer=cfg.layer, shard=shard, shards=cfg.shards)
+
+        def produce(tmp: Path, shard=shard) -> dict:
+            nonlocal model
+            model = model or load_base(cfg.base)
+            return build_datastore(model, tokens, tmp, cfg.context, cfg.stride, cfg.layer, shard, cfg.shards, cfg.progress)
+
+        records.append(run_stage(f"datastore shard {shard + 1}/{cfg.shards}", _shard_dir(cfg, shard, cfg.shards), fp, produce))
+    return records
+
+
+def stage_index(cfg: BuildConfig) -> dict:
+    from memories.index import build_index
+
+    dirs = [_shard_dir(cfg, i, cfg.shards) for i in range(cfg.shards)]
+    missing = [str(d) for d in dirs if stage_info(d) is None]
+    if missing:
+        raise StageError(f"datastore shards missing: {', '.join(missing)}: run `memserve memory datastore --shard i/{cfg.shards}` for each")
+    fp = fingerprint(shards=[stage_info(d)["fingerprint"] for d in dirs], flat_max=cfg.flat_max, train_sample=cfg.train_sample, nprobe=cfg.nprobe, seed=cfg.seed)
+    return run_stage("index", cfg.work / "index", fp, lambda tmp: build_index(dirs, tmp, cfg.flat_max, cfg.train_sample, cfg.nprobe, cfg.seed, cfg.progress))
+
+
+def stage_heldout(cfg: BuildConfig, model=None) -> dict:
+    from memories.datastore import load_base
+    from memories.heldout import build_heldout
+
+    index = require(cfg.work / "index", "index stage", "`memserve memory index`")
+    corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
+    fp = fingerprint(index=index["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), context=cfg.context, stride=cfg.stride, layer=cfg.layer, k=cfg.k)
+
+    def produce(tmp: Path) -> dict:
+        m = model or load_base(cfg.base)
+        streams = _streams(cfg, ["validation", "test"])
+        return build_heldout(m, streams, cfg.work / "index", tmp, cfg.context, cfg.stride, cfg.layer, cfg.k, _vocab_size(cfg.base), cfg.progress)
+
+    return run_stage("heldout", cfg.work / "heldout", fp, produce)
+
+
+def stage_targets(cfg: BuildConfig) -> dict:
+    from memories.targets import build_targets
+
+    index = require(cfg.work / "index", "index stage", "`memserve memory index`")
+    heldout = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")
+    temperature = cfg.knn_temperature or heldout["knnlm"]["temperature"]
+    fp = fingerprint(index=index["fingerprint"], k=cfg.k, temperature=temperature, top=cfg.top)
+    return run_stage(
+        "targets",
+        cfg.work / "targets",
+        fp,
+        lambda tmp: build_targets(cfg.work / "index", index["shards"], tmp, cfg.k, temperature, cfg.top, _vocab_size(cfg.base), progress=cfg.progress),
+    )
+
+
+def stage_train(cfg: BuildConfig) -> dict:
+    from memories.targets import load_targets
+    from memories.train import train_memory
+
+    targets = require(cfg.work / "targets", "targets stage", "`memserve memory targets`")
+    corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
+    opts = {k: getattr(cfg, k) for k in ("layers", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed")}
+    fp = fingerprint(targets=targets["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), **opts)
+    ckpt = cfg.work / "train-checkpoints" / fp[:16]
+
+    def produce(tmp: Path) -> dict:
+        tokens = _streams(cfg, ["train"])["train"]
+        ids, probs = load_targets(cfg.work / "targets")
+        if len(ids) != len(tokens) - 1:
+            raise StageError(f"targets have {len(ids)} rows but the training stream has {len(tokens) - 1} positions: rebuild targets")
+        rec = train_memory(cfg.base, tokens, ids, probs, tmp, ckpt, progress=cfg.progress, **opts)
+        return rec
+
+    rec = run_stage("train", cfg.work / "train", fp, produce)
+    shutil.rmtree(cfg.work / "train-checkpoints", ignore_errors=True)  # the finished model supersedes them
+    return rec
+
+
+def stage_evaluate(cfg: BuildConfig) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from memories.evaluate import evaluate_memory
+
+    train = require(cfg.work / "train", "train stage", "`memserve memory train`")
+    heldout = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")
+    fp = fingerprint(train=train["fingerprint"], heldout=heldout["fingerprint"])
+
+    def produce(tmp: Path) -> dict:
+        memory = AutoModelForCausalLM.from_pretrained(str(cfg.work / "train"), dtype=__import__("torch").float32).eval()
+        streams = _streams(cfg, ["validation", "test"])
+        return evaluate_memory(memory, streams, cfg.work / "heldout", heldout, tmp, cfg.context, cfg.stride, _vocab_size(cfg.base), cfg.progress)
+
+    return run_stage("evaluate", cfg.work / "evaluate", fp, produce)
+
+
+def stage_package(cfg: BuildConfig, timings: dict | None = None) -> Path:
+    from memories.package import package_memory
+
+    evaluation = require(cfg.work / "evaluate", "evaluate stage", "`memserve memory evaluate`")
+    corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
+    index = require(cfg.work / "index", "index stage", "`memserve memory index`")
+    return package_memory(cfg, corpus["summary"], evaluation, index, timings or {})
+
+
+# --- whole build and demo ------------------------------------------------------------------
+
+
+def build(cfg: BuildConfig) -> Path | None:
+    """Run every stage (skipping up-to-date ones); return the artifact directory."""
+    set_threads(cfg.threads)
+    started = time.time()
+    timings: dict[str, float] = {}
+
+    def step(name, fn):
+        t = time.time()
+        rec = fn()
+        timings[name] = round(time.time() - t, 1)
+        log.info("%s: %s in %.1fs", name, "skipped" if isinstance(rec, dict) and rec.get("skipped") else "done", timings[name])
+        if cfg.stop_after == name:
+            raise _Stop
+        return rec
+
+    try:
+        corpus = step("corpus", lambda: stage_corpus(cfg))
+        step("datastore", lambda: stage_datastore(cfg, corpus, shards=list(range(cfg.shards))))
+        step("index", lambda: stage_index(cfg))
+        step("heldout", lambda: stage_heldout(cfg))
+        step("targets", lambda: stage_targets(cfg))
+        step("train", lambda: stage_train(cfg))
+        step("evaluate", lambda: stage_evaluate(cfg))
+        timings["total_before_package"] = round(time.time() - started, 1)
+        path = step("package", lambda: stage_package(cfg, timings))
+    except _Stop:
+        log.info("stopped after %s as asked", cfg.stop_after)
+        return None
+    timings["total"] = round(time.time() - started, 1)
+    from memories.artifact import write_json_atomic
+
+    write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": timings})
+    return path
+
+
+# Demo memories: sized to build in about 10 minutes per domain on a 2-core CPU
+# with the 135M default base (measured; see memories/README.md).
+DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=3, accumulate=4, lr=3e-4)
+DEMO_DESCRIPTIONS = {
+    "biomed": "Biomedical abstracts (PubMed) memory for the embedded SmolLM2-135M base",
+    "finance": "Business and finance news (BBC) memory for the embedded SmolLM2-135M base",
+    "law": "Licences, EULAs and contracts memory for the embedded SmolLM2-135M base",
+}
+
+
+def demo(out: str | Path | None = None, domains=("biomed", "finance", "law"), threads: int = 0, progress=True, **overrides) -> dict[str, dict]:
+    """Build the three demo memories for the default base into ``out`` (default: the serve folder).
+
+    Work files go to ``<cache>/work/`` so the output folder holds only memories.
+    """
+    from server.base_model import cache_dir, default_base
+
+    out = Path(out) if out else cache_dir() / "memories"
+    base = default_base()
+    results = {}
+    for d in domains:
+        t = time.time()
+        cfg = BuildConfig(base=str(base), corpus=f"demo:{d}", name=d, out=str(out), domain=d, description=DEMO_DESCRIPTIONS[d], work_root=str(cache_dir() / "work"), threads=threads, progress=progress, **{**DEMO_OPTIONS, **overrides})
+        path = build(cfg)
+        results[d] = {"path": str(path), "seconds": round(time.time() - t, 1)}
+        log.info("demo %s: %s in %.0fs", d, path, time.time() - t)
+    return results
+

@@ -1,0 +1,84 @@
+"""Resumable stages: a completed output carries the fingerprint of what made it.
+
+Every pipeline stage writes into a hidden temporary sibling directory and, only
+once everything (including ``stage.json`` with the fingerprint) is on disk,
+renames it into place. A directory with a matching fingerprint is therefore
+always complete, and a killed run simply leaves a temporary directory that
+the next run throws away. The fingerprint hashes the stage's options and the
+fingerprints of the stages it reads, so changing anything upstream redoes
+exactly the stages downstream of the change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from memories.artifact import write_json_atomic
+
+log = logging.getLogger("memserve.memory")
+STAGE_FILE = "stage.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: typically an upstream stage has not been run yet."""
+
+
+def fingerprint(**parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_info(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(path) / STAGE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(path: Path, fp: str) -> bool:
+    info = stage_info(path)
+    return info is not None and info.get("fingerprint") == fp
+
+
+def require(path: Path, what: str, hint: str) -> dict[str, Any]:
+    """Read a finished upstream stage's record, or say which command makes it."""
+    info = stage_info(path)
+    if info is None:
+        raise StageError(f"{what} not found at {path}: run {hint} first")
+    return info
+
+
+def run_stage(name: str, path: Path, fp: str, produce: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+    """Run ``produce(tmp_dir)`` unless ``path`` already holds this fingerprint's output.
+
+    ``produce`` returns extra fields for stage.json (sizes, timings). Returns
+    the stage record; ``record["skipped"]`` says whether work was done.
+    """
+    path = Path(path)
+    if is_complete(path, fp):
+        log.info("%s: up to date (fingerprint %s), skipped", name, fp[:12])
+        info = stage_info(path) or {}
+        return {**info, "skipped": True}
+    tmp = path.parent / f".{path.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.time()
+    extra = produce(tmp) or {}
+    record = {"stage": name, "fingerprint": fp, "seconds": round(time.time() - started, 2), **extra}
+    write_json_atomic(tmp / STAGE_FILE, record)
+    if path.exists():
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return {**record, "skipped": False}

@@ -1,0 +1,78 @@
+"""HTTP routes. Thin: parse, call a serving object, return; errors go through server.errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import Unauthorized, install_error_handlers
+from server.serving import CompletionsServing, ModelsServing, read_json_object
+
+
+def create_app(engine, catalog, base_name: str, api_key: str | None = None) -> FastAPI:
+    """The app; ``app.state`` must then be filled by vLLM's ``init_app_state``."""
+    app = FastAPI(title="memserve", description="OpenAI-compatible server with per-request memories")
+    install_error_handlers(app)
+    app.state.catalog = catalog
+    completions = CompletionsServing(app.state, catalog, base_name)
+    models = ModelsServing(app.state, catalog, base_name)
+
+    def check_api_key(raw_request: Request) -> None:
+        if api_key is None:
+            return
+        given = raw_request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(raw_request: Request) -> Response:
+        check_api_key(raw_request)
+        body = await read_json_object(raw_request)
+        return await _cancel_on_disconnect(completions.chat(body, raw_request), raw_request)
+
+    @app.post("/v1/completions")
+    async def text_completions(raw_request: Request) -> Response:
+        check_api_key(raw_request)
+        body = await read_json_object(raw_request)
+        return await _cancel_on_disconnect(completions.completion(body, raw_request), raw_request)
+
+    @app.get("/v1/models")
+    async def list_models(raw_request: Request) -> JSONResponse:
+        check_api_key(raw_request)
+        return JSONResponse(await models.list())
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            await engine.check_health()
+        except Exception as e:
+            return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
+        return JSONResponse({"status": "ok", "memories": catalog.names()})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _cancel_on_disconnect(work, raw_request: Request) -> Response:
+    """Abort the engine request when the client goes away before a non-streamed answer.
+
+    The body has been read already, so listening for the disconnect message
+    loses nothing; a streamed answer watches for disconnects itself.
+    """
+    from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(listen_for_disconnect(raw_request))
+    done, pending = await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    if task in done:
+        return task.result()
+    return Response(status_code=499)

@@ -1,0 +1,84 @@
+"""``memserve`` command line: ``serve`` runs the server; ``memory ...`` builds and manages memories."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("memserve")
+
+
+def _memory_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memserve", description="OpenAI-compatible LLM server with per-request domain memories (Memory Decoder) on vLLM.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description="Serve a base model with vLLM and fuse a memory into any request that names one "
+        "(body 'domain', header 'X-Domain', or 'model' = memory name). Arguments after '--' go to vLLM's engine unchanged.",
+    )
+    serve.add_argument("--model", help="Hugging Face causal-LM directory of the base (default: the embedded SmolLM2-135M-Instruct)")
+    serve.add_argument("--served-model-name", help="model id clients use for the base (default: the directory's name)")
+    serve.add_argument("--memory", action="append", type=_memory_spec, default=[], metavar="NAME=DIR", help="load a memory at start-up (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--default-memory-weight", type=_fraction, default=None, metavar="λ", help="λ for memories whose memory.json sets none (default 0.5)")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--pipeline-parallel-size", type=int, default=1)
+    serve.add_argument("--workdir", type=Path, default=None, help="folder for vLLM's caches and sockets (default: <cache>/run)")
+    serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags")
+    serve.set_defaults(func=_serve)
+
+    memory = commands.add_parser("memory", help="build memories (datastore → kNN targets → training → evaluation → artifact)")
+    memory_commands = memory.add_subparsers(dest="memory_command", required=True)
+    try:
+        from memories.cli import add_memory_commands
+    except ImportError:  # the pipeline is an optional part of the install
+        pass
+    else:
+        add_memory_commands(memory_commands)
+    return parser
+
+
+def _serve(opts: argparse.Namespace) -> int:
+    from server.base_model import cache_dir
+    from server.engine import prepare_environment
+
+    prepare_environment(opts.workdir or cache_dir() / "run")
+    from server.runtime import ServeOptions, run
+
+    extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
+    return asyncio.run(run(ServeOptions.from_cli(opts, extra)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = build_parser().parse_args(argv)
+    return opts.func(opts) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Engine adapter: starts vLLM's async engine with memserve's processor and worker RPCs.
+
+Everything vLLM-version-specific on the engine side lives here: the engine is
+configured through vLLM's own CLI parser (so any vLLM engine flag can be passed
+through), and memories are loaded into every worker with ``collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+log = logging.getLogger("memserve.engine")
+
+PROCESSOR = "server.logits_processor:MemoryFusionProcessor"
+WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
+
+
+def prepare_environment(workdir: Path) -> None:
+    """Environment vLLM must see before it is imported (see DESIGN.md, environment facts)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for var, sub in (("TMPDIR", "tmp"), ("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        if var not in os.environ:
+            (workdir / sub).mkdir(exist_ok=True)
+            os.environ[var] = str(workdir / sub)
+    # The fusion processor uses vLLM's V1 logits-processor interface; the
+    # Model-Runner-V2 has its own internal one (see server/logits_processor.py).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+
+
+def engine_args(
+    model: str,
+    served_name: str,
+    max_model_len: int | None,
+    extra: list[str],
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+) -> Namespace:
+    """Build the Namespace vLLM's own OpenAI server would build from its CLI."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = [
+        "--model", model,
+        "--served-model-name", served_name,
+        "--logits-processors", PROCESSOR,
+        "--worker-extension-cls", WORKER_EXTENSION,
+        "--no-async-scheduling",
+        "--tensor-parallel-size", str(tensor_parallel_size),
+        "--pipeline-parallel-size", str(pipeline_parallel_size),
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
+    if _on_cpu():
+        argv += ["--enforce-eager"]
+        # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
+        # beside anything else running; 1 GiB of KV cache serves many streams.
+        sizing = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+        if not any(a.split("=")[0] in sizing for a in extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            argv += ["--kv-cache-memory-bytes", str(1 << 30)]
+    parser = make_arg_parser(FlexibleArgumentParser(prog="memserve-engine"))
+    return parser.parse_args(argv + extra)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+@contextlib.asynccontextmanager
+async def start_engine(args: Namespace) -> AsyncIterator:
+    """Yield a running vLLM ``EngineClient`` (AsyncLLM) built from ``args``."""
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+    async with build_async_engine_client(args) as engine:
+        yield engine
+
+
+class EngineAdapter:
+    """What the serving layer needs from the engine beyond vLLM's OpenAI layer."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    async def load_memory(self, key: str, path: str) -> dict:
+        """Load into every worker; if any worker fails, unload from all and re-raise."""
+        try:
+            results = await self.engine.collective_rpc("memserve_load", args=(key, path))
+        except Exception:
+            with contextlib.suppress(Exception):
+                await self.engine.collective_rpc("memserve_unload", args=(key,))
+            raise
+        return results[0]
+
+    async def unload_memory(self, key: str) -> None:
+        await self.engine.collective_rpc("memserve_unload", args=(key,))

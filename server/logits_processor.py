@@ -1,0 +1,208 @@
+"""The vLLM logits processor that fuses each request's memory into its next-token distribution.
+
+A request opts in through ``SamplingParams.extra_args`` keys
+``memserve_memory`` (versioned key), ``memserve_weight`` (λ) and
+``memserve_temperature`` (set by the API layer, which strips any such keys a
+client sends). For those rows, each step, the memory decoder advances
+by the tokens the row gained since the last step (the whole prompt the first
+time, one token afterwards), all rows of one memory in one batch, and the
+row's logits are replaced by ``memories.fuse.fuse``'s log-distribution.
+
+Where the fusion happens: vLLM computes the logprobs it returns *before*
+logits processors run (``logprobs_mode=raw_logprobs``). So that returned
+logprobs are the fused ones and ``logit_bias``, penalties, temperature, top-p
+and top-k act on the fused distribution exactly as they act on a plain base,
+``install_sampler_hook`` makes the V1 sampler call :meth:`fuse_batch` first
+thing; :meth:`apply` then has nothing left to do. Without the hook (another
+vLLM build), :meth:`apply` fuses, and only the returned logprobs are the
+base's.
+
+Requires the V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``; the engine
+adapter sets it) and no async scheduling, so that ``output_tok_ids`` holds real
+token ids when the processor runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from memories.decoder import MemoryDecoder
+from memories.fuse import fuse
+from server.worker import REGISTRY
+
+log = logging.getLogger("memserve.fusion")
+
+XARGS_PREFIX = "memserve_"
+
+
+def memory_args(params: SamplingParams) -> dict | None:
+    """The request's memory selection as ``{"memory", "weight", "temperature"}``, or None."""
+    extra = params.extra_args or {}
+    if "memserve_memory" not in extra:
+        return None
+    return {
+        "memory": extra["memserve_memory"],
+        "weight": extra.get("memserve_weight"),
+        "temperature": extra.get("memserve_temperature", 1.0),
+    }
+
+
+@dataclass
+class _Row:
+    """One request's memory state: its decoder slot and how far the decoder has read."""
+
+    decoder: MemoryDecoder
+    weight: float
+    temperature: float
+    prompt: list[int]
+    output: list[int]  # vLLM's live list: grows as the request decodes
+    slot: int | None = None
+    last_logits: torch.Tensor | None = None
+
+    def pending(self) -> list[int]:
+        """Tokens of the context that the decoder has not read yet."""
+        fed = 0 if self.slot is None else self.decoder.length(self.slot)
+        n = len(self.prompt)
+        if fed < n:
+            return self.prompt[fed:] + list(self.output)
+        return list(self.output[fed - n :])
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.decoder.close(self.slot)
+            self.slot = None
+
+
+class MemoryFusionProcessor(LogitsProcessor):
+    """Per-request memory fusion for vLLM's V1 logits-processor interface."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.device = device
+        self.rows: dict[int, _Row] = {}
+        self._fused_this_step = False
+
+    @classmethod
+    def validate_params(cls, params: SamplingParams) -> None:
+        spec = memory_args(params)
+        if spec is None:
+            return
+        if not isinstance(spec["memory"], str):
+            raise ValueError(f"memserve_memory must be a string, got {spec['memory']!r}")
+        w, t = spec.get("weight"), spec.get("temperature", 1.0)
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 <= w <= 1.0:
+            raise ValueError(f"memory weight must be a number in [0, 1], got {w!r}")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"memory temperature must be a positive number, got {t!r}")
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # ---- batch bookkeeping ----------------------------------------------
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._drop(index)
+        for index, params, prompt, output in batch_update.added:
+            # A slot refilled without a matching "removed" still held the old row.
+            self._drop(index)
+            spec = memory_args(params)
+            if spec is None:
+                continue
+            decoder = REGISTRY.get(spec["memory"])
+            if decoder is None:
+                log.error("request names memory %s, which this worker has not loaded; serving the base", spec["memory"])
+                continue
+            self.rows[index] = _Row(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)), list(prompt or []), output)
+        for a, b, direction in batch_update.moved:
+            row_a = self.rows.pop(a, None)
+            if direction == MoveDirectionality.SWAP:
+                row_b = self.rows.pop(b, None)
+                if row_b is not None:
+                    self.rows[a] = row_b
+            else:
+                self._drop(b)
+            if row_a is not None:
+                self.rows[b] = row_a
+
+    def _drop(self, index: int) -> None:
+        row = self.rows.pop(index, None)
+        if row is not None:
+            row.release()
+
+    # ---- fusion ----------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self._fused_this_step:
+            self._fused_this_step = False
+            return logits
+        return self.fuse_batch(logits, from_hook=False)
+
+    def fuse_batch(self, logits: torch.Tensor, from_hook: bool = True) -> torch.Tensor:
+        """Replace the logits of every memory row with the fused log-distribution."""
+        self._fused_this_step = from_hook
+        if not self.rows:
+            return logits
+        logits = logits.float()
+        by_decoder: dict[int, list[int]] = {}
+        for index, row in self.rows.items():
+            if index < logits.shape[0]:
+                by_decoder.setdefault(id(row.decoder), []).append(index)
+        for indices in by_decoder.values():
+            rows = [self.rows[i] for i in indices]
+            self._advance(rows)
+            mem_logits = torch.stack([r.last_logits for r in rows]).to(logits.device)
+            weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
+            temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
+            index_t = torch.tensor(indices, device=logits.device)
+            logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
+        return logits
+
+    @staticmethod
+    def _advance(rows: list[_Row]) -> None:
+        """One decoder call for every row that gained tokens; others reuse their last logits.
+
+        A row with nothing new is a chunked-prefill row seen again, or a row
+        whose previous sample was discarded: its context has not changed.
+        """
+        decoder = rows[0].decoder
+        moving, tokens = [], []
+        for row in rows:
+            pending = row.pending()
+            if pending:
+                if row.slot is None:
+                    row.slot = decoder.open()
+                moving.append(row)
+                tokens.append(pending)
+        if moving:
+            out = decoder.advance([r.slot for r in moving], tokens)
+            for row, logits in zip(moving, out):
+                row.last_logits = logits
+
+
+def install_sampler_hook() -> None:
+    """Make the V1 sampler fuse before it computes logprobs (see module docstring)."""
+    from vllm.v1.sample.sampler import Sampler
+
+    if getattr(Sampler.forward, "_memserve", False):
+        return
+    original = Sampler.forward
+
+    def forward(self, logits, sampling_metadata, *args, **kwargs):
+        for proc in sampling_metadata.logitsprocs.non_argmax_invariant:
+            if isinstance(proc, MemoryFusionProcessor):
+                logits = proc.fuse_batch(logits)
+        return original(self, logits, sampling_metadata, *args, **kwargs)
+
+    forward._memserve = True
+    Sampler.forward = forward
+
+
+install_sampler_hook()

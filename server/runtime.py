@@ -1,0 +1,108 @@
+"""Start-up order: check every memory, start the engine, load memories into it, then listen.
+
+Memories are checked before the engine starts (seconds, not a minute, to learn
+that a path is wrong), and the server listens only once all of them are
+loaded, so it never serves half-configured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memories.artifact import ArtifactError
+
+log = logging.getLogger("memserve")
+
+
+@dataclass
+class ServeOptions:
+    model: str | None = None
+    served_model_name: str | None = None
+    memories: list[tuple[str, str]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_memory_weight: float | None = None
+    max_model_len: int | None = None
+    api_key: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    engine_args: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_cli(cls, opts: argparse.Namespace, extra: list[str]) -> "ServeOptions":
+        return cls(
+            model=opts.model,
+            served_model_name=opts.served_model_name,
+            memories=list(opts.memory),
+            host=opts.host,
+            port=opts.port,
+            default_memory_weight=opts.default_memory_weight,
+            max_model_len=opts.max_model_len,
+            api_key=opts.api_key,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            pipeline_parallel_size=opts.pipeline_parallel_size,
+            engine_args=extra,
+        )
+
+
+def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
+    """The embedded base, and with it every demo memory found in the cache."""
+    if opts.model:
+        return opts.model, opts.memories
+    from server.base_model import cache_dir, default_base
+
+    model = str(default_base())
+    memories = opts.memories
+    if not memories:
+        demo_root = cache_dir() / "memories"
+        found = sorted(p for p in demo_root.glob("*") if (p / "config.json").exists()) if demo_root.is_dir() else []
+        memories = [(p.name, str(p)) for p in found]
+        if memories:
+            log.info("loading the demo memories found in %s: %s", demo_root, ", ".join(n for n, _ in memories))
+        else:
+            log.info("no demo memories in %s (build them with `memserve memory demo`)", demo_root)
+    return model, memories
+
+
+async def run(opts: ServeOptions) -> int:
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from server.app import create_app
+    from server.catalog import MemoryCatalog
+    from server.engine import EngineAdapter, engine_args, start_engine
+
+    t0 = time.perf_counter()
+    model, memory_specs = _defaults(opts)
+    base_name = opts.served_model_name or Path(model).name
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight)
+    names = [name for name, _ in memory_specs]
+    duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))
+    if duplicates:
+        log.error("memory names must be unique and differ from the base's id %r: %s", base_name, ", ".join(sorted(duplicates)))
+        return 2
+    try:
+        cards = [catalog.validate(name, path) for name, path in memory_specs]
+    except ArtifactError as e:
+        log.error("refusing to start: %s", e)
+        return 2
+
+    args = engine_args(model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size)
+    async with start_engine(args) as engine:
+        catalog.engine = EngineAdapter(engine)
+        for card in cards:
+            loaded = await catalog.load(card)
+            log.info("memory %s ready (%s parameters, λ=%.2f, %.2fs)", card.name, f"{card.num_parameters:,}", card.weight, loaded.load_seconds)
+        app = create_app(engine, catalog, base_name, api_key=opts.api_key)
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+
+        await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
+        log.info("serving %s with %d memories on http://%s:%d (start-up %.1fs)", base_name, len(cards), opts.host, opts.port, time.perf_counter() - t0)
+        server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30))
+        await server.serve()
+    return 0

@@ -1,0 +1,83 @@
+"""Which memory a request selects, and with what weight (DESIGN.md, request contract).
+
+Three spellings name a memory: body ``domain``, header ``X-Domain``, or
+``model`` set to a memory's name (so a stock OpenAI client needs nothing
+extra). They must agree. ``memory_weight`` overrides the memory's own λ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from server.catalog import LoadedMemory, MemoryCatalog
+from server.errors import BadRequest, UnknownMemory
+
+HEADER = "x-domain"
+NO_MEMORY = ("", "none")
+
+
+@dataclass(frozen=True)
+class Selection:
+    memory: LoadedMemory
+    weight: float
+
+    def engine_args(self) -> dict[str, Any]:
+        """The ``vllm_xargs`` entries the fusion processor reads."""
+        return {
+            "memserve_memory": self.memory.key,
+            "memserve_weight": self.weight,
+            "memserve_temperature": self.memory.card.temperature,
+        }
+
+
+def _name(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{where} must be a string naming a memory, got {type(value).__name__}", "domain")
+    value = value.strip()
+    return None if value.lower() in NO_MEMORY else value
+
+
+def _weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"memory_weight must be a number in [0, 1], got {value!r}", "memory_weight")
+    if not 0.0 <= value <= 1.0:
+        raise BadRequest(f"memory_weight must be in [0, 1], got {value}", "memory_weight")
+    return float(value)
+
+
+def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: MemoryCatalog, base_name: str) -> Selection | None:
+    """Resolve and remove memserve's fields from ``body``; point ``model`` at the base.
+
+    Raises ``BadRequest`` (400) for conflicting or malformed selections and
+    ``UnknownMemory`` (404) for a name that is not loaded.
+    """
+    from_body = _name(body.pop("domain", None), "domain")
+    from_header = _name(headers.get(HEADER), "X-Domain header")
+    weight = body.pop("memory_weight", None)
+    xargs = body.get("vllm_xargs")
+    if isinstance(xargs, dict):  # clients cannot address the engine directly
+        body["vllm_xargs"] = {k: v for k, v in xargs.items() if not str(k).startswith("memserve_")} or None
+
+    model = body.get("model")
+    from_model = model if isinstance(model, str) and model != base_name and catalog.get(model) else None
+    named = {n for n in (from_body, from_header, from_model) if n}
+    if len(named) > 1:
+        sources = ", ".join(f"{src}={n!r}" for src, n in (("domain", from_body), ("X-Domain", from_header), ("model", from_model)) if n)
+        raise BadRequest(f"request names different memories: {sources}", "domain")
+    if from_model:
+        body["model"] = base_name
+    if not named:
+        if weight is not None:
+            raise BadRequest("memory_weight given but no memory selected (set domain, X-Domain or model)", "memory_weight")
+        return None
+    name = named.pop()
+    memory = catalog.get(name)
+    if memory is None:
+        loaded = ", ".join(catalog.names()) or "none"
+        raise UnknownMemory(f"memory {name!r} is not loaded (loaded: {loaded})", "domain")
+    return Selection(memory, memory.card.weight if weight is None else _weight(weight))

@@ -1,0 +1,65 @@
+"""Memories inside the engine's worker process, and the RPCs that manage them.
+
+vLLM builds logits processors once, inside each worker process. Memories are
+loaded at run time, so they live in a process-wide registry that the processor
+reads, and the API process reaches it through vLLM's ``worker_extension_cls``
++ ``collective_rpc``. Keys are versioned (``name@generation``) so a replaced
+memory and its predecessor can both serve while old requests finish.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+
+import torch
+
+from memories.decoder import MemoryDecoder
+
+log = logging.getLogger("memserve.worker")
+
+
+class MemoryRegistry:
+    """Loaded memories of this worker process, by versioned key."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._memories: dict[str, MemoryDecoder] = {}
+
+    def get(self, key: str) -> MemoryDecoder | None:
+        return self._memories.get(key)
+
+    def add(self, key: str, decoder: MemoryDecoder) -> None:
+        with self._lock:
+            self._memories[key] = decoder
+
+    def pop(self, key: str) -> MemoryDecoder | None:
+        with self._lock:
+            return self._memories.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return list(self._memories)
+
+
+REGISTRY = MemoryRegistry()
+
+
+class MemoryWorkerExtension:
+    """Mixed into vLLM's worker class; each method is a ``collective_rpc`` target."""
+
+    def memserve_load(self, key: str, path: str) -> dict:
+        device = getattr(getattr(self, "model_runner", None), "device", None) or torch.device("cpu")
+        decoder = MemoryDecoder(path, name=key, device=device)
+        REGISTRY.add(key, decoder)
+        log.info("memory %s loaded from %s on %s", key, path, device)
+        return {"num_parameters": decoder.num_parameters, "bytes": decoder.nbytes}
+
+    def memserve_unload(self, key: str) -> bool:
+        """Forget the memory. Rows still decoding hold their own reference and finish on it."""
+        decoder = REGISTRY.pop(key)
+        gc.collect()
+        return decoder is not None
+
+    def memserve_stats(self) -> dict:
+        return {k: {"bytes": d.nbytes, "num_parameters": d.num_parameters} for k in REGISTRY.keys() if (d := REGISTRY.get(k))}

@@ -1,0 +1,82 @@
+"""Tiny random models and a tokenizer trained on the spot: the whole suite needs no hub."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = (
+    "the cell protein gene patient study result market share price court law contract party "
+    "shall agreement license tumor dose trial growth bank rate profit loss clause term notice"
+).split()
+
+
+def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + "." for _ in range(n_lines)]
+
+
+def build_tokenizer(out: Path, vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_llama(out: Path, tokenizer, layers: int, seed: int, hidden: int = 128, vocab_size: int | None = None, memory_json: dict | None = None, ship_tokenizer: bool = True) -> Path:
+    """A random Llama with head size 64 (vLLM's CPU attention needs it) and peaked outputs."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=1,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a larger output layer makes greedy choices robust to float noise
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(out, safe_serialization=True)
+    if ship_tokenizer:
+        tokenizer.save_pretrained(out)
+    if memory_json is not None:
+        (out / "memory.json").write_text(json.dumps({"format": 1, **memory_json}))
+    return out
+
+
+def build_all(root: Path) -> dict[str, Path]:
+    """base + two memories (different depths and seeds) sharing one tokenizer."""
+    tok_dir = root / "tokenizer"
+    tok = build_tokenizer(tok_dir)
+    return {
+        "base": build_llama(root / "base", tok, layers=2, seed=1),
+        "alpha": build_llama(root / "alpha", tok, layers=1, seed=2, memory_json={"name": "alpha", "lambda": 0.5, "temperature": 1.0}),
+        "beta": build_llama(root / "beta", tok, layers=2, seed=3, memory_json={"name": "beta", "lambda": 0.3, "temperature": 0.8}),
+        "tokenizer": tok_dir,
+    }
