@@ -333,7 +333,7 @@ def build(cfg: BuildConfig) -> Path | None:
 
 # Demo memories: sized to build in about 10 minutes per domain on a 2-core CPU
 # with the 135M default base (measured; see memories/README.md).
-DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=3, accumulate=4, lr=3e-4)
+DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=3, accumulate=2, lr=3e-4)
 DEMO_DESCRIPTIONS = {
     "biomed": "Biomedical abstracts (PubMed) memory for the embedded SmolLM2-135M base",
     "finance": "Business and finance news (BBC) memory for the embedded SmolLM2-135M base",

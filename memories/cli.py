@@ -1,0 +1,155 @@
+"""``memserve memory ...`` sub-commands: build, its stages one by one, and demo.
+
+``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
+parser; every sub-command sets ``func`` (taking the argparse Namespace).
+All stage commands take the same options as ``build`` so that a stage run on
+another machine computes the same fingerprints and finds the same work folder
+(``OUT/work/NAME``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+
+from memories.pipeline import BuildConfig
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    d = BuildConfig(base="", corpus="", name="", out="")
+    g = p.add_argument_group("what to build")
+    g.add_argument("--base", required=True, help="base model: a Hugging Face directory")
+    g.add_argument("--corpus", required=True, help="text file, .jsonl file, folder of .txt files, or demo:biomed|law|finance")
+    g.add_argument("--name", required=True, help="memory name (also the artifact folder name)")
+    g.add_argument("--out", required=True, help="output folder: the memory goes to OUT/NAME, work files to OUT/work/NAME")
+    g.add_argument("--domain", help="domain label for memory.json (default: NAME)")
+    g.add_argument("--description", default="", help="free text for memory.json")
+    g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text (default %(default)s)")
+    g = p.add_argument_group("corpus and windows")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (datastore size) (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
+    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction)
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
+    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    g = p.add_argument_group("datastore, index, kNN targets")
+    g.add_argument("--layer", type=int, default=d.layer, help="decoder layer whose MLP input is the key (default: last)")
+    g.add_argument("--shards", type=int, default=d.shards, help="number of datastore shards (default %(default)s)")
+    g.add_argument("--flat-max", type=int, default=d.flat_max, help="exact index up to this many rows, IVF-PQ above")
+    g.add_argument("--nprobe", type=int, default=d.nprobe)
+    g.add_argument("--k", type=int, default=d.k, help="neighbours per position (default %(default)s, capped by datastore size)")
+    g.add_argument("--knn-temperature", type=float, default=None, help="kNN softmax temperature (default: tuned on validation)")
+    g.add_argument("--top", type=int, default=d.top, help="entries kept per sparse target (default %(default)s)")
+    g = p.add_argument_group("training")
+    g.add_argument("--layers", type=int, default=d.layers, help="memory depth: first N base layers (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--beta", type=float, default=d.beta, help="weight of KL(p_kNN || p_mem) vs. cross-entropy (default %(default)s)")
+    g.add_argument("--accumulate", type=int, default=d.accumulate, help="windows per optimiser step")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    names = {f.name for f in fields(BuildConfig)}
+    cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None or k in ("base", "corpus", "name", "out")})
+    cfg.progress = not getattr(args, "no_progress", False)
+    cfg.knn_temperature = args.knn_temperature
+    if getattr(args, "shard_spec", None):
+        cfg.shard, cfg.shards = args.shard_spec
+    return cfg
+
+
+def _run(stage: str):
+    def run(args: argparse.Namespace) -> int:
+        from memories import pipeline as pl
+
+        cfg = config_from_args(args)
+        pl.set_threads(cfg.threads)
+        if stage == "build":
+            path = pl.build(cfg)
+            print(f"memory ready: {path}")
+            print(f"serve it with: memserve serve --memory {cfg.name}={path}")
+            return 0
+        if stage == "datastore":
+            corpus = pl.stage_corpus(cfg)
+            recs = pl.stage_datastore(cfg, corpus)
+            print(json.dumps([{k: r.get(k) for k in ("stage", "rows", "skipped")} for r in recs]))
+        elif stage == "targets":
+            pl.stage_heldout(cfg)
+            pl.stage_targets(cfg)
+        elif stage == "package":
+            print(f"memory ready: {pl.stage_package(cfg)}")
+        else:
+            getattr(pl, f"stage_{stage}")(cfg)
+        return 0
+
+    return run
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from memories.pipeline import demo
+
+    results = demo(args.out, tuple(args.domains.split(",")), threads=args.threads, progress=not args.no_progress)
+    for d, r in results.items():
+        print(f"{d}: {r['path']} ({r['seconds']:.0f} s)")
+    return 0
+
+
+HELP = {
+    "build": "run every stage: corpus → datastore → index → targets → train → evaluate → package",
+    "datastore": "tokenize the corpus and store base keys/next tokens (one shard with --shard i/n)",
+    "index": "merge datastore shards into a faiss index",
+    "targets": "tune kNN-LM on validation and compute sparse kNN targets for every training position",
+    "train": "train the memory on the kNN targets (resumes from the last epoch checkpoint)",
+    "evaluate": "test perplexity: base, base + kNN-LM, base + memory; report.json/md + plot",
+    "package": "write the memory artifact OUT/NAME (HF dir + tokenizer + memory.json)",
+}
+
+
+def add_memory_commands(subparsers) -> None:
+    """Attach ``build``, the stage commands and ``demo`` to ``memserve memory``."""
+    for name, text in HELP.items():
+        p = subparsers.add_parser(name, help=text, description=text)
+        _add_build_options(p)
+        if name == "datastore":
+            p.add_argument("--shard", dest="shard_spec", type=_shard, default=None, help="build shard i of n (e.g. 0/4); default: the single shard 0/1")
+        p.set_defaults(func=_run(name))
+    p = subparsers.add_parser("demo", help="build the biomed, finance and law demo memories for the default base")
+    p.add_argument("--out", default=None, help="output folder (default: <cache>/memories, where `memserve serve` looks)")
+    p.add_argument("--domains", default="biomed,finance,law", help="comma-separated subset (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def main(argv=None) -> int:
+    """``python -m memories ...``: the same commands without the server package's CLI."""
+    parser = argparse.ArgumentParser(prog="python -m memories", description="build memories (memserve memory ...)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_memory_commands(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
