@@ -65,7 +65,7 @@ def memory_loss(logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Te
     p = target_probs.float()
     logp = torch.where(p > 0, torch.log(p.clamp(min=1e-30)), torch.zeros_like(p))
     kl = (p * (logp - logq.gather(1, target_ids.long()))).sum(-1).mean()
-    return beta * kl + (1 - beta) * ce, float(kl), float(ce)
+    return beta * kl + (1 - beta) * ce, kl.item(), ce.item()
 
 
 def _schedule(total_steps: int, warmup: float):
@@ -111,8 +111,8 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
             w = windows[wi]
             ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
             labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
-            t_ids = torch.as_tensor(np.asarray(target_ids[w.first : w.end]))
-            t_probs = torch.as_tensor(np.asarray(target_probs[w.first : w.end]))
+            t_ids = torch.from_numpy(np.array(target_ids[w.first : w.end]))
+            t_probs = torch.from_numpy(np.array(target_probs[w.first : w.end]))
             logits = model(input_ids=ids).logits[0, w.offset :]
             loss, kl, ce = memory_loss(logits, labels, t_ids, t_probs, beta)
             (loss * (w.scored / context) / accumulate).backward()

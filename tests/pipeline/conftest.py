@@ -104,7 +104,7 @@ def tiny_config(base: Path, corpus: Path, out: Path, **overrides):
         epochs=4,
         lr=3e-3,
         accumulate=2,
-        threads=2,
+        threads=1,
         progress=False,
     )
     opts.update(overrides)

@@ -1,0 +1,81 @@
+"""Corpus specs: every accepted form, deterministic splits, and clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memories.corpus import CorpusError, Document, load_corpus, split_documents, split_of
+
+
+def test_folder_jsonl_and_text_file(tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("first document")
+    (folder / "sub" / "b.txt").write_text("second document")
+    (folder / "ignored.md").write_text("not a txt file")
+    assert sorted(d.text for d in load_corpus(str(folder)).documents) == ["first document", "second document"]
+
+    jl = tmp_path / "c.jsonl"
+    jl.write_text(json.dumps({"body": "one"}) + "\n\n" + json.dumps({"body": "two"}) + "\n")
+    assert [d.text for d in load_corpus(str(jl), text_field="body").documents] == ["one", "two"]
+
+    txt = tmp_path / "d.txt"
+    txt.write_text("para one\nstill one\n\npara two\n\n\n\npara three")
+    assert [d.text for d in load_corpus(str(txt)).documents] == ["para one\nstill one", "para two", "para three"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "missing"), "not found"),
+        (lambda p: "", "empty corpus spec"),
+        (lambda p: "demo:poetry", "unknown demo corpus"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no .txt files"),
+        (lambda p: (p / "blank").mkdir() or (p / "blank" / "x.txt").write_text("  \n") and str(p / "blank"), "is empty"),
+        (lambda p: (p / "e.txt").write_text("\n\n  \n") and str(p / "e.txt"), "is empty"),
+        (lambda p: (p / "f.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n') and str(p / "f.jsonl"), "line 2 has no field 'text'"),
+        (lambda p: (p / "g.jsonl").write_text("{not json}\n") and str(p / "g.jsonl"), "line 1 is not valid JSON"),
+    ],
+)
+def test_bad_specs_give_clear_errors(tmp_path, make, message):
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(make(tmp_path))
+
+
+def test_split_is_deterministic_and_keeps_duplicates_together():
+    docs = [Document(str(i), f"document number {i}") for i in range(2000)]
+    splits = {d.text: split_of(d) for d in docs}
+    assert {split_of(Document("copy", d.text)) for d in docs[:50]} <= set(splits.values())
+    assert all(split_of(Document("elsewhere", t)) == s for t, s in splits.items())
+    counts = {s: list(splits.values()).count(s) for s in ("train", "validation", "test")}
+    assert 60 < counts["validation"] < 140 and 60 < counts["test"] < 140  # ~5% each of 2000
+
+
+def test_split_documents_orders_by_hash(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(50):
+        (folder / f"{i}.txt").write_text(f"text {i}")
+    a = split_documents(load_corpus(str(folder)), 0.2, 0.2)
+    b = split_documents(load_corpus(str(folder)), 0.2, 0.2)
+    assert [d.text for d in a["train"]] == [d.text for d in b["train"]]
+    assert sum(len(v) for v in a.values()) == 50
+
+
+def test_build_refuses_empty_and_tiny_corpora(tmp_path, tiny_base):
+    from conftest import tiny_config
+
+    from memories.pipeline import build
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    with pytest.raises(CorpusError, match="is empty"):
+        build(tiny_config(tiny_base, empty, tmp_path / "out"))
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "a.txt").write_text("w1 w2 w3")
+    with pytest.raises(CorpusError, match="none fell into the (validation|test) split"):
+        build(tiny_config(tiny_base, tiny, tmp_path / "out"))
