@@ -1,0 +1,48 @@
+"""The correctness oracle: base and memory run separately in transformers, fused with ``fuse()``.
+
+Slow on purpose (each step re-runs both models on the whole context): it
+shares nothing with the serving path but the formula, so agreement between
+the two is evidence that the engine integration is right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memories.fuse import fuse
+
+
+@dataclass
+class Continuation:
+    tokens: list[int]
+    logprobs: list[float]  # fused log-probability of each chosen token
+
+
+class ReferenceFusion:
+    def __init__(self, base_dir: str, memory_dir: str | None):
+        from transformers import AutoModelForCausalLM
+
+        self.base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        self.memory = AutoModelForCausalLM.from_pretrained(memory_dir, dtype=torch.float32).eval() if memory_dir else None
+
+    @torch.inference_mode()
+    def next_logprobs(self, context: list[int], weight: float, temperature: float = 1.0) -> torch.Tensor:
+        ids = torch.tensor([context])
+        base_logits = self.base(ids).logits[0, -1]
+        if self.memory is None:
+            return torch.log_softmax(base_logits.float(), -1)
+        return fuse(base_logits, self.memory(ids).logits[0, -1], weight, temperature)
+
+    def greedy(self, prompt: list[int], max_tokens: int, weight: float, temperature: float = 1.0, stop: set[int] = frozenset()) -> Continuation:
+        context, tokens, logprobs = list(prompt), [], []
+        for _ in range(max_tokens):
+            logp = self.next_logprobs(context, weight, temperature)
+            token = int(torch.argmax(logp))
+            tokens.append(token)
+            logprobs.append(float(logp[token]))
+            if token in stop:
+                break
+            context.append(token)
+        return Continuation(tokens, logprobs)
