@@ -28,7 +28,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(workdir: Path) -> dict[str, str]:
+def server_env(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(MEMSERVE_CACHE=str(workdir / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     return env
@@ -43,7 +43,7 @@ class ServerProcess:
         self.log_path = workdir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--workdir", str(workdir / "run"), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=test_env(workdir), stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env(workdir), stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.time() + timeout

@@ -1,0 +1,121 @@
+"""The V1 logits processor driven with hand-built batch updates (no engine)."""
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+from memories.decoder import MemoryDecoder
+from memories.fuse import fuse
+from server.logits_processor import MemoryFusionProcessor
+from server.worker import REGISTRY
+
+KEY = "alpha@test"
+
+
+@pytest.fixture(scope="module")
+def memory(tiny):
+    from transformers import AutoModelForCausalLM
+
+    REGISTRY.add(KEY, MemoryDecoder(tiny["alpha"], name=KEY))
+    yield AutoModelForCausalLM.from_pretrained(tiny["alpha"]).eval()
+    REGISTRY.pop(KEY)
+
+
+def params(memory: bool, weight: float = 0.5) -> SamplingParams:
+    extra = {"memserve_memory": KEY, "memserve_weight": weight, "memserve_temperature": 1.0} if memory else None
+    return SamplingParams(extra_args=extra)
+
+
+def update(size, removed=(), added=(), moved=()):
+    return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def expected_row(hf, base_row, context, weight=0.5):
+    with torch.no_grad():
+        mem = hf(torch.tensor([context])).logits[0, -1]
+    return fuse(base_row, mem, weight)
+
+
+def step(proc, batch):
+    logits = torch.randn(batch, 320) * 3
+    return logits.clone(), proc.apply(logits.clone())
+
+
+def free_slots(decoder):
+    return len(decoder._free)
+
+
+def test_batch_lifecycle(memory):
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    decoder = REGISTRY.get(KEY)
+    free_before = free_slots(decoder)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    outs = [[], [], []]
+    proc.update_state(update(3, added=[(0, params(True), prompts[0], outs[0]), (1, params(False), prompts[1], outs[1]), (2, params(True, 0.8), prompts[2], outs[2])]))
+    base, fused = step(proc, 3)
+    assert torch.equal(fused[1], base[1])  # no memory: untouched
+    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[0]), atol=1e-4)
+    assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2], 0.8), atol=1e-4)
+
+    # a chunked-prefill row seen again with nothing new: the decoder does not advance
+    length = decoder.length(proc.rows[0].slot)
+    base, fused = step(proc, 3)
+    assert decoder.length(proc.rows[0].slot) == length
+    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[0]), atol=1e-4)
+
+    # decode: vLLM appends to the live output lists
+    for o, t in zip(outs, (20, 21, 22)):
+        o.append(t)
+    proc.update_state(None)
+    base, fused = step(proc, 3)
+    assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2] + outs[2], 0.8), atol=1e-4)
+
+    # row 0 finishes; condense moves row 2 into slot 0
+    proc.update_state(update(2, removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    outs[2].append(23)
+    base, fused = step(proc, 2)
+    assert torch.equal(fused[1], base[1])
+    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[2] + outs[2], 0.8), atol=1e-4)
+
+    # swap
+    proc.update_state(update(2, moved=[(0, 1, MoveDirectionality.SWAP)]))
+    base, fused = step(proc, 2)
+    assert torch.equal(fused[0], base[0])
+    assert torch.allclose(fused[1], expected_row(memory, base[1], prompts[2] + outs[2], 0.8), atol=1e-4)
+
+    # slot 1 refilled by an add without a "removed" entry: the old row is replaced, its slot freed;
+    # the new request is a preempted one coming back with outputs already generated
+    resumed_out = [30, 31]
+    proc.update_state(update(2, added=[(1, params(True), [1, 2, 3], resumed_out)]))
+    base, fused = step(proc, 2)
+    assert torch.allclose(fused[1], expected_row(memory, base[1], [1, 2, 3, 30, 31]), atol=1e-4)
+
+    proc.update_state(update(0, removed=[1, 0]))
+    assert proc.rows == {}
+    assert free_slots(decoder) == free_before  # nothing leaked
+
+
+def test_sampler_hook_fuses_before_logprobs(memory):
+    """With the hook, Sampler.forward sees fused logits and apply() does not fuse twice."""
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    proc.update_state(update(1, added=[(0, params(True), [5, 6], [])]))
+    base = torch.randn(1, 320)
+    once = proc.fuse_batch(base.clone())
+    again = proc.apply(once.clone())
+    assert torch.equal(once, again)
+    proc.update_state(update(0, removed=[0]))
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"memserve_memory": 3, "memserve_weight": 0.5}, "string"),
+        ({"memserve_memory": "a", "memserve_weight": 2.0}, r"\[0, 1\]"),
+        ({"memserve_memory": "a", "memserve_weight": 0.5, "memserve_temperature": 0}, "positive"),
+    ],
+)
+def test_validate_params(extra, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryFusionProcessor.validate_params(SamplingParams(extra_args=extra))
+    MemoryFusionProcessor.validate_params(SamplingParams())

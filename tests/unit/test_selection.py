@@ -1,0 +1,70 @@
+import pytest
+
+from memories.artifact import MemoryCard
+from server.catalog import LoadedMemory
+from server.errors import BadRequest, UnknownMemory
+from server.selection import select_memory
+
+
+class Catalog:
+    def __init__(self, *names):
+        self._m = {n: LoadedMemory(MemoryCard(name=n, path="/x", weight=0.25, temperature=2.0), key=f"{n}@1") for n in names}
+
+    def get(self, name):
+        return self._m.get(name)
+
+    def names(self):
+        return sorted(self._m)
+
+
+CAT = Catalog("bio", "law")
+
+
+def sel(body, headers=None):
+    return select_memory(body, headers or {}, CAT, "base")
+
+
+def test_no_memory():
+    body = {"model": "base", "prompt": "x"}
+    assert sel(body) is None and body == {"model": "base", "prompt": "x"}
+    assert sel({"domain": "none"}) is None
+    assert sel({"domain": ""}, {"x-domain": "None"}) is None
+
+
+def test_three_spellings_and_defaults():
+    for body, headers in (({"domain": "bio"}, None), ({}, {"x-domain": "bio"}), ({"model": "bio"}, None)):
+        s = sel(body, headers)
+        assert s.memory.name == "bio" and s.weight == 0.25
+        assert "domain" not in body and body.get("model") in (None, "base")
+    s = sel({"domain": "law", "memory_weight": 1})
+    assert s.weight == 1.0
+    assert s.engine_args() == {"memserve_memory": "law@1", "memserve_weight": 1.0, "memserve_temperature": 2.0}
+
+
+def test_agreeing_spellings_are_fine():
+    assert sel({"domain": "bio", "model": "bio"}, {"x-domain": "bio"}).memory.name == "bio"
+
+
+@pytest.mark.parametrize(
+    "body,headers,exc",
+    [
+        ({"domain": "bio"}, {"x-domain": "law"}, BadRequest),
+        ({"model": "law", "domain": "bio"}, None, BadRequest),
+        ({"domain": "chem"}, None, UnknownMemory),
+        ({}, {"x-domain": "chem"}, UnknownMemory),
+        ({"domain": ["bio"]}, None, BadRequest),
+        ({"domain": "bio", "memory_weight": 1.01}, None, BadRequest),
+        ({"domain": "bio", "memory_weight": float("nan")}, None, BadRequest),
+        ({"domain": "bio", "memory_weight": "0.5"}, None, BadRequest),
+        ({"memory_weight": 0.5}, None, BadRequest),
+    ],
+)
+def test_refusals(body, headers, exc):
+    with pytest.raises(exc):
+        sel(body, headers)
+
+
+def test_client_cannot_inject_engine_keys():
+    body = {"vllm_xargs": {"memserve_memory": "bio@1", "memserve_weight": 1.0, "other": 1}}
+    assert sel(body) is None
+    assert body["vllm_xargs"] == {"other": 1}
