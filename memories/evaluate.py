@@ -2,7 +2,7 @@
 
 Every knob is chosen on the validation split and only then reported on test:
 the kNN-LM's λ and temperature (tuned in the held-out stage) and the
-memory's λ (a grid; the memory's temperature stays 1). All three systems score
+memory's λ and softmax temperature (a grid). All three systems score
 the same positions with the same windows, so their numbers are comparable.
 """
 
@@ -21,54 +21,70 @@ from memories.perplexity import perplexity, token_logprobs
 from memories.windows import iter_windows
 
 
+MEMORY_TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
+
+
 @torch.inference_mode()
-def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, progress=True) -> np.ndarray:
-    """log p_model(observed next token) at every position of a stream."""
-    out = []
+def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, temperatures=(1.0,), progress=True) -> dict[float, np.ndarray]:
+    """log softmax(logits / T)(observed next token) at every position of a stream, per T."""
+    out: dict[float, list] = {t: [] for t in temperatures}
     for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
         ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
         logits = model(input_ids=ids).logits[0, w.offset :]
         labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
-        out.append(token_logprobs(logits, labels).numpy())
-    return np.concatenate(out)
+        for t in temperatures:
+            out[t].append(token_logprobs(logits / t, labels).numpy())
+    return {t: np.concatenate(v) for t, v in out.items()}
 
 
 def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, heldout_info: dict, out: Path, context: int, stride: int, vocab_size: int, progress=True) -> dict:
-    data = {s: dict(np.load(heldout_dir / f"{s}.npz")) for s in ("validation", "test")}
-    mem_lp = {s: model_logprobs(memory, streams[s], context, stride, f"memory on {s}", progress) for s in data}
-    for s in data:
-        if len(mem_lp[s]) != len(data[s]["base_logp"]):
-            raise RuntimeError(f"{s}: memory scored {len(mem_lp[s])} positions, base {len(data[s]['base_logp'])}")
+    """Tune the memory's λ and temperature on validation, report test; write report + plot.
 
-    curve = {s: [perplexity(mix_at_targets(data[s]["base_logp"], mem_lp[s], lam)) for lam in LAMBDA_GRID] for s in data}
-    best = int(np.argmin(curve["validation"]))
+    The memory imitates a sparse kNN distribution and can be overconfident on
+    its own, so its softmax temperature (stored in memory.json, applied by the
+    server's fuse) is tuned together with λ.
+    """
+    data = {s: dict(np.load(heldout_dir / f"{s}.npz")) for s in ("validation", "test")}
+    mem_lp = {s: model_logprobs(memory, streams[s], context, stride, f"memory on {s}", MEMORY_TEMPERATURES, progress) for s in data}
+    for s in data:
+        if len(mem_lp[s][1.0]) != len(data[s]["base_logp"]):
+            raise RuntimeError(f"{s}: memory scored {len(mem_lp[s][1.0])} positions, base {len(data[s]['base_logp'])}")
+
+    def curve(split: str, t: float) -> list[float]:
+        return [perplexity(mix_at_targets(data[split]["base_logp"], mem_lp[split][t], lam)) for lam in LAMBDA_GRID]
+
+    val_curves = {t: curve("validation", t) for t in MEMORY_TEMPERATURES}
+    temp = min(MEMORY_TEMPERATURES, key=lambda t: min(val_curves[t]))
+    best = int(np.argmin(val_curves[temp]))
     lam = LAMBDA_GRID[best]
+    curves = {"validation": val_curves[temp], "test": curve("test", temp)}
     knn = heldout_info["knnlm"]
     report = {
         "positions": {s: int(len(data[s]["labels"])) for s in data},
         "test": {
             "base": perplexity(data["test"]["base_logp"]),
             "knnlm": knnlm_ppl(data["test"], knn["temperature"], knn["lambda"], vocab_size),
-            "memory": curve["test"][best],
-            "memory_alone": curve["test"][-1],
+            "memory": curves["test"][best],
+            "memory_alone": perplexity(mem_lp["test"][1.0]),
         },
         "validation": {
             "base": perplexity(data["validation"]["base_logp"]),
             "knnlm": knn["validation_ppl"],
-            "memory": curve["validation"][best],
+            "memory": curves["validation"][best],
         },
         "memory_lambda": lam,
-        "memory_temperature": 1.0,
+        "memory_temperature": temp,
+        "memory_temperature_grid": {str(t): min(c) for t, c in val_curves.items()},
         "knnlm_lambda": knn["lambda"],
         "knnlm_temperature": knn["temperature"],
         "knn_k": heldout_info["k"],
         "lambda_grid": list(LAMBDA_GRID),
-        "memory_curve": curve,
+        "memory_curve": curves,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(report_markdown(report))
     plot_curve(report, out / "ppl_vs_lambda.png")
-    return {k: report[k] for k in ("test", "validation", "memory_lambda", "knnlm_lambda", "knnlm_temperature")}
+    return {k: report[k] for k in ("test", "validation", "memory_lambda", "memory_temperature", "knnlm_lambda", "knnlm_temperature")}
 
 
 def report_markdown(r: dict) -> str:
@@ -83,8 +99,10 @@ def report_markdown(r: dict) -> str:
         "|---|---:|---:|",
         f"| base | {v['base']:.3f} | {t['base']:.3f} |",
         f"| base + kNN-LM (λ={r['knnlm_lambda']}, T={r['knnlm_temperature']:.4g}, k={r['knn_k']}) | {v['knnlm']:.3f} | {t['knnlm']:.3f} |",
-        f"| base + memory (λ={r['memory_lambda']}) | {v['memory']:.3f} | {t['memory']:.3f} |",
-        f"| memory alone (λ=1) | {r['memory_curve']['validation'][-1]:.3f} | {t['memory_alone']:.3f} |",
+        f"| base + memory (λ={r['memory_lambda']}, T={r['memory_temperature']}) | {v['memory']:.3f} | {t['memory']:.3f} |",
+        f"| memory alone (T=1) | – | {t['memory_alone']:.3f} |",
+        "",
+        f"Base + memory perplexity against λ (memory temperature {r['memory_temperature']}):",
         "",
         "| λ | " + " | ".join(str(x) for x in r["lambda_grid"]) + " |",
         "|---|" + "---:|" * len(r["lambda_grid"]),

@@ -36,7 +36,7 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
         "name": cfg.name,
         "domain": cfg.domain or cfg.name,
         "lambda": evaluation["memory_lambda"],
-        "temperature": 1.0,
+        "temperature": evaluation["memory_temperature"],
         "tokenizer_sha256": tokenizer_sha256(tok),
         "base_model": Path(cfg.base).name,
         "description": cfg.description or f"memory for {Path(cfg.base).name} trained on {cfg.corpus}",

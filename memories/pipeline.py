@@ -274,7 +274,10 @@ def stage_evaluate(cfg: BuildConfig) -> dict:
 
     train = require(cfg.work / "train", "train stage", "`memserve memory train`")
     heldout = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")
-    fp = fingerprint(train=train["fingerprint"], heldout=heldout["fingerprint"])
+    from memories.evaluate import MEMORY_TEMPERATURES
+    from memories.mixture import LAMBDA_GRID
+
+    fp = fingerprint(train=train["fingerprint"], heldout=heldout["fingerprint"], lambdas=LAMBDA_GRID, temperatures=MEMORY_TEMPERATURES)
 
     def produce(tmp: Path) -> dict:
         memory = AutoModelForCausalLM.from_pretrained(str(cfg.work / "train"), dtype=__import__("torch").float32).eval()
@@ -306,7 +309,9 @@ def build(cfg: BuildConfig) -> Path | None:
         t = time.time()
         rec = fn()
         timings[name] = round(time.time() - t, 1)
-        log.info("%s: %s in %.1fs", name, "skipped" if isinstance(rec, dict) and rec.get("skipped") else "done", timings[name])
+        recs = rec if isinstance(rec, list) else [rec]
+        skipped = all(isinstance(r, dict) and r.get("skipped") for r in recs)
+        log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
         if cfg.stop_after == name:
             raise _Stop
         return rec
@@ -333,7 +338,7 @@ def build(cfg: BuildConfig) -> Path | None:
 
 # Demo memories: sized to build in about 10 minutes per domain on a 2-core CPU
 # with the 135M default base (measured; see memories/README.md).
-DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=3, accumulate=2, lr=3e-4)
+DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=2, accumulate=2, lr=1e-3)
 DEMO_DESCRIPTIONS = {
     "biomed": "Biomedical abstracts (PubMed) memory for the embedded SmolLM2-135M base",
     "finance": "Business and finance news (BBC) memory for the embedded SmolLM2-135M base",

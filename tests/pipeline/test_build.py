@@ -83,7 +83,7 @@ def test_artifact_is_servable(built, tiny_base):
     check_compatible(card, base_tok)
     meta = json.loads((artifact / "memory.json").read_text())
     assert meta["format"] == 1 and meta["name"] == "synth" and meta["base_model"]
-    assert meta["lambda"] == card.weight and meta["temperature"] == 1.0
+    assert meta["lambda"] == card.weight and meta["temperature"] == card.temperature > 0
     assert meta["corpus"]["documents"] == 320 and meta["corpus"]["datastore_tokens"] == cfg.max_tokens
     assert set(meta["corpus"]["splits"]) == {"train", "validation", "test"}
     assert meta["metrics"]["test_ppl_memory"] < meta["metrics"]["test_ppl_base"]

@@ -56,9 +56,9 @@ def test_two_bucket_mixture_equals_full_fuse():
     torch.manual_seed(0)
     base, mem = torch.randn(50, 30) * 3, torch.randn(50, 30) * 3
     labels = torch.randint(0, 30, (50,))
-    for lam in (0.0, 0.3, 1.0):
-        full = fuse(base, mem, lam).gather(1, labels[:, None])[:, 0]
-        fast = mix_at_targets(token_logprobs(base, labels), token_logprobs(mem, labels), lam)
+    for lam, temp in ((0.0, 1.0), (0.3, 1.0), (0.3, 2.5), (1.0, 1.5)):
+        full = fuse(base, mem, lam, temp).gather(1, labels[:, None])[:, 0]
+        fast = mix_at_targets(token_logprobs(base, labels), token_logprobs(mem / temp, labels), lam)
         assert torch.allclose(full.double(), fast.double(), atol=1e-5)
 
 
