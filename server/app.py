@@ -53,6 +53,17 @@ def create_app(engine, catalog, base_name: str, api_key: str | None = None) -> F
             return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
         return JSONResponse({"status": "ok", "memories": catalog.names()})
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Green only when the engine is up and the persisted memory set has been loaded."""
+        try:
+            await engine.check_health()
+        except Exception as e:
+            return JSONResponse({"status": "engine unhealthy", "error": str(e)}, status_code=503)
+        if not getattr(app.state, "restored", True):
+            return JSONResponse({"status": "restoring memories"}, status_code=503)
+        return JSONResponse({"status": "ready", "memories": catalog.names(), "problems": dict(catalog.problems)})
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -2,35 +2,61 @@
 
 A memory becomes visible here only after every engine worker has loaded it,
 and each load gets a new versioned engine key (``name@generation``), so a
-replacement never changes the weights under a request that is already running.
+replacement never changes the weights under a request that is already
+running: the old version is unloaded from the workers once its requests end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from memories.artifact import MemoryCard, check_compatible, read_card
+from memories.artifact import ArtifactError, MemoryCard, check_compatible, read_card
 from server.engine import EngineAdapter
 from server.errors import Conflict, UnknownMemory
+from server.store import DesiredMemory, MemoryStore
+
+log = logging.getLogger("memserve.catalog")
+
+BYTES_PER_PARAMETER = 4  # memories run in fp32
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedMemory:
     card: MemoryCard
     key: str  # engine-side versioned key
+    managed: bool = False  # part of the persistent store's desired set
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
     device_bytes: int = 0
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    active: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    evicted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
     @property
     def name(self) -> str:
         return self.card.name
+
+    def acquire(self) -> None:
+        self.active += 1
+        self.requests += 1
+        self.idle.clear()
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
 
     def describe(self) -> dict:
         c = self.card
@@ -46,8 +72,10 @@ class LoadedMemory:
             "num_parameters": c.num_parameters,
             "device_bytes": self.device_bytes,
             "content_sha256": c.content_sha256,
+            "managed": self.managed,
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 3),
+            "active_requests": self.active,
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -55,13 +83,26 @@ class LoadedMemory:
 
 
 class MemoryCatalog:
-    def __init__(self, engine: EngineAdapter | None, base_tokenizer, default_weight: float | None = None):
+    def __init__(
+        self,
+        engine: EngineAdapter | None,
+        base_tokenizer,
+        default_weight: float | None = None,
+        max_memories: int | None = None,
+        budget_bytes: int | None = None,
+        store: MemoryStore | None = None,
+    ):
         self.engine = engine
         self.base_tokenizer = base_tokenizer
         self.default_weight = default_weight
+        self.max_memories = max_memories
+        self.budget_bytes = budget_bytes
+        self.store = store
+        self.problems: dict[str, str] = {}  # desired memories that failed to load, and why
         self._memories: dict[str, LoadedMemory] = {}
         self._generation = 0
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
         """All checks that need no engine: metadata, weights header, tokenizer, vocab."""
@@ -71,28 +112,100 @@ class MemoryCatalog:
         check_compatible(card, self.base_tokenizer)
         return card
 
-    async def load(self, card: MemoryCard, replace: bool = False) -> LoadedMemory:
+    def _check_limits(self, card: MemoryCard) -> None:
+        others = [m for n, m in self._memories.items() if n != card.name]
+        if self.max_memories is not None and len(others) + 1 > self.max_memories:
+            raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
+        if self.budget_bytes is not None:
+            used = sum(m.device_bytes for m in others)
+            need = card.num_parameters * BYTES_PER_PARAMETER
+            if used + need > self.budget_bytes:
+                raise Conflict(
+                    f"loading {card.name!r} needs {need:,} bytes; {used:,} of the {self.budget_bytes:,}-byte memory budget are in use",
+                    "name",
+                )
+
+    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
         async with self._lock:
             if card.name in self._memories and not replace:
                 raise Conflict(f"memory {card.name!r} is already loaded; pass replace=true to swap it", "name")
+            self._check_limits(card)
             self._generation += 1
             key = f"{card.name}@{self._generation}"
             start = time.perf_counter()
             info = await self.engine.load_memory(key, card.path)
-            loaded = LoadedMemory(card, key, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
+            loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
             previous = self._memories.get(card.name)
             self._memories[card.name] = loaded
+            self.problems.pop(card.name, None)
         if previous is not None:
-            await self.engine.unload_memory(previous.key)
+            self._spawn(self._retire(previous, timeout=None))
+        if managed and persist and self.store is not None:
+            self.store.put(DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight, card.content_sha256))
         return loaded
 
-    async def unload(self, name: str) -> LoadedMemory:
+    async def unload(self, name: str, timeout: float | None = 30.0, managed: bool = True) -> tuple[LoadedMemory, bool]:
+        """Hide at once; wait for running requests (ended with an error after ``timeout``); free.
+
+        Returns the memory and whether its requests drained without eviction.
+        """
         async with self._lock:
             loaded = self._memories.pop(name, None)
             if loaded is None:
                 raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+        if managed and self.store is not None:
+            self.store.remove(name)
+        drained = await self._retire(loaded, timeout)
+        return loaded, drained
+
+    async def _retire(self, loaded: LoadedMemory, timeout: float | None) -> bool:
+        drained = True
+        try:
+            await asyncio.wait_for(loaded.idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            drained = False
+            log.warning("memory %s: %d requests still running after %.0fs; ending them", loaded.name, loaded.active, timeout)
+            loaded.evicted.set()
+            await asyncio.wait_for(loaded.idle.wait(), 30)
         await self.engine.unload_memory(loaded.key)
-        return loaded
+        log.info("memory %s (%s) unloaded, %s bytes freed", loaded.name, loaded.key, f"{loaded.device_bytes:,}")
+        return drained
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reconcile(self) -> None:
+        """Converge on the store's desired set; failures are reported, never fatal."""
+        if self.store is None:
+            return
+        try:
+            desired = self.store.desired()
+        except Exception:
+            return
+        for name, want in desired.items():
+            have = self._memories.get(name)
+            same_weight = have is not None and (want.memory_weight is None or have.card.weight == want.memory_weight)
+            if have is not None and have.card.content_sha256 == want.content_sha256 and same_weight:
+                have.managed = True
+                continue
+            try:
+                path = self.store.resolve(want.path)
+                card = self.validate(name, str(path), want.memory_weight)
+                if card.content_sha256 != want.content_sha256:
+                    raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
+                await self.load(card, replace=True, managed=True, persist=False)
+                log.info("reconcile: memory %s loaded from the store", name)
+            except Exception as e:  # reported in /admin/memories, the server keeps serving
+                self.problems[name] = str(e)
+                log.error("reconcile: memory %s not loaded: %s", name, e)
+        for name in [n for n, m in self._memories.items() if m.managed and n not in desired]:
+            with contextlib.suppress(UnknownMemory):
+                await self.unload(name, managed=False)
+                log.info("reconcile: memory %s unloaded (no longer in the store)", name)
+        for name in [n for n in self.problems if n not in desired]:
+            del self.problems[name]
 
     def get(self, name: str) -> LoadedMemory | None:
         return self._memories.get(name)

@@ -48,18 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     serve.add_argument("--tensor-parallel-size", type=int, default=1)
     serve.add_argument("--pipeline-parallel-size", type=int, default=1)
+    admin = serve.add_argument_group("memory store and admin API")
+    admin.add_argument("--memory-root", help="folder of memory artifacts; admin loads must resolve inside it, and the loaded set persists there")
+    admin.add_argument("--admin-token", help="bearer token for /admin routes (or MEMSERVE_ADMIN_TOKEN); without one the routes are off")
+    admin.add_argument("--admin-insecure-local", action="store_true", help="enable /admin without a token when listening on loopback only")
+    admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories")
+    admin.add_argument("--memory-budget-bytes", type=int, default=None, help="refuse loads whose weights would exceed this many device bytes in total")
+    admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set (0: only at start and on admin calls)")
+    admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error")
     serve.add_argument("--workdir", type=Path, default=None, help="folder for vLLM's caches and sockets (default: <cache>/run)")
     serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags")
     serve.set_defaults(func=_serve)
 
     memory = commands.add_parser("memory", help="build memories (datastore → kNN targets → training → evaluation → artifact)")
     memory_commands = memory.add_subparsers(dest="memory_command", required=True)
-    try:
-        from memories.cli import add_memory_commands
-    except ImportError:  # the pipeline is an optional part of the install
-        pass
-    else:
-        add_memory_commands(memory_commands)
+    from memories.cli import add_memory_commands
+    from server.admin_client import add_admin_client_commands
+
+    add_memory_commands(memory_commands)
+    add_admin_client_commands(memory_commands)
+
+    from bench.run import add_bench_command
+
+    add_bench_command(commands)
     return parser
 
 

@@ -8,7 +8,11 @@ loaded, so it never serves half-configured.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,13 @@ class ServeOptions:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     engine_args: list[str] = field(default_factory=list)
+    memory_root: str | None = None
+    admin_token: str | None = None
+    admin_insecure_local: bool = False
+    max_memories: int | None = None
+    memory_budget_bytes: int | None = None
+    reconcile_interval: float = 10.0
+    unload_timeout: float = 30.0
 
     @classmethod
     def from_cli(cls, opts: argparse.Namespace, extra: list[str]) -> "ServeOptions":
@@ -46,6 +57,13 @@ class ServeOptions:
             tensor_parallel_size=opts.tensor_parallel_size,
             pipeline_parallel_size=opts.pipeline_parallel_size,
             engine_args=extra,
+            memory_root=opts.memory_root,
+            admin_token=opts.admin_token or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None,
+            admin_insecure_local=opts.admin_insecure_local,
+            max_memories=opts.max_memories,
+            memory_budget_bytes=opts.memory_budget_bytes,
+            reconcile_interval=opts.reconcile_interval,
+            unload_timeout=opts.unload_timeout,
         )
 
 
@@ -72,15 +90,21 @@ async def run(opts: ServeOptions) -> int:
     import uvicorn
     from transformers import AutoTokenizer
 
+    from server.admin import install_admin
     from server.app import create_app
+    from server.store import MemoryStore
     from server.catalog import MemoryCatalog
     from server.engine import EngineAdapter, engine_args, start_engine
 
     t0 = time.perf_counter()
     model, memory_specs = _defaults(opts)
     base_name = opts.served_model_name or Path(model).name
+    if opts.admin_insecure_local and opts.admin_token is None and not _is_loopback(opts.host):
+        log.error("--admin-insecure-local needs a loopback --host (got %s); set --admin-token instead", opts.host)
+        return 2
     tokenizer = AutoTokenizer.from_pretrained(model)
-    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight)
+    store = MemoryStore(opts.memory_root) if opts.memory_root else None
+    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store)
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))
     if duplicates:
@@ -98,11 +122,33 @@ async def run(opts: ServeOptions) -> int:
         for card in cards:
             loaded = await catalog.load(card)
             log.info("memory %s ready (%s parameters, λ=%.2f, %.2fs)", card.name, f"{card.num_parameters:,}", card.weight, loaded.load_seconds)
+        await catalog.reconcile()  # restore the persisted set; problems are reported, not fatal
         app = create_app(engine, catalog, base_name, api_key=opts.api_key)
+        install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local, opts.unload_timeout)
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
-        log.info("serving %s with %d memories on http://%s:%d (start-up %.1fs)", base_name, len(cards), opts.host, opts.port, time.perf_counter() - t0)
+        log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)
         server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30))
-        await server.serve()
+        reconciler = asyncio.ensure_future(_reconcile_forever(catalog, opts.reconcile_interval)) if store and opts.reconcile_interval > 0 else None
+        try:
+            await server.serve()
+        finally:
+            if reconciler:
+                reconciler.cancel()
     return 0
+
+
+async def _reconcile_forever(catalog, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(Exception):
+            await catalog.reconcile()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return False

@@ -8,6 +8,7 @@ carry the memory to the fusion processor, and counts per-memory usage.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -20,7 +21,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard
 
 from server import metrics
 from server.catalog import MemoryCatalog
-from server.errors import BadRequest
+from server.errors import BadRequest, Unavailable
 from server.selection import Selection, select_memory
 
 
@@ -52,17 +53,35 @@ class CompletionsServing:
         selection = select_memory(body, raw_request.headers, self.catalog, self.base_name)
         request = request_cls.model_validate(body)
         label = selection.memory.name if selection else metrics.BASE_LABEL
-        hide_usage = False
-        if selection:
-            request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()}
-            selection.memory.requests += 1
-            if request.stream and not (request.stream_options and request.stream_options.include_usage):
-                # usage is how we count the memory's tokens; the client did not ask for it
-                request.stream_options = StreamOptions(include_usage=True)
-                hide_usage = True
         metrics.REQUESTS.labels(label).inc()
+        if selection is None:
+            return await self._respond(await handler(request, raw_request), request, None, label, False)
 
-        result = await handler(request, raw_request)
+        memory = selection.memory
+        request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()}
+        hide_usage = False
+        if request.stream and not (request.stream_options and request.stream_options.include_usage):
+            # usage is how we count the memory's tokens; the client did not ask for it
+            request.stream_options = StreamOptions(include_usage=True)
+            hide_usage = True
+        memory.acquire()
+        try:
+            work = asyncio.ensure_future(handler(request, raw_request))
+            evicted = asyncio.ensure_future(memory.evicted.wait())
+            await asyncio.wait([work, evicted], return_when=asyncio.FIRST_COMPLETED)
+            evicted.cancel()
+            if not work.done():
+                work.cancel()
+                raise Unavailable(_evicted_message(memory.name), "domain")
+            response = await self._respond(work.result(), request, selection, label, hide_usage)
+        except BaseException:
+            memory.release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            memory.release()
+        return response
+
+    async def _respond(self, result, request, selection: Selection | None, label: str, hide_usage: bool) -> Response:
         if isinstance(result, ErrorResponse):
             return JSONResponse(result.model_dump(), status_code=result.error.code)
         if not request.stream:
@@ -72,15 +91,25 @@ class CompletionsServing:
         return StreamingResponse(self._stream(result, selection, label, hide_usage), media_type="text/event-stream")
 
     async def _stream(self, chunks, selection: Selection | None, label: str, hide_usage: bool):
-        async for chunk in chunks:
-            if selection and '"usage"' in chunk and chunk.startswith("data: {"):
-                data = json.loads(chunk[len("data: ") :])
-                usage = data.get("usage")
-                if usage and not data.get("choices"):
-                    self._count(selection, label, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                    if hide_usage:
-                        continue
-            yield chunk
+        memory = selection.memory if selection else None
+        try:
+            async for chunk in chunks:
+                if memory is not None and memory.evicted.is_set():
+                    error = {"error": {"message": _evicted_message(memory.name), "type": "ServiceUnavailableError", "param": "domain", "code": 503}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                if selection and '"usage"' in chunk and chunk.startswith("data: {"):
+                    data = json.loads(chunk[len("data: ") :])
+                    usage = data.get("usage")
+                    if usage and not data.get("choices"):
+                        self._count(selection, label, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+                        if hide_usage:
+                            continue
+                yield chunk
+        finally:
+            await chunks.aclose()  # an early exit aborts the engine request
+            if memory is not None:
+                memory.release()
 
     @staticmethod
     def _count(selection: Selection | None, label: str, prompt: int, completion: int) -> None:
@@ -103,3 +132,7 @@ class ModelsServing:
                 ModelCard(id=memory.name, root=memory.card.path, parent=self.base_name, owned_by="memserve", max_model_len=models.data[0].max_model_len)
             )
         return models.model_dump()
+
+
+def _evicted_message(name: str) -> str:
+    return f"memory {name!r} was unloaded while this request ran and its drain timeout passed; retry with another memory"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, server_env
+from bench.server_process import ROOT, server_env
 from tests.tiny_models import build_llama, build_tokenizer
 
 

@@ -1,0 +1,24 @@
+"""The compute bound: how fast fusion can be if a memory costs exactly its arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def flops_per_token(config_dir: str | Path) -> float:
+    """Forward FLOPs per decoded token of a Llama-family model (2 per multiply-add; attention over a short context ignored)."""
+    c = json.loads((Path(config_dir) / "config.json").read_text())
+    h, layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = (c.get("num_key_value_heads") or heads) * head_dim
+    q = heads * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter
+    return 2.0 * (layers * per_layer + h * vocab)
+
+
+def compute_bound(base_dir: str | Path, memory_dir: str | Path) -> float:
+    """Best possible fused ÷ base throughput: base FLOPs ÷ (base + memory FLOPs)."""
+    base = flops_per_token(base_dir)
+    return base / (base + flops_per_token(memory_dir))

@@ -1,0 +1,86 @@
+"""Admin routes: load, replace, list and unload memories on a running server.
+
+Protected by ``Authorization: Bearer <admin token>`` (constant-time compare).
+With no token configured the routes do not exist (404), unless the operator
+asked for ``--admin-insecure-local`` on a loopback-only server.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.catalog import MemoryCatalog
+from server.errors import BadRequest, UnknownMemory, Unauthorized
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="name requests use to select the memory")
+    path: str = Field(description="artifact directory, relative to or inside --memory-root")
+    memory_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="λ; default: the memory's own")
+    replace: bool = Field(default=False, description="swap a loaded memory of the same name")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME.match(v) or v.lower() == "none":
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, and not 'none'")
+        return v
+
+
+def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool, unload_timeout: float) -> None:
+    if token is None and not insecure_local:
+        return  # routes absent: 404
+    router = APIRouter(prefix="/admin")
+
+    def authorize(raw_request: Request) -> None:
+        if token is None:
+            return
+        given = raw_request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise Unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
+
+    @router.get("/memories")
+    async def list_memories(raw_request: Request) -> JSONResponse:
+        authorize(raw_request)
+        return JSONResponse({
+            "object": "list",
+            "data": [m.describe() for m in catalog.all()],
+            "problems": dict(catalog.problems),
+            "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes},
+        })  # fmt: skip
+
+    @router.post("/memories", status_code=201)
+    async def load_memory(raw_request: Request) -> JSONResponse:
+        authorize(raw_request)
+        from server.serving import read_json_object
+
+        req = LoadRequest.model_validate(await read_json_object(raw_request))
+        if req.name == base_name:
+            raise BadRequest(f"{req.name!r} is the base model's id", "name")
+        if catalog.store is None:
+            raise BadRequest("this server was started without --memory-root; admin loads are off", "path")
+        path = catalog.store.resolve(req.path)
+        card = catalog.validate(req.name, str(path), req.memory_weight)
+        loaded = await catalog.load(card, replace=req.replace, managed=True)
+        return JSONResponse(loaded.describe(), status_code=201)
+
+    @router.delete("/memories/{name}")
+    async def unload_memory(name: str, raw_request: Request, timeout: float | None = None) -> JSONResponse:
+        authorize(raw_request)
+        if catalog.get(name) is None:
+            raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+        start = time.perf_counter()
+        loaded, drained = await catalog.unload(name, timeout=unload_timeout if timeout is None else timeout)
+        return JSONResponse({"name": name, "status": "unloaded", "freed_bytes": loaded.device_bytes, "drained": drained, "seconds": round(time.perf_counter() - start, 3)})
+
+    app.include_router(router)

@@ -1,0 +1,58 @@
+"""``memserve memory load|unload|list``: the admin API from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import httpx
+
+
+def add_admin_client_commands(memory_commands) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("MEMSERVE_URL", "http://127.0.0.1:8000"), help="server URL (default: $MEMSERVE_URL or %(default)s)")
+        p.add_argument("--token", default=os.environ.get("MEMSERVE_ADMIN_TOKEN"), help="admin token (default: $MEMSERVE_ADMIN_TOKEN)")
+
+    load = memory_commands.add_parser("load", help="load (or replace) a memory on a running server")
+    load.add_argument("name")
+    load.add_argument("path", help="artifact directory, relative to or inside the server's --memory-root")
+    load.add_argument("--memory-weight", type=float, default=None, help="λ (default: the memory's own)")
+    load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name")
+    common(load)
+    load.set_defaults(func=lambda o: _call(o, "POST", "/admin/memories", {"name": o.name, "path": o.path, "memory_weight": o.memory_weight, "replace": o.replace}))
+
+    unload = memory_commands.add_parser("unload", help="unload a memory from a running server")
+    unload.add_argument("name")
+    unload.add_argument("--timeout", type=float, default=None, help="seconds to wait for running requests (default: the server's)")
+    common(unload)
+    unload.set_defaults(func=lambda o: _call(o, "DELETE", f"/admin/memories/{o.name}" + (f"?timeout={o.timeout}" if o.timeout is not None else ""), None))
+
+    listing = memory_commands.add_parser("list", help="list the memories loaded on a running server")
+    common(listing)
+    listing.set_defaults(func=lambda o: _call(o, "GET", "/admin/memories", None))
+
+
+def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -> int:
+    headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+    try:
+        r = httpx.request(method, opts.url.rstrip("/") + path, json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as e:
+        print(f"error: cannot reach {opts.url}: {e}", file=sys.stderr)
+        return 1
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"error": {"message": r.text}}
+    if r.is_error:
+        print(f"error {r.status_code}: {data.get('error', {}).get('message', data)}", file=sys.stderr)
+        return 1
+    if method == "GET" and sys.stdout.isatty():
+        for m in data["data"]:
+            print(f"{m['name']:<20} λ={m['memory_weight']:.2f} T={m['temperature']:.2f} params={m['num_parameters']:,} bytes={m['device_bytes']:,} requests={m['requests']} sha256={m['content_sha256'][:12]}")
+        for name, why in data.get("problems", {}).items():
+            print(f"{name:<20} NOT LOADED: {why}")
+    else:
+        print(json.dumps(data, indent=2))
+    return 0

@@ -1,0 +1,90 @@
+"""The persistent memory store: a folder of artifacts plus the desired loaded set.
+
+``<memory-root>/memserve-state.json`` is the *desired* set (name, path
+relative to the root, λ, content hash). Every admin change on any replica
+edits it under an exclusive file lock (read, modify one entry, write
+atomically), and every replica reconciles its loaded set against it: at
+start, after its own admin calls, and on a timer. Replicas sharing the root
+therefore converge on the same set without talking to each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from memories.artifact import write_json_atomic
+from server.errors import BadRequest
+
+log = logging.getLogger("memserve.store")
+
+STATE_FILE = "memserve-state.json"
+
+
+@dataclass(frozen=True)
+class DesiredMemory:
+    name: str
+    path: str  # relative to the memory root
+    memory_weight: float | None
+    content_sha256: str
+
+
+class MemoryStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.state_path = self.root / STATE_FILE
+        self._lock_path = self.root / f".{STATE_FILE}.lock"
+
+    def resolve(self, path: str) -> Path:
+        """An artifact path inside the root; ``..`` and symlinks that leave it are refused."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self.root / candidate
+        real = Path(os.path.realpath(candidate))
+        if real != self.root and self.root not in real.parents:
+            raise BadRequest(f"path {path!r} resolves to {real}, outside the memory root {self.root}", "path")
+        return real
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    def desired(self) -> dict[str, DesiredMemory]:
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as e:
+            log.error("cannot read %s (%s); keeping the loaded set as it is", self.state_path, e)
+            raise
+        return {m["name"]: DesiredMemory(**m) for m in data.get("memories", [])}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def put(self, entry: DesiredMemory) -> None:
+        with self._locked():
+            state = self.desired()
+            state[entry.name] = entry
+            self._write(state)
+
+    def remove(self, name: str) -> None:
+        with self._locked():
+            state = self.desired()
+            if state.pop(name, None) is not None:
+                self._write(state)
+
+    def _write(self, state: dict[str, DesiredMemory]) -> None:
+        write_json_atomic(self.state_path, {"format": 1, "memories": [asdict(state[n]) for n in sorted(state)]})

@@ -1,0 +1,245 @@
+"""Admin API through a real server: hot load, replace, unload under load; persistence; refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from bench.server_process import ROOT, ServerProcess, server_env
+from tests.tiny_models import build_llama, build_tokenizer
+
+TOKEN = "s3cret-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def root(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory-root")
+    for name in ("alpha", "beta"):
+        shutil.copytree(tiny[name], root / name)
+    return root
+
+
+def start_admin_server(tiny, root, workdir, *extra):
+    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
+    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "1", "--max-memories", "3", *extra]
+    proc = ServerProcess(args, workdir)
+    proc.wait_ready()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def admin_server(tiny, root, tmp_path_factory):
+    proc = start_admin_server(tiny, root, tmp_path_factory.mktemp("admin-server"))
+    yield proc
+    proc.stop()
+
+
+def admin(server, method, path="/admin/memories", body=None, headers=AUTH):
+    return httpx.request(method, server.url + path, json=body, headers=headers, timeout=300)
+
+
+def generate(server, domain=None, max_tokens=24, prompt="the cell protein gene"):
+    body = {"model": "tiny-base", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    if domain:
+        body["domain"] = domain
+    return httpx.post(server.url + "/v1/completions", json=body, timeout=300)
+
+
+class Stream(threading.Thread):
+    """A streamed completion in the background; ``started`` is set at its first token."""
+
+    def __init__(self, server, domain=None, max_tokens=48, prompt="court law contract party"):
+        super().__init__(daemon=True)
+        self.server, self.domain, self.max_tokens, self.prompt = server, domain, max_tokens, prompt
+        self.started = threading.Event()
+        self.tokens: list[int] = []
+        self.error: str | None = None
+
+    def run(self):
+        body = {"model": "tiny-base", "prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        if self.domain:
+            body["domain"] = self.domain
+        try:
+            with httpx.stream("POST", self.server.url + "/v1/completions", json=body, timeout=300) as r:
+                if r.status_code != 200:
+                    self.error = f"{r.status_code}: {r.read()!r}"
+                    return
+                for line in r.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        self.error = data["error"]["message"]
+                        return
+                    for c in data.get("choices", []):
+                        self.tokens += c.get("token_ids") or []
+                    self.started.set()
+        except Exception as e:  # surfaced by the test's assertions
+            self.error = repr(e)
+        finally:
+            self.started.set()
+
+
+def run_streams(streams):
+    for s in streams:
+        s.start()
+    return streams
+
+
+def test_admin_needs_the_token(admin_server, server):
+    assert admin(admin_server, "GET", headers={}).status_code == 401
+    assert admin(admin_server, "GET", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert admin(server, "GET", headers=AUTH).status_code == 404  # no token configured: routes are off
+
+
+def test_load_during_base_streams_then_use_then_unload_during_stream(admin_server):
+    alone = [generate(admin_server, max_tokens=48, prompt=p).json()["choices"][0]["token_ids"] for p in ("court law contract party",)]
+    streams = run_streams([Stream(admin_server) for _ in range(8)])
+    for s in streams:
+        assert s.started.wait(120)
+    r = admin(admin_server, "POST", body={"name": "gamma", "path": "alpha", "memory_weight": 0.6})
+    assert r.status_code == 201, r.text
+    card = r.json()
+    assert card["name"] == "gamma" and card["memory_weight"] == 0.6 and card["num_parameters"] > 0 and card["device_bytes"] > 0
+    for s in streams:
+        s.join(120)
+        assert s.error is None and s.tokens == alone[0]
+
+    models = httpx.get(admin_server.url + "/v1/models").json()["data"]
+    assert any(m["id"] == "gamma" and m["parent"] == "tiny-base" for m in models)
+    fused = generate(admin_server, "gamma")
+    assert fused.status_code == 200
+    assert fused.json()["choices"][0]["token_ids"] != generate(admin_server).json()["choices"][0]["token_ids"]
+
+    expected = generate(admin_server, "gamma", max_tokens=80).json()["choices"][0]["token_ids"]
+    stream = run_streams([Stream(admin_server, "gamma", max_tokens=80, prompt="the cell protein gene")])[0]
+    assert stream.started.wait(120)
+    r = admin(admin_server, "DELETE", "/admin/memories/gamma")
+    assert r.status_code == 200 and r.json()["drained"] is True and r.json()["freed_bytes"] > 0
+    stream.join(120)
+    assert stream.error is None and stream.tokens == expected  # finished on the memory
+    assert generate(admin_server, "gamma").status_code == 404
+    assert admin(admin_server, "DELETE", "/admin/memories/gamma").status_code == 404
+
+
+def test_replace_under_load(admin_server):
+    assert admin(admin_server, "POST", body={"name": "delta", "path": "alpha"}).status_code == 201
+    old = generate(admin_server, "delta", max_tokens=60).json()["choices"][0]["token_ids"]
+    streams = run_streams([Stream(admin_server, "delta", max_tokens=60, prompt="the cell protein gene") for _ in range(4)])
+    for s in streams:
+        assert s.started.wait(120)
+    r = admin(admin_server, "POST", body={"name": "delta", "path": "beta", "replace": True})
+    assert r.status_code == 201, r.text
+    new = generate(admin_server, "delta", max_tokens=60).json()["choices"][0]["token_ids"]
+    for s in streams:
+        s.join(120)
+        assert s.error is None and s.tokens == old  # running requests finished on the old version
+    assert new != old
+    assert admin(admin_server, "POST", body={"name": "delta", "path": "alpha"}).status_code == 409
+    assert admin(admin_server, "DELETE", "/admin/memories/delta").status_code == 200
+
+
+def test_concurrent_loads_of_one_name(admin_server):
+    with ThreadPoolExecutor(2) as pool:
+        codes = sorted(pool.map(lambda _: admin(admin_server, "POST", body={"name": "twin", "path": "beta"}).status_code, range(2)))
+    assert codes == [201, 409]
+    assert admin(admin_server, "DELETE", "/admin/memories/twin").status_code == 200
+
+
+def test_limits_name_the_numbers(admin_server):
+    for name in ("l1", "l2", "l3"):
+        assert admin(admin_server, "POST", body={"name": name, "path": "alpha"}).status_code == 201
+    r = admin(admin_server, "POST", body={"name": "l4", "path": "alpha"})
+    assert r.status_code == 409 and "--max-memories is 3" in r.json()["error"]["message"]
+    for name in ("l1", "l2", "l3"):
+        assert admin(admin_server, "DELETE", f"/admin/memories/{name}").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def bad_artifacts(root, tiny, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    base_tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    shutil.copytree(tiny["alpha"], root / "corrupt")
+    (root / "corrupt" / "model.safetensors").write_bytes(b"not safetensors at all")
+    shutil.copytree(tiny["alpha"], root / "truncated")
+    data = (root / "truncated" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(data[: len(data) // 3])
+    shutil.copytree(tiny["alpha"], root / "badjson")
+    (root / "badjson" / "memory.json").write_text("{lambda: oops")
+    other = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=300)
+    build_llama(root / "wrongtok", other, layers=1, seed=7, vocab_size=len(base_tok))
+    build_llama(root / "smallvocab", base_tok, layers=1, seed=7, vocab_size=64, ship_tokenizer=False)
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(tiny["alpha"], outside / "m")
+    os.symlink(outside / "m", root / "escape")
+    return outside
+
+
+@pytest.mark.parametrize(
+    "body,status,needle",
+    [
+        ({"name": "x", "path": "does-not-exist"}, 400, "not a directory"),
+        ({"name": "x", "path": "../outside"}, 400, "outside the memory root"),
+        ({"name": "x", "path": "escape"}, 400, "outside the memory root"),
+        ({"name": "x", "path": "corrupt"}, 400, "unreadable safetensors"),
+        ({"name": "x", "path": "truncated"}, 400, "unreadable safetensors"),
+        ({"name": "x", "path": "badjson"}, 400, "memory.json is not valid JSON"),
+        ({"name": "x", "path": "wrongtok"}, 400, "tokenizer differs"),
+        ({"name": "x", "path": "smallvocab"}, 400, "vocabulary too small"),
+        ({"name": "bad name!", "path": "alpha"}, 400, "name"),
+        ({"name": "none", "path": "alpha"}, 400, "name"),
+        ({"name": "tiny-base", "path": "alpha"}, 400, "base model"),
+        ({"name": "x", "path": "alpha", "memory_weight": 2}, 400, "memory_weight"),
+        ({"name": "x"}, 400, "path"),
+    ],
+)
+def test_bad_loads(admin_server, bad_artifacts, body, status, needle):
+    r = admin(admin_server, "POST", body=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["code"] == status
+    assert "x" not in [m["name"] for m in admin(admin_server, "GET").json()["data"]]  # nothing half-loaded
+    assert generate(admin_server, max_tokens=2).status_code == 200
+
+
+def test_cli_client(admin_server):
+    def cli(*args):
+        env = {**os.environ, "MEMSERVE_ADMIN_TOKEN": TOKEN}
+        return subprocess.run([sys.executable, "-m", "server.cli", "memory", *args, "--url", admin_server.url], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    r = cli("load", "cli-mem", "beta", "--memory-weight", "0.4")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(cli("list").stdout)
+    assert any(m["name"] == "cli-mem" and m["memory_weight"] == 0.4 for m in listed["data"])
+    assert cli("unload", "cli-mem").returncode == 0
+    r = cli("unload", "cli-mem")
+    assert r.returncode == 1 and "404" in r.stderr
+
+
+def test_restart_restores_the_set_and_reports_broken_entries(admin_server, tiny, root, tmp_path_factory):
+    shutil.copytree(tiny["beta"], root / "fragile")
+    assert admin(admin_server, "POST", body={"name": "keep", "path": "alpha", "memory_weight": 0.7}).status_code == 201
+    assert admin(admin_server, "POST", body={"name": "fragile", "path": "fragile"}).status_code == 201
+    state = json.loads((root / "memserve-state.json").read_text())
+    assert {m["name"] for m in state["memories"]} >= {"keep", "fragile"}
+    admin_server.stop()
+    (root / "fragile" / "model.safetensors").write_bytes(b"broken")
+    again = start_admin_server(tiny, root, tmp_path_factory.mktemp("restart"))
+    try:
+        listing = admin(again, "GET").json()
+        keep = next(m for m in listing["data"] if m["name"] == "keep")
+        assert keep["memory_weight"] == 0.7
+        assert "fragile" in listing["problems"]
+        assert generate(again, "keep").status_code == 200
+    finally:
+        again.stop()
