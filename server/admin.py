@@ -42,16 +42,17 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
         return  # routes absent: 404
     router = APIRouter(prefix="/admin")
 
-    def authorize(raw_request: Request) -> None:
-        if token is None:
-            return
-        given = raw_request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise Unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
+    async def authorize(raw_request: Request) -> None:
+        """Check the token, then converge on the store: admin calls see every replica's changes."""
+        if token is not None:
+            given = raw_request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                raise Unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
+        await catalog.reconcile()
 
     @router.get("/memories")
     async def list_memories(raw_request: Request) -> JSONResponse:
-        authorize(raw_request)
+        await authorize(raw_request)
         return JSONResponse({
             "object": "list",
             "data": [m.describe() for m in catalog.all()],
@@ -61,7 +62,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
 
     @router.post("/memories", status_code=201)
     async def load_memory(raw_request: Request) -> JSONResponse:
-        authorize(raw_request)
+        await authorize(raw_request)
         from server.serving import read_json_object
 
         req = LoadRequest.model_validate(await read_json_object(raw_request))
@@ -76,7 +77,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
 
     @router.delete("/memories/{name}")
     async def unload_memory(name: str, raw_request: Request, timeout: float | None = None) -> JSONResponse:
-        authorize(raw_request)
+        await authorize(raw_request)
         if catalog.get(name) is None:
             raise UnknownMemory(f"memory {name!r} is not loaded", "name")
         start = time.perf_counter()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class MemoryCatalog:
         self.max_memories = max_memories
         self.budget_bytes = budget_bytes
         self.store = store
+        self.reconcile_interval = 0.0  # set by the runtime when a timer runs
         self.problems: dict[str, str] = {}  # desired memories that failed to load, and why
         self._memories: dict[str, LoadedMemory] = {}
         self._generation = 0
@@ -206,6 +208,20 @@ class MemoryCatalog:
                 log.info("reconcile: memory %s unloaded (no longer in the store)", name)
         for name in [n for n in self.problems if n not in desired]:
             del self.problems[name]
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds until this replica's next reconcile, rounded up (what a 503 tells the client)."""
+        return max(1, math.ceil(self.reconcile_interval or 1))
+
+    def is_desired(self, name: str) -> bool:
+        """In the store's desired set (so another replica loaded it) but not failed here."""
+        if self.store is None or name in self.problems:
+            return False
+        try:
+            return name in self.store.desired()
+        except Exception:
+            return False
 
     def get(self, name: str) -> LoadedMemory | None:
         return self._memories.get(name)

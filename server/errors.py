@@ -48,6 +48,10 @@ class Conflict(MemserveError):
 class Unavailable(MemserveError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
+    def __init__(self, message: str, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message, param)
+        self.retry_after = retry_after
+
 
 # exception type → (status, OpenAI error type); first match wins
 ERROR_TABLE: list[tuple[type[Exception], HTTPStatus | None]] = [
@@ -59,7 +63,7 @@ ERROR_TABLE: list[tuple[type[Exception], HTTPStatus | None]] = [
 ]
 
 
-def error_json(status: HTTPStatus, message: str, param: str | None = None) -> JSONResponse:
+def error_json(status: HTTPStatus, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     err_type = {
         HTTPStatus.BAD_REQUEST: "BadRequestError",
         HTTPStatus.UNAUTHORIZED: "AuthenticationError",
@@ -68,14 +72,15 @@ def error_json(status: HTTPStatus, message: str, param: str | None = None) -> JS
         HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
     }.get(status, "InternalServerError")
     body = {"error": {"message": message, "type": err_type, "param": param, "code": int(status)}}
-    return JSONResponse(body, status_code=int(status))
+    return JSONResponse(body, status_code=int(status), headers=headers)
 
 
 def to_response(exc: Exception) -> JSONResponse:
     for exc_type, status in ERROR_TABLE:
         if isinstance(exc, exc_type):
             if isinstance(exc, MemserveError):
-                return error_json(exc.status, str(exc), exc.param)
+                retry = getattr(exc, "retry_after", None)
+                return error_json(exc.status, str(exc), exc.param, {"Retry-After": str(retry)} if retry else None)
             if isinstance(exc, json.JSONDecodeError):
                 return error_json(status, f"request body is not valid JSON: {exc}")
             if isinstance(exc, (ValidationError, RequestValidationError)):

@@ -130,6 +130,7 @@ async def run(opts: ServeOptions) -> int:
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
         log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)
         server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30))
+        catalog.reconcile_interval = opts.reconcile_interval
         reconciler = asyncio.ensure_future(_reconcile_forever(catalog, opts.reconcile_interval)) if store and opts.reconcile_interval > 0 else None
         try:
             await server.serve()

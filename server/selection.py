@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.catalog import LoadedMemory, MemoryCatalog
-from server.errors import BadRequest, UnknownMemory
+from server.errors import BadRequest, Unavailable, UnknownMemory
 
 HEADER = "x-domain"
 NO_MEMORY = ("", "none")
@@ -77,6 +77,8 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         return None
     name = named.pop()
     memory = catalog.get(name)
+    if memory is None and catalog.is_desired(name):
+        raise Unavailable(f"memory {name!r} is in the store but not loaded on this replica yet; retry shortly", "domain", retry_after=catalog.retry_after)
     if memory is None:
         loaded = ", ".join(catalog.names()) or "none"
         raise UnknownMemory(f"memory {name!r} is not loaded (loaded: {loaded})", "domain")
