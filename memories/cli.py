@@ -70,9 +70,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     names = {f.name for f in fields(BuildConfig)}
-    cfg = BuildConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None or k in ("base", "corpus", "name", "out")})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    cfg = BuildConfig(**given)
     cfg.progress = not getattr(args, "no_progress", False)
-    cfg.knn_temperature = args.knn_temperature
     if getattr(args, "shard_spec", None):
         cfg.shard, cfg.shards = args.shard_spec
     return cfg
