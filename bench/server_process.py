@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +39,8 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         self.started = time.perf_counter()
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--workdir", str(workdir / "run"), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or server_env(workdir), stdout=self._log, stderr=subprocess.STDOUT)
+        # its own process group, so that a forced stop also reaches vLLM's engine processes
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or server_env(workdir), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> float:
         """Block until healthy; return the start-up time in seconds."""
@@ -63,6 +65,6 @@ class ServerProcess:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()

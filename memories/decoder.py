@@ -194,7 +194,16 @@ class MemoryDecoder:
                 raise ValueError("advance() needs at least one new token per row")
         return out
 
-    def _forward(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+    @torch.inference_mode()
+    def score(self, tokens: list[int]) -> torch.Tensor:
+        """Logits after every prefix of ``tokens`` (``[len, V]``): one pass, for prompt logprobs."""
+        slot = self.open()
+        try:
+            return self._forward([slot], [tokens], all_positions=True)[0]
+        finally:
+            self.close(slot)
+
+    def _forward(self, slots: list[int], tokens: list[list[int]], all_positions: bool = False) -> torch.Tensor:
         c, w = self.cfg, self.w
         n_new = len(tokens[0])
         assert n_new == 1 or len(slots) == 1
@@ -237,8 +246,8 @@ class MemoryDecoder:
             x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
         for s in slots:
             self._lengths[s] += n_new
-        last = _rms_norm(x[:, -1], w["norm.weight"], c.rms_eps)
-        return F.linear(last, w["lm_head.weight"]).float()
+        out = _rms_norm(x if all_positions else x[:, -1], w["norm.weight"], c.rms_eps)
+        return F.linear(out, w["lm_head.weight"]).float()
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = pos.to(torch.float64)[..., None] * self._inv_freq  # [B, M, D/2]

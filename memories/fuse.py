@@ -30,22 +30,38 @@ def fuse(
     one call.
     """
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
-    width = min(base_logits.shape[-1], mem_logits.shape[-1])
-    mem = mem_logits[..., :width].float()
-    if isinstance(temperature, torch.Tensor):
-        mem = mem / temperature.to(mem)
-    elif temperature != 1.0:
-        mem = mem / temperature
-    mem_logp = torch.log_softmax(mem, dim=-1)
+    mem_logp = memory_logprobs(mem_logits, base_logits.shape[-1], temperature)
+    width = mem_logp.shape[-1]
 
-    log_w, log_1mw = _log_weights(weight, base_logp)
-    fused = base_logp + log_1mw
-    fused[..., :width] = torch.logaddexp(fused[..., :width], mem_logp + log_w)
+    fused = base_logp.clone()
+    fused[..., :width] = mix(base_logp[..., :width], mem_logp, weight)
+    if width < fused.shape[-1]:  # tokens the memory cannot emit keep the base's share only
+        fused[..., width:] = base_logp[..., width:] + _log_weights(weight, base_logp)[1]
 
     forbidden = torch.isneginf(base_logits)
     if forbidden.any():
         fused = torch.log_softmax(fused.masked_fill(forbidden, -math.inf), dim=-1)
     return fused
+
+
+def mix(base_logp: torch.Tensor, mem_logp: torch.Tensor, weight: float | torch.Tensor) -> torch.Tensor:
+    """log((1 - λ)·exp(base_logp) + λ·exp(mem_logp)) for already-normalised log-probabilities.
+
+    ``fuse`` uses it on whole distributions; fused prompt logprobs use it on
+    the few tokens vLLM reports per prompt position.
+    """
+    log_w, log_1mw = _log_weights(weight, base_logp)
+    return torch.logaddexp(base_logp + log_1mw, mem_logp + log_w)
+
+
+def memory_logprobs(mem_logits: torch.Tensor, base_width: int, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """The memory's log-distribution over the tokens it shares with the base (see ``fuse``)."""
+    mem = mem_logits[..., : min(base_width, mem_logits.shape[-1])].float()
+    if isinstance(temperature, torch.Tensor):
+        mem = mem / temperature.to(mem)
+    elif temperature != 1.0:
+        mem = mem / temperature
+    return torch.log_softmax(mem, dim=-1)
 
 
 def _log_weights(weight, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

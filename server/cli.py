@@ -82,7 +82,11 @@ def _serve(opts: argparse.Namespace) -> int:
     from server.runtime import ServeOptions, run
 
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
-    return asyncio.run(run(ServeOptions.from_cli(opts, extra)))
+    try:
+        return asyncio.run(run(ServeOptions.from_cli(opts, extra)))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.info("stopped")
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

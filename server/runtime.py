@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,18 @@ async def run(opts: ServeOptions) -> int:
     from server.app import create_app
     from server.store import MemoryStore
     from server.catalog import MemoryCatalog
+    from server.prompt_logprobs import FusedPromptLogprobsClient
     from server.engine import EngineAdapter, engine_args, start_engine
 
     t0 = time.perf_counter()
+    # SIGTERM cancels start-up or serving, so the engine's context manager shuts
+    # vLLM's processes down (uvicorn re-raises the signal after its graceful
+    # stop; the default action would kill us before that cleanup and orphan them).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     model, memory_specs = _defaults(opts)
+    if not (Path(model) / "config.json").is_file():
+        log.error("--model %s is not a Hugging Face model directory (no config.json)", model)
+        return 2
     base_name = opts.served_model_name or Path(model).name
     if opts.admin_insecure_local and opts.admin_token is None and not _is_loopback(opts.host):
         log.error("--admin-insecure-local needs a loopback --host (got %s); set --admin-token instead", opts.host)
@@ -128,6 +137,9 @@ async def run(opts: ServeOptions) -> int:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
+        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size())
+        app.state.openai_serving_completion.engine_client = fused_prompts
+        app.state.openai_serving_chat.engine_client = fused_prompts
         log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)
         server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30))
         catalog.reconcile_interval = opts.reconcile_interval

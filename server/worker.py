@@ -16,6 +16,7 @@ import threading
 import torch
 
 from memories.decoder import MemoryDecoder
+from memories.fuse import memory_logprobs
 
 log = logging.getLogger("memserve.worker")
 
@@ -60,6 +61,18 @@ class MemoryWorkerExtension:
         decoder = REGISTRY.pop(key)
         gc.collect()
         return decoder is not None
+
+    def memserve_prompt_logprobs(self, key: str, prompt: list[int], temperature: float, base_width: int, wanted: list[list[int]]) -> list[list[float]]:
+        """The memory's log-probability of ``wanted[i]`` after ``prompt[:i]``, for every position i ≥ 1."""
+        decoder = REGISTRY.get(key)
+        if decoder is None:
+            raise KeyError(f"memory {key} is not loaded in this worker")
+        logp = memory_logprobs(decoder.score(prompt[:-1]), base_width, temperature)
+        width = logp.shape[-1]
+        out = [[]]
+        for i in range(1, len(prompt)):
+            out.append([float(logp[i - 1, t]) if t < width else float("-inf") for t in wanted[i]])
+        return out
 
     def memserve_stats(self) -> dict:
         return {k: {"bytes": d.nbytes, "num_parameters": d.num_parameters} for k in REGISTRY.keys() if (d := REGISTRY.get(k))}

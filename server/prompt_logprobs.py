@@ -1,0 +1,57 @@
+"""Fused prompt logprobs (``echo`` + ``logprobs`` on /v1/completions) for memory requests.
+
+vLLM computes prompt logprobs from the base's logits inside the model
+runner, where no logits processor runs. This engine-client proxy sits between
+vLLM's OpenAI layer and the engine: when a memory request asked for prompt
+logprobs, it asks the workers for the memory's own prompt pass and replaces
+every reported value with the fused one (``memories.fuse.mix``), before vLLM
+formats the response. Evaluation harnesses that score text through the API
+(lm-evaluation-harness ``local-completions``) therefore measure base + memory.
+
+The alternatives reported at each prompt position are the base's top-k,
+re-scored under the fused distribution; a token that only the memory ranks
+highly is not added.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logprobs import Logprob
+
+from memories.fuse import mix
+from server.logits_processor import memory_args
+
+
+class FusedPromptLogprobsClient:
+    def __init__(self, engine, base_width: int):
+        self._engine = engine
+        self._base_width = base_width
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        spec = memory_args(sampling_params) if sampling_params.prompt_logprobs is not None else None
+        fused = False
+        async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
+            if spec and not fused and out.prompt_logprobs:
+                out.prompt_logprobs = await self._fuse(out.prompt_token_ids, out.prompt_logprobs, spec)
+                fused = True
+            yield out
+
+    async def _fuse(self, prompt_ids: list[int], positions, spec: dict) -> list:
+        positions = list(positions)
+        wanted = [list(p) if p else [] for p in positions]
+        results = await self._engine.collective_rpc(
+            "memserve_prompt_logprobs", args=(spec["memory"], list(prompt_ids), float(spec["temperature"]), self._base_width, wanted)
+        )
+        mem = results[0]
+        fused_positions = []
+        for i, pos in enumerate(positions):
+            if not pos:
+                fused_positions.append(pos)
+                continue
+            base = torch.tensor([lp.logprob for lp in pos.values()], dtype=torch.float64)
+            values = mix(base, torch.tensor(mem[i], dtype=torch.float64), float(spec["weight"])).tolist()
+            fused_positions.append({t: Logprob(v, lp.rank, lp.decoded_token) for (t, lp), v in zip(pos.items(), values)})
+        return fused_positions
