@@ -63,6 +63,8 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
         },
     }
     write_json_atomic(tmp / MEMORY_JSON, card)
+    for f in tmp.iterdir():  # temp-file writers create 0600 files; a memory is meant to be shared
+        f.chmod(0o644)
     check_compatible(read_card(tmp, cfg.name), tok)  # the server's own checks, before publishing
     if final.exists():
         old = final.parent / f".{final.name}.old"
