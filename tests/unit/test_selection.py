@@ -2,13 +2,19 @@ import pytest
 
 from memories.artifact import MemoryCard
 from server.catalog import LoadedMemory
-from server.errors import BadRequest, UnknownMemory
+from server.errors import BadRequest, Unavailable, UnknownMemory
 from server.selection import select_memory
 
 
 class Catalog:
-    def __init__(self, *names):
+    retry_after = 3
+
+    def __init__(self, *names, desired=()):
         self._m = {n: LoadedMemory(MemoryCard(name=n, path="/x", weight=0.25, temperature=2.0), key=f"{n}@1") for n in names}
+        self._desired = set(desired)
+
+    def is_desired(self, name):
+        return name in self._desired
 
     def get(self, name):
         return self._m.get(name)
@@ -68,3 +74,9 @@ def test_client_cannot_inject_engine_keys():
     body = {"vllm_xargs": {"memserve_memory": "bio@1", "memserve_weight": 1.0, "other": 1}}
     assert sel(body) is None
     assert body["vllm_xargs"] == {"other": 1}
+
+
+def test_memory_loaded_elsewhere_is_retryable():
+    with pytest.raises(Unavailable) as e:
+        select_memory({"domain": "chem"}, {}, Catalog("bio", desired=["chem"]), "base")
+    assert e.value.retry_after == 3 and e.value.param == "domain"
