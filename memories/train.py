@@ -117,7 +117,7 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
             loss, kl, ce = memory_loss(logits, labels, t_ids, t_probs, beta)
             (loss * (w.scored / context) / accumulate).backward()
             n = w.scored
-            sums["loss"] += float(loss) * n
+            sums["loss"] += loss.item() * n
             sums["kl"] += kl * n
             sums["ce"] += ce * n
             sums["tokens"] += n
