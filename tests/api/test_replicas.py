@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from bench.server_process import ServerProcess, server_env
+from tests.conftest import FP32
 
 TOKEN = "fleet-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -23,7 +24,7 @@ def fleet(tiny, tmp_path_factory):
     for i, interval in enumerate(("1", "1", "0")):
         workdir = tmp_path_factory.mktemp(f"replica{i}")
         args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
-        args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", interval]
+        args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", interval, *FP32]
         # in-process engines start in seconds; the multiprocess path is covered by the other API tests
         procs.append(ServerProcess(args, workdir, env=server_env(workdir, VLLM_ENABLE_V1_MULTIPROCESSING="0")))
     try:
