@@ -84,7 +84,7 @@ def main(opts: argparse.Namespace) -> int:
         scenarios = {
             "base": scenario([None] * len(prompts)),
             "memory": scenario([MEMORY_NAMES[0]] * len(prompts)),
-            "mixed": scenario([(None, *MEMORY_NAMES)[i % 4] for i in range(len(prompts))]),
+            "mixed": scenario([(*MEMORY_NAMES, None)[i % 4] for i in range(len(prompts))]),
         }
     finally:
         server.stop()

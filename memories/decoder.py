@@ -109,6 +109,7 @@ class MemoryDecoder:
                 p + "mlp.down_proj.weight": (c.hidden, None),
             }
         out = {}
+        placed: dict[int, torch.Tensor] = {}  # tied weights (embeddings = head) stay one tensor
         for key, shape in expected.items():
             t = raw.get(key)
             if t is None:
@@ -117,7 +118,9 @@ class MemoryDecoder:
                 raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
             if not t.is_floating_point():
                 raise ArtifactError(name, "unsupported dtype", f"{key} is {t.dtype}")
-            out[key] = t.to(device=self.device, dtype=self.dtype).contiguous()
+            if id(t) not in placed:
+                placed[id(t)] = t.to(device=self.device, dtype=self.dtype).contiguous()
+            out[key] = placed[id(t)]
         for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
             for proj in ("q_proj", "k_proj", "v_proj"):
                 key = f"layers.{i}.self_attn.{proj}.bias"
