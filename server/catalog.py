@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memories.artifact import ArtifactError, MemoryCard, check_compatible, read_card
+from server import metrics
 from server.engine import EngineAdapter
 from server.errors import Conflict, UnknownMemory
 from server.store import DesiredMemory, MemoryStore
@@ -140,6 +141,8 @@ class MemoryCatalog:
             previous = self._memories.get(card.name)
             self._memories[card.name] = loaded
             self.problems.pop(card.name, None)
+            metrics.LOADED.set(len(self._memories))
+            metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
         if previous is not None:
             self._spawn(self._retire(previous, timeout=None))
         if managed and persist and self.store is not None:
@@ -155,6 +158,8 @@ class MemoryCatalog:
             loaded = self._memories.pop(name, None)
             if loaded is None:
                 raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+            metrics.LOADED.set(len(self._memories))
+            metrics.DEVICE_BYTES.remove(name)
         if managed and self.store is not None:
             self.store.remove(name)
         drained = await self._retire(loaded, timeout)

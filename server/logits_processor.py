@@ -38,9 +38,6 @@ from server.worker import REGISTRY
 
 log = logging.getLogger("memserve.fusion")
 
-XARGS_PREFIX = "memserve_"
-
-
 def memory_args(params: SamplingParams) -> dict | None:
     """The request's memory selection as ``{"memory", "weight", "temperature"}``, or None."""
     extra = params.extra_args or {}

@@ -39,9 +39,6 @@ class MemoryRegistry:
         with self._lock:
             return self._memories.pop(key, None)
 
-    def keys(self) -> list[str]:
-        return list(self._memories)
-
 
 REGISTRY = MemoryRegistry()
 
@@ -77,6 +74,3 @@ class MemoryWorkerExtension:
         for i in range(1, len(prompt)):
             out.append([float(logp[i - 1, t]) if t < width else float("-inf") for t in wanted[i]])
         return out
-
-    def memserve_stats(self) -> dict:
-        return {k: {"bytes": d.nbytes, "num_parameters": d.num_parameters} for k in REGISTRY.keys() if (d := REGISTRY.get(k))}

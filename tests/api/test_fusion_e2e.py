@@ -160,6 +160,8 @@ def test_metrics_count_memory_requests(server, client, prompt_ids):
     assert 'memserve_memory_requests_total{memory="beta"}' in text
     line = next(ln for ln in text.splitlines() if ln.startswith('memserve_memory_tokens_total{kind="completion",memory="beta"}'))
     assert float(line.split()[-1]) >= MAX_TOKENS
+    assert "memserve_memories_loaded 2.0" in text
+    assert 'memserve_memory_device_bytes{memory="alpha"}' in text
 
 
 def test_models_lists_memories(client):
