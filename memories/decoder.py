@@ -64,7 +64,15 @@ class DecoderConfig:
 class MemoryDecoder:
     """Weights of one memory plus the KV slot pool of the sequences running on it."""
 
-    def __init__(self, path: str | Path, name: str = "memory", device: str | torch.device = "cpu", dtype=torch.float32):
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "memory",
+        device: str | torch.device = "cpu",
+        dtype=torch.float32,
+        kv_budget_bytes: int | None = None,
+        max_len: int = 2048,
+    ):
         path = Path(path)
         self.name = name
         self.device = torch.device(device)
@@ -79,8 +87,20 @@ class MemoryDecoder:
         self._inv_freq = inv_freq.to(self.device)
         self._k = self._v = torch.empty(0)
         self._lengths: list[int] = []
+        self._generation: list[int] = []  # bumped when a slot changes hands: stale holders notice
+        self._last_used: list[int] = []
+        self._clock = 0
         self._free: list[int] = []
-        self._grow(slots=4, capacity=256)
+        self.evictions = 0
+        if kv_budget_bytes:
+            # With a budget the pool holds whole sequences of up to max_len tokens,
+            # so the budget is a number of resident sequences; beyond it the least
+            # recently used sequence is evicted and recomputed when it next runs.
+            self._max_slots = max(1, kv_budget_bytes // self._slot_bytes(max_len))
+            self._grow(slots=min(4, self._max_slots), capacity=max_len)
+        else:
+            self._max_slots = None
+            self._grow(slots=4, capacity=256)
 
     # ---- weights ---------------------------------------------------------
 
@@ -141,20 +161,35 @@ class MemoryDecoder:
 
     # ---- slots -----------------------------------------------------------
 
-    def open(self) -> int:
-        """Reserve a slot for a new sequence and return it."""
+    def open(self, protect: set[int] = frozenset()) -> int:
+        """Reserve a slot for a new sequence; over the KV budget, evict the LRU slot not in ``protect``."""
         if not self._free:
-            self._grow(slots=2 * len(self._lengths), capacity=self._k.shape[3])
+            n = len(self._lengths)
+            victims = [s for s in range(n) if s not in protect and self._lengths[s] >= 0]
+            if self._max_slots is not None and n >= self._max_slots and victims:
+                self.close(min(victims, key=self._last_used.__getitem__))
+                self.evictions += 1
+            else:  # no budget, or every slot is in this very step: grow
+                self._grow(slots=max(n + 1, min(2 * n, self._max_slots or 2 * n)), capacity=self._k.shape[3])
         slot = self._free.pop()
         self._lengths[slot] = 0
+        self._last_used[slot] = self._clock
         return slot
 
     def close(self, slot: int) -> None:
         self._lengths[slot] = -1
+        self._generation[slot] += 1
         self._free.append(slot)
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
+
+    def generation(self, slot: int) -> int:
+        return self._generation[slot]
+
+    def _slot_bytes(self, capacity: int) -> int:
+        c = self.cfg
+        return 2 * c.layers * c.kv_heads * capacity * c.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def _grow(self, slots: int, capacity: int) -> None:
         c = self.cfg
@@ -168,6 +203,8 @@ class MemoryDecoder:
             v[:, :old_slots, :, :t] = self._v
         self._k, self._v = k, v
         self._lengths += [-1] * (slots - old_slots)
+        self._generation += [0] * (slots - old_slots)
+        self._last_used += [0] * (slots - old_slots)
         self._free = [s for s in range(slots - 1, old_slots - 1, -1)] + self._free
 
     def _reserve(self, needed: int) -> None:
@@ -247,8 +284,10 @@ class MemoryDecoder:
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
             gate = F.linear(h, w[p + "mlp.gate_proj.weight"])
             x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+        self._clock += 1
         for s in slots:
             self._lengths[s] += n_new
+            self._last_used[s] = self._clock
         out = _rms_norm(x if all_positions else x[:, -1], w["norm.weight"], c.rms_eps)
         return F.linear(out, w["lm_head.weight"]).float()
 

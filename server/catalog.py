@@ -121,7 +121,7 @@ class MemoryCatalog:
             raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
         if self.budget_bytes is not None:
             used = sum(m.device_bytes for m in others)
-            need = card.num_parameters * BYTES_PER_PARAMETER
+            need = card.num_parameters * BYTES_PER_PARAMETER + (self.engine.kv_budget_bytes or 0)
             if used + need > self.budget_bytes:
                 raise Conflict(
                     f"loading {card.name!r} needs {need:,} bytes; {used:,} of the {self.budget_bytes:,}-byte memory budget are in use",

@@ -53,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--admin-token", help="bearer token for /admin routes (or MEMSERVE_ADMIN_TOKEN); without one the routes are off")
     admin.add_argument("--admin-insecure-local", action="store_true", help="enable /admin without a token when listening on loopback only")
     admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories")
-    admin.add_argument("--memory-budget-bytes", type=int, default=None, help="refuse loads whose weights would exceed this many device bytes in total")
+    admin.add_argument(
+        "--memory-budget-bytes", type=int, default=None,
+        help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it",
+    )  # fmt: skip
+    admin.add_argument(
+        "--memory-kv-budget", type=int, default=None, metavar="BYTES",
+        help="KV pool size per memory; beyond it the least recently used sequence is evicted and recomputed (default: grows as needed)",
+    )  # fmt: skip
     admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set (0: only at start and on admin calls)")
     admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error")
     serve.add_argument("--workdir", type=Path, default=None, help="folder for vLLM's caches and sockets (default: <cache>/run)")

@@ -41,6 +41,7 @@ def engine_args(
     extra: list[str],
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    memory_budget_bytes: int | None = None,
 ) -> Namespace:
     """Build the Namespace vLLM's own OpenAI server would build from its CLI."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -54,19 +55,34 @@ def engine_args(
         "--no-async-scheduling",
         "--tensor-parallel-size", str(tensor_parallel_size),
         "--pipeline-parallel-size", str(pipeline_parallel_size),
-        "--disable-log-stats",
     ]  # fmt: skip
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
+    user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
     if _on_cpu():
         argv += ["--enforce-eager"]
         # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
         # beside anything else running; 1 GiB of KV cache serves many streams.
-        sizing = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-        if not any(a.split("=")[0] in sizing for a in extra) and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        if not user_sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             argv += ["--kv-cache-memory-bytes", str(1 << 30)]
+    elif memory_budget_bytes and not user_sized:
+        argv += ["--gpu-memory-utilization", f"{_utilization_leaving(memory_budget_bytes):.4f}"]
     parser = make_arg_parser(FlexibleArgumentParser(prog="memserve-engine"))
     return parser.parse_args(argv + extra)
+
+
+def _utilization_leaving(reserved_bytes: int, default: float = 0.9) -> float:
+    """vLLM's GPU share once the memories' budget is set aside, so loading them cannot starve its KV cache.
+
+    Untested here (no GPU on these machines).
+    """
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    share = default - reserved_bytes / total
+    if share < 0.1:
+        raise ValueError(f"--memory-budget-bytes {reserved_bytes:,} leaves vLLM {share:.0%} of the {total:,}-byte GPU")
+    return share
 
 
 def _on_cpu() -> bool:
@@ -87,13 +103,14 @@ async def start_engine(args: Namespace) -> AsyncIterator:
 class EngineAdapter:
     """What the serving layer needs from the engine beyond vLLM's OpenAI layer."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, kv_budget_bytes: int | None = None) -> None:
         self.engine = engine
+        self.kv_budget_bytes = kv_budget_bytes
 
     async def load_memory(self, key: str, path: str) -> dict:
         """Load into every worker; if any worker fails, unload from all and re-raise."""
         try:
-            results = await self.engine.collective_rpc("memserve_load", args=(key, path))
+            results = await self.engine.collective_rpc("memserve_load", args=(key, path, self.kv_budget_bytes))
         except Exception:
             with contextlib.suppress(Exception):
                 await self.engine.collective_rpc("memserve_unload", args=(key,))

@@ -60,10 +60,13 @@ class _Row:
     prompt: list[int]
     output: list[int]  # vLLM's live list: grows as the request decodes
     slot: int | None = None
+    generation: int = -1
     last_logits: torch.Tensor | None = None
 
     def pending(self) -> list[int]:
-        """Tokens of the context that the decoder has not read yet."""
+        """Tokens of the context that the decoder has not read yet (all of them after an eviction)."""
+        if self.slot is not None and self.decoder.generation(self.slot) != self.generation:
+            self.slot = None  # evicted under the KV budget: recompute from the start
         fed = 0 if self.slot is None else self.decoder.length(self.slot)
         n = len(self.prompt)
         if fed < n:
@@ -71,9 +74,9 @@ class _Row:
         return list(self.output[fed - n :])
 
     def release(self) -> None:
-        if self.slot is not None:
+        if self.slot is not None and self.decoder.generation(self.slot) == self.generation:
             self.decoder.close(self.slot)
-            self.slot = None
+        self.slot = None
 
 
 class MemoryFusionProcessor(LogitsProcessor):
@@ -170,14 +173,15 @@ class MemoryFusionProcessor(LogitsProcessor):
         whose previous sample was discarded: its context has not changed.
         """
         decoder = rows[0].decoder
-        moving, tokens = [], []
-        for row in rows:
-            pending = row.pending()
-            if pending:
-                if row.slot is None:
-                    row.slot = decoder.open()
-                moving.append(row)
-                tokens.append(pending)
+        pending = [row.pending() for row in rows]
+        moving = [row for row, p in zip(rows, pending) if p]
+        tokens = [p for p in pending if p]
+        protect = {row.slot for row in moving if row.slot is not None}
+        for row in moving:
+            if row.slot is None:
+                row.slot = decoder.open(protect)
+                row.generation = decoder.generation(row.slot)
+                protect.add(row.slot)
         if moving:
             out = decoder.advance([r.slot for r in moving], tokens)
             for row, logits in zip(moving, out):

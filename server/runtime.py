@@ -41,6 +41,7 @@ class ServeOptions:
     admin_insecure_local: bool = False
     max_memories: int | None = None
     memory_budget_bytes: int | None = None
+    memory_kv_budget_bytes: int | None = None
     reconcile_interval: float = 10.0
     unload_timeout: float = 30.0
 
@@ -63,6 +64,7 @@ class ServeOptions:
             admin_insecure_local=opts.admin_insecure_local,
             max_memories=opts.max_memories,
             memory_budget_bytes=opts.memory_budget_bytes,
+            memory_kv_budget_bytes=opts.memory_kv_budget,
             reconcile_interval=opts.reconcile_interval,
             unload_timeout=opts.unload_timeout,
         )
@@ -125,9 +127,11 @@ async def run(opts: ServeOptions) -> int:
         log.error("refusing to start: %s", e)
         return 2
 
-    args = engine_args(model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size)
+    args = engine_args(
+        model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size, opts.memory_budget_bytes
+    )
     async with start_engine(args) as engine:
-        catalog.engine = EngineAdapter(engine)
+        catalog.engine = EngineAdapter(engine, opts.memory_kv_budget_bytes)
         for card in cards:
             loaded = await catalog.load(card)
             log.info("memory %s ready (%s parameters, λ=%.2f, %.2fs)", card.name, f"{card.num_parameters:,}", card.weight, loaded.load_seconds)

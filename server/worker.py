@@ -46,13 +46,14 @@ REGISTRY = MemoryRegistry()
 class MemoryWorkerExtension:
     """Mixed into vLLM's worker class; each method is a ``collective_rpc`` target."""
 
-    def memserve_load(self, key: str, path: str) -> dict:
+    def memserve_load(self, key: str, path: str, kv_budget_bytes: int | None = None) -> dict:
         runner = getattr(self, "model_runner", None)
         device = getattr(runner, "device", None) or torch.device("cpu")
         # the memory runs in the engine's dtype: what vLLM chose for the base
         # (bf16 on CPUs with bf16 units, --dtype to override) suits it too
         dtype = getattr(getattr(runner, "model_config", None), "dtype", torch.float32)
-        decoder = MemoryDecoder(path, name=key, device=device, dtype=dtype)
+        max_len = getattr(getattr(runner, "model_config", None), "max_model_len", 2048)
+        decoder = MemoryDecoder(path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len)
         REGISTRY.add(key, decoder)
         log.info("memory %s loaded from %s on %s", key, path, device)
         return {"num_parameters": decoder.num_parameters, "bytes": decoder.nbytes}

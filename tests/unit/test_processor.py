@@ -119,3 +119,29 @@ def test_validate_params(extra, match):
     with pytest.raises(ValueError, match=match):
         MemoryFusionProcessor.validate_params(SamplingParams(extra_args=extra))
     MemoryFusionProcessor.validate_params(SamplingParams())
+
+
+def test_kv_budget_evicts_idle_rows_and_recomputes_them(tiny, memory):
+    """Under a two-sequence KV budget a third request evicts the least recently used idle row."""
+    per_slot = 2 * 1 * 1 * 64 * 64 * 4  # k and v × 1 layer × 1 kv head × 64 tokens × head size 64 × fp32
+    budgeted = MemoryDecoder(tiny["alpha"], name="alpha@budget", kv_budget_bytes=2 * per_slot, max_len=64)
+    REGISTRY.add("alpha@budget", budgeted)
+    try:
+        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+        spec = {"memserve_memory": "alpha@budget", "memserve_weight": 0.5, "memserve_temperature": 1.0}
+        prompts, outs = [[5, 6, 7], [8, 9], [10, 11, 12]], [[], [], []]
+        proc.update_state(update(2, added=[(i, SamplingParams(extra_args=spec), prompts[i], outs[i]) for i in (0, 1)]))
+        step(proc, 2)
+        proc.update_state(update(3, added=[(2, SamplingParams(extra_args=spec), prompts[2], outs[2])]))
+        base, fused = step(proc, 3)
+        assert budgeted.evictions == 1
+        assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2]), atol=1e-4)
+        for o, t in zip(outs, (20, 21, 22)):
+            o.append(t)
+        base, fused = step(proc, 3)  # the evicted row recomputes its whole context
+        for i in range(3):
+            assert torch.allclose(fused[i], expected_row(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
+        proc.update_state(update(0, removed=[2, 1, 0]))
+        assert sorted(budgeted._free) == list(range(len(budgeted._lengths)))
+    finally:
+        REGISTRY.pop("alpha@budget")
