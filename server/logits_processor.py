@@ -86,6 +86,8 @@ class MemoryFusionProcessor(LogitsProcessor):
         self.device = device
         self.rows: dict[int, _Row] = {}
         self._fused_this_step = False
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._side_done = torch.cuda.Event() if self._side_stream is not None else None
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
@@ -106,8 +108,18 @@ class MemoryFusionProcessor(LogitsProcessor):
     # ---- batch bookkeeping ----------------------------------------------
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
+        if batch_update is not None:
+            self._apply_update(batch_update)
+        if self._side_stream is not None and self.rows:
+            # The step's tokens are known before the base's forward: start the
+            # memories now on their own stream so they overlap it; fuse_batch
+            # waits for them. (GPU only; untested on these CPU machines.)
+            with torch.cuda.stream(self._side_stream):
+                for rows in self._rows_by_decoder(None).values():
+                    self._advance([self.rows[i] for i in rows])
+                self._side_done.record()
+
+    def _apply_update(self, batch_update: BatchUpdate) -> None:
         for index in batch_update.removed:
             self._drop(index)
         for index, params, prompt, output in batch_update.added:
@@ -151,19 +163,24 @@ class MemoryFusionProcessor(LogitsProcessor):
         if not self.rows:
             return logits
         logits = logits.float()
-        by_decoder: dict[int, list[int]] = {}
-        for index, row in self.rows.items():
-            if index < logits.shape[0]:
-                by_decoder.setdefault(id(row.decoder), []).append(index)
-        for indices in by_decoder.values():
+        if self._side_stream is not None:
+            torch.cuda.current_stream().wait_event(self._side_done)
+        for indices in self._rows_by_decoder(logits.shape[0]).values():
             rows = [self.rows[i] for i in indices]
-            self._advance(rows)
+            self._advance(rows)  # no-op for rows the side stream already advanced
             mem_logits = torch.stack([r.last_logits for r in rows]).to(logits.device)
             weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
             temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
             index_t = torch.tensor(indices, device=logits.device)
             logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
         return logits
+
+    def _rows_by_decoder(self, batch_size: int | None) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for index, row in self.rows.items():
+            if batch_size is None or index < batch_size:
+                groups.setdefault(id(row.decoder), []).append(index)
+        return groups
 
     @staticmethod
     def _advance(rows: list[_Row]) -> None:
