@@ -120,8 +120,11 @@ class MemoryCatalog:
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
             raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
         if self.budget_bytes is not None:
-            used = sum(m.device_bytes for m in others)
-            need = card.num_parameters * BYTES_PER_PARAMETER + (self.engine.kv_budget_bytes or 0)
+            # what each memory may grow to: weights (at fp32, the widest dtype) plus its KV budget
+            def reserved(c: MemoryCard) -> int:
+                return c.num_parameters * BYTES_PER_PARAMETER + (self.engine.kv_budget_bytes or 0)
+
+            used, need = sum(reserved(m.card) for m in others), reserved(card)
             if used + need > self.budget_bytes:
                 raise Conflict(
                     f"loading {card.name!r} needs {need:,} bytes; {used:,} of the {self.budget_bytes:,}-byte memory budget are in use",
