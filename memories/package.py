@@ -9,11 +9,11 @@ It is assembled in a temporary sibling, checked with the same
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from memories.artifact import FORMAT_VERSION, MEMORY_JSON, check_compatible, read_card, tokenizer_sha256, write_json_atomic
+from memories.stage import publish_dir
 
 
 def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, timings: dict) -> Path:
@@ -66,12 +66,5 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
     for f in tmp.iterdir():  # temp-file writers create 0600 files; a memory is meant to be shared
         f.chmod(0o644)
     check_compatible(read_card(tmp, cfg.name), tok)  # the server's own checks, before publishing
-    if final.exists():
-        old = final.parent / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    publish_dir(tmp, final)
     return final

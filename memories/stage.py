@@ -73,12 +73,17 @@ def run_stage(name: str, path: Path, fp: str, produce: Callable[[Path], dict[str
     extra = produce(tmp) or {}
     record = {"stage": name, "fingerprint": fp, "seconds": round(time.time() - started, 2), **extra}
     write_json_atomic(tmp / STAGE_FILE, record)
-    if path.exists():
-        old = path.parent / f".{path.name}.old"
+    publish_dir(tmp, path)
+    return {**record, "skipped": False}
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished directory into place; an existing one is swapped out, never half-overwritten."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(final, old)
+        os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, path)
-    return {**record, "skipped": False}
+        os.replace(tmp, final)
