@@ -31,12 +31,10 @@ def fuse(
     """
     base_logp = torch.log_softmax(base_logits.float(), dim=-1)
     mem_logp = memory_logprobs(mem_logits, base_logits.shape[-1], temperature)
-    width = mem_logp.shape[-1]
-
-    fused = base_logp.clone()
-    fused[..., :width] = mix(base_logp[..., :width], mem_logp, weight)
-    if width < fused.shape[-1]:  # tokens the memory cannot emit keep the base's share only
-        fused[..., width:] = base_logp[..., width:] + _log_weights(weight, base_logp)[1]
+    missing = base_logp.shape[-1] - mem_logp.shape[-1]
+    if missing:  # tokens the memory cannot emit: probability 0, so they keep the base's share only
+        mem_logp = torch.nn.functional.pad(mem_logp, (0, missing), value=-math.inf)
+    fused = mix(base_logp, mem_logp, weight)
 
     forbidden = torch.isneginf(base_logits)
     if forbidden.any():
