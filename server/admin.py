@@ -7,7 +7,6 @@ asked for ``--admin-insecure-local`` on a loopback-only server.
 
 from __future__ import annotations
 
-import hmac
 import re
 import time
 
@@ -15,8 +14,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.auth import require_bearer
 from server.catalog import MemoryCatalog
-from server.errors import BadRequest, UnknownMemory, Unauthorized
+from server.errors import BadRequest, UnknownMemory
+from server.serving import read_json_object
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -44,10 +45,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
 
     async def authorize(raw_request: Request) -> None:
         """Check the token, then converge on the store: admin calls see every replica's changes."""
-        if token is not None:
-            given = raw_request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise Unauthorized("admin routes need 'Authorization: Bearer <admin token>'")
+        require_bearer(raw_request, token, "admin routes need 'Authorization: Bearer <admin token>'")
         await catalog.reconcile()
 
     @router.get("/memories")
@@ -63,8 +61,6 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
     @router.post("/memories", status_code=201)
     async def load_memory(raw_request: Request) -> JSONResponse:
         await authorize(raw_request)
-        from server.serving import read_json_object
-
         req = LoadRequest.model_validate(await read_json_object(raw_request))
         if req.name == base_name:
             raise BadRequest(f"{req.name!r} is the base model's id", "name")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.errors import Unauthorized, install_error_handlers
+from server.auth import require_bearer
+from server.errors import install_error_handlers
 from server.serving import CompletionsServing, ModelsServing, read_json_object
 
 
@@ -17,16 +17,11 @@ def create_app(engine, catalog, base_name: str, api_key: str | None = None) -> F
     """The app; ``app.state`` must then be filled by vLLM's ``init_app_state``."""
     app = FastAPI(title="memserve", description="OpenAI-compatible server with per-request memories")
     install_error_handlers(app)
-    app.state.catalog = catalog
     completions = CompletionsServing(app.state, catalog, base_name)
     models = ModelsServing(app.state, catalog, base_name)
 
     def check_api_key(raw_request: Request) -> None:
-        if api_key is None:
-            return
-        given = raw_request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+        require_bearer(raw_request, api_key, "missing or wrong API key (Authorization: Bearer <key>)")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw_request: Request) -> Response:
@@ -45,24 +40,21 @@ def create_app(engine, catalog, base_name: str, api_key: str | None = None) -> F
         check_api_key(raw_request)
         return JSONResponse(await models.list())
 
-    @app.get("/health")
-    async def health() -> Response:
+    async def engine_status() -> Response:
         try:
             await engine.check_health()
         except Exception as e:
             return JSONResponse({"status": "unhealthy", "error": str(e)}, status_code=503)
-        return JSONResponse({"status": "ok", "memories": catalog.names()})
+        return JSONResponse({"status": "ok", "memories": catalog.names(), "problems": dict(catalog.problems)})
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await engine_status()
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Green only when the engine is up and the persisted memory set has been loaded."""
-        try:
-            await engine.check_health()
-        except Exception as e:
-            return JSONResponse({"status": "engine unhealthy", "error": str(e)}, status_code=503)
-        if not getattr(app.state, "restored", True):
-            return JSONResponse({"status": "restoring memories"}, status_code=503)
-        return JSONResponse({"status": "ready", "memories": catalog.names(), "problems": dict(catalog.problems)})
+        """The same check as /health: the server listens only once the persisted memory set is loaded."""
+        return await engine_status()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
