@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--model", help="Hugging Face causal-LM directory of the base (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", help="model id clients use for the base (default: the directory's name)")
-    serve.add_argument("--memory", action="append", type=_memory_spec, default=[], metavar="NAME=DIR", help="load a memory at start-up (repeatable)")
+    serve.add_argument("--memory", dest="memories", action="append", type=_memory_spec, default=[], metavar="NAME=DIR", help="load a memory at start-up (repeatable)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--default-memory-weight", type=_fraction, default=None, metavar="λ", help="λ for memories whose memory.json sets none (default 0.5)")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it",
     )  # fmt: skip
     admin.add_argument(
-        "--memory-kv-budget", type=int, default=None, metavar="BYTES",
+        "--memory-kv-budget", dest="memory_kv_budget_bytes", type=int, default=None, metavar="BYTES",
         help="KV pool size per memory; beyond it the least recently used sequence is evicted and recomputed (default: grows as needed)",
     )  # fmt: skip
     admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set (0: only at start and on admin calls)")

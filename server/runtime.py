@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from memories.artifact import ArtifactError
@@ -47,27 +47,10 @@ class ServeOptions:
 
     @classmethod
     def from_cli(cls, opts: argparse.Namespace, extra: list[str]) -> "ServeOptions":
-        return cls(
-            model=opts.model,
-            served_model_name=opts.served_model_name,
-            memories=list(opts.memory),
-            host=opts.host,
-            port=opts.port,
-            default_memory_weight=opts.default_memory_weight,
-            max_model_len=opts.max_model_len,
-            api_key=opts.api_key,
-            tensor_parallel_size=opts.tensor_parallel_size,
-            pipeline_parallel_size=opts.pipeline_parallel_size,
-            engine_args=extra,
-            memory_root=opts.memory_root,
-            admin_token=opts.admin_token or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None,
-            admin_insecure_local=opts.admin_insecure_local,
-            max_memories=opts.max_memories,
-            memory_budget_bytes=opts.memory_budget_bytes,
-            memory_kv_budget_bytes=opts.memory_kv_budget,
-            reconcile_interval=opts.reconcile_interval,
-            unload_timeout=opts.unload_timeout,
-        )
+        """The CLI's flags carry the same names as these fields."""
+        values = {f.name: getattr(opts, f.name) for f in fields(cls) if f.name != "engine_args"}
+        values["admin_token"] = values["admin_token"] or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None
+        return cls(**values, engine_args=extra)
 
 
 def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
