@@ -7,16 +7,17 @@ asked for ``--admin-insecure-local`` on a loopback-only server.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.auth import require_bearer
 from server.catalog import MemoryCatalog
-from server.errors import BadRequest, UnknownMemory
+from server.errors import BadRequest
 from server.serving import read_json_object
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -38,7 +39,7 @@ class LoadRequest(BaseModel):
         return v
 
 
-def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool, unload_timeout: float) -> None:
+def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool) -> None:
     if token is None and not insecure_local:
         return  # routes absent: 404
     router = APIRouter(prefix="/admin")
@@ -67,17 +68,16 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
         if catalog.store is None:
             raise BadRequest("this server was started without --memory-root; admin loads are off", "path")
         path = catalog.store.resolve(req.path)
-        card = catalog.validate(req.name, str(path), req.memory_weight)
+        card = await asyncio.to_thread(catalog.validate, req.name, str(path), req.memory_weight)  # reads every weight file
         loaded = await catalog.load(card, replace=req.replace, managed=True)
         return JSONResponse(loaded.describe(), status_code=201)
 
     @router.delete("/memories/{name}")
-    async def unload_memory(name: str, raw_request: Request, timeout: float | None = None) -> JSONResponse:
+    async def unload_memory(name: str, raw_request: Request, timeout: float | None = Query(None, ge=0, le=3600, allow_inf_nan=False)) -> JSONResponse:
+        """``timeout``: seconds to wait for running requests before ending them (default --unload-timeout)."""
         await authorize(raw_request)
-        if catalog.get(name) is None:
-            raise UnknownMemory(f"memory {name!r} is not loaded", "name")
         start = time.perf_counter()
-        loaded, drained = await catalog.unload(name, timeout=unload_timeout if timeout is None else timeout)
+        loaded, drained = await catalog.unload(name, timeout=timeout)
         return JSONResponse({"name": name, "status": "unloaded", "freed_bytes": loaded.device_bytes, "drained": drained, "seconds": round(time.perf_counter() - start, 3)})
 
     app.include_router(router)

@@ -9,7 +9,6 @@ running: the old version is unloaded from the workers once its requests end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -24,8 +23,6 @@ from server.errors import Conflict, UnknownMemory
 from server.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
-
-BYTES_PER_PARAMETER = 4  # memories run in fp32
 
 
 @dataclass(eq=False)
@@ -104,7 +101,10 @@ class MemoryCatalog:
         self.problems: dict[str, str] = {}  # desired memories that failed to load, and why
         self._memories: dict[str, LoadedMemory] = {}
         self._generation = 0
-        self._lock = asyncio.Lock()
+        self.unload_timeout = 30.0  # set by the runtime from --unload-timeout
+        self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
+        self._desired: set[str] = set()  # the store's desired names, as of the last read
+        self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
@@ -120,9 +120,9 @@ class MemoryCatalog:
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
             raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
         if self.budget_bytes is not None:
-            # what each memory may grow to: weights (at fp32, the widest dtype) plus its KV budget
+            # what each memory may grow to: weights in the engine's dtype plus its KV budget
             def reserved(c: MemoryCard) -> int:
-                return c.num_parameters * BYTES_PER_PARAMETER + (self.engine.kv_budget_bytes or 0)
+                return c.num_parameters * self.engine.bytes_per_parameter + (self.engine.kv_budget_bytes or 0)
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)
             if used + need > self.budget_bytes:
@@ -132,41 +132,53 @@ class MemoryCatalog:
                 )
 
     async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
-        async with self._lock:
-            if card.name in self._memories and not replace:
-                raise Conflict(f"memory {card.name!r} is already loaded; pass replace=true to swap it", "name")
-            self._check_limits(card)
-            self._generation += 1
-            key = f"{card.name}@{self._generation}"
-            start = time.perf_counter()
-            info = await self.engine.load_memory(key, card.path)
-            loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
-            previous = self._memories.get(card.name)
-            self._memories[card.name] = loaded
-            self.problems.pop(card.name, None)
-            metrics.LOADED.set(len(self._memories))
-            metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
+        async with self._ops:
+            return await self._load(card, replace, managed, persist)
+
+    async def _load(self, card: MemoryCard, replace: bool, managed: bool, persist: bool) -> LoadedMemory:
+        if card.name in self._memories and not replace:
+            raise Conflict(f"memory {card.name!r} is already loaded; pass replace=true to swap it", "name")
+        self._check_limits(card)
+        self._generation += 1
+        key = f"{card.name}@{self._generation}"
+        start = time.perf_counter()
+        info = await self.engine.load_memory(key, card.path)
+        loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
+        previous = self._memories.get(card.name)
+        self._memories[card.name] = loaded
+        self.problems.pop(card.name, None)
+        self._failed.pop(card.name, None)
+        metrics.LOADED.set(len(self._memories))
+        metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
         if previous is not None:
             self._spawn(self._retire(previous, timeout=None))
         if managed and persist and self.store is not None:
-            self.store.put(DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight, card.content_sha256))
+            entry = DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight, card.content_sha256)
+            await asyncio.to_thread(self.store.put, entry)
+            self._desired.add(card.name)
         return loaded
 
-    async def unload(self, name: str, timeout: float | None = 30.0, managed: bool = True) -> tuple[LoadedMemory, bool]:
+    async def unload(self, name: str, timeout: float | None = None, managed: bool = True) -> tuple[LoadedMemory, bool]:
         """Hide at once; wait for running requests (ended with an error after ``timeout``); free.
 
         Returns the memory and whether its requests drained without eviction.
+        Only hiding holds the catalog's lock: the drain does not block other admin calls.
         """
-        async with self._lock:
-            loaded = self._memories.pop(name, None)
-            if loaded is None:
-                raise UnknownMemory(f"memory {name!r} is not loaded", "name")
-            metrics.LOADED.set(len(self._memories))
-            metrics.DEVICE_BYTES.remove(name)
-        if managed and self.store is not None:
-            self.store.remove(name)
-        drained = await self._retire(loaded, timeout)
+        async with self._ops:
+            loaded = self._hide(name)
+            if managed and self.store is not None:
+                await asyncio.to_thread(self.store.remove, name)
+                self._desired.discard(name)
+        drained = await self._retire(loaded, self.unload_timeout if timeout is None else timeout)
         return loaded, drained
+
+    def _hide(self, name: str) -> LoadedMemory:
+        loaded = self._memories.pop(name, None)
+        if loaded is None:
+            raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+        metrics.LOADED.set(len(self._memories))
+        metrics.DEVICE_BYTES.remove(name)
+        return loaded
 
     async def _retire(self, loaded: LoadedMemory, timeout: float | None) -> bool:
         drained = True
@@ -174,7 +186,7 @@ class MemoryCatalog:
             await asyncio.wait_for(loaded.idle.wait(), timeout)
         except asyncio.TimeoutError:
             drained = False
-            log.warning("memory %s: %d requests still running after %.0fs; ending them", loaded.name, loaded.active, timeout)
+            log.warning("memory %s: %d requests still running after %.1fs; ending them", loaded.name, loaded.active, timeout)
             loaded.evicted.set()
             try:
                 await asyncio.wait_for(loaded.idle.wait(), 30)
@@ -190,35 +202,53 @@ class MemoryCatalog:
         task.add_done_callback(self._background.discard)
 
     async def reconcile(self) -> None:
-        """Converge on the store's desired set; failures are reported, never fatal."""
+        """Converge on the store's desired set; failures are reported, never fatal.
+
+        It holds the catalog's lock from reading the desired set to its last
+        change, so it never acts on a set that an admin call has changed since.
+        A desired memory that failed is retried only once its entry or its files change.
+        """
         if self.store is None:
             return
-        try:
-            desired = self.store.desired()
-        except Exception:
-            return
-        for name, want in desired.items():
-            have = self._memories.get(name)
-            same_weight = have is not None and (want.memory_weight is None or have.card.weight == want.memory_weight)
-            if have is not None and have.card.content_sha256 == want.content_sha256 and same_weight:
-                have.managed = True
-                continue
+        async with self._ops:
             try:
-                path = self.store.resolve(want.path)
-                card = self.validate(name, str(path), want.memory_weight)
-                if card.content_sha256 != want.content_sha256:
-                    raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
-                await self.load(card, replace=True, managed=True, persist=False)
-                log.info("reconcile: memory %s loaded from the store", name)
-            except Exception as e:  # reported in /admin/memories, the server keeps serving
-                self.problems[name] = str(e)
-                log.error("reconcile: memory %s not loaded: %s", name, e)
-        for name in [n for n, m in self._memories.items() if m.managed and n not in desired]:
-            with contextlib.suppress(UnknownMemory):
-                await self.unload(name, managed=False)
+                desired = await asyncio.to_thread(self.store.desired)
+            except Exception:
+                return
+            self._desired = set(desired)
+            for name, want in desired.items():
+                have = self._memories.get(name)
+                same_weight = have is not None and (want.memory_weight is None or have.card.weight == want.memory_weight)
+                if have is not None and have.card.content_sha256 == want.content_sha256 and same_weight:
+                    have.managed = True
+                    continue
+                try:
+                    path = self.store.resolve(want.path)
+                except Exception as e:
+                    self._fail(name, str(e), None)
+                    continue
+                attempt = (want, await asyncio.to_thread(_files_signature, path))
+                if self._failed.get(name) == attempt:
+                    continue  # nothing changed since it failed: do not re-read its weights
+                try:
+                    card = await asyncio.to_thread(self.validate, name, str(path), want.memory_weight)
+                    if card.content_sha256 != want.content_sha256:
+                        raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
+                    await self._load(card, replace=True, managed=True, persist=False)
+                    log.info("reconcile: memory %s loaded from the store", name)
+                except Exception as e:  # reported in /admin/memories, the server keeps serving
+                    self._fail(name, str(e), attempt)
+            for name in [n for n, m in self._memories.items() if m.managed and n not in desired]:
+                self._spawn(self._retire(self._hide(name), self.unload_timeout))
                 log.info("reconcile: memory %s unloaded (no longer in the store)", name)
-        for name in [n for n in self.problems if n not in desired]:
-            del self.problems[name]
+            for name in [n for n in self.problems if n not in desired]:
+                del self.problems[name]
+                self._failed.pop(name, None)
+
+    def _fail(self, name: str, reason: str, attempt) -> None:
+        self.problems[name] = reason
+        self._failed[name] = attempt
+        log.error("reconcile: memory %s not loaded: %s", name, reason)
 
     @property
     def retry_after(self) -> int:
@@ -226,13 +256,8 @@ class MemoryCatalog:
         return max(1, math.ceil(self.reconcile_interval or 1))
 
     def is_desired(self, name: str) -> bool:
-        """In the store's desired set (so another replica loaded it) but not failed here."""
-        if self.store is None or name in self.problems:
-            return False
-        try:
-            return name in self.store.desired()
-        except Exception:
-            return False
+        """In the store's desired set as of the last reconcile (another replica loaded it), not failed here."""
+        return name in self._desired and name not in self.problems
 
     def get(self, name: str) -> LoadedMemory | None:
         return self._memories.get(name)
@@ -242,3 +267,11 @@ class MemoryCatalog:
 
     def all(self) -> list[LoadedMemory]:
         return [self._memories[n] for n in self.names()]
+
+
+def _files_signature(path: Path) -> tuple:
+    """Names, sizes and modification times of an artifact's files: cheap to read, changes with any edit."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir()))
+    except OSError:
+        return ()

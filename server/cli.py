@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set (0: only at start and on admin calls)")
     admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error")
+    limits = serve.add_argument_group("request limits and shutdown")
+    limits.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body accepted, in bytes; larger ones get 413 (default: %(default)s)")
+    limits.add_argument("--max-n", type=int, default=16, help="most choices (n, best_of) one request may ask for (default: %(default)s)")
+    limits.add_argument(
+        "--max-scoring-tokens", type=int, default=4096,
+        help="longest prompt a memory scores for echo + logprobs (it runs in one pass inside the engine loop) (default: %(default)s)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--shutdown-grace", type=float, default=30.0,
+        help="on SIGTERM, seconds running requests may take to finish while new ones get 503; 0 stops at once (default: %(default)s)",
+    )  # fmt: skip
     serve.add_argument("--workdir", type=Path, default=None, help="folder for vLLM's caches and sockets (default: <cache>/run)")
     serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags")
     serve.set_defaults(func=_serve)

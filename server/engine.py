@@ -106,6 +106,8 @@ class EngineAdapter:
     def __init__(self, engine, kv_budget_bytes: int | None = None) -> None:
         self.engine = engine
         self.kv_budget_bytes = kv_budget_bytes
+        # memories run in the engine's dtype (server/worker.py), so their weights cost this much each
+        self.bytes_per_parameter = engine.model_config.dtype.itemsize
 
     async def load_memory(self, key: str, path: str) -> dict:
         """Load into every worker; if any worker fails, unload from all and re-raise."""

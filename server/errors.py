@@ -2,20 +2,28 @@
 
 The shape matches vLLM's own ``ErrorResponse`` (``{"error": {"message",
 "type", "param", "code"}}`` with ``code`` the HTTP status), so a client sees
-one error format whether memserve or vLLM refused the request.
+one error format whether memserve or vLLM refused the request. Every
+exception ends here, including the ones vLLM's serving layer raises instead of
+returning (they are classified by vLLM's own ``create_error_response``): an
+unhandled exception would otherwise become a plain-text 500 and drop the
+client's keep-alive connection.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from memories.artifact import ArtifactError
+
+log = logging.getLogger("memserve.errors")
 
 
 class MemserveError(Exception):
@@ -45,6 +53,14 @@ class Conflict(MemserveError):
     status = HTTPStatus.CONFLICT
 
 
+class TooLarge(MemserveError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UnsupportedMediaType(MemserveError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
 class Unavailable(MemserveError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
@@ -53,61 +69,91 @@ class Unavailable(MemserveError):
         self.retry_after = retry_after
 
 
-# exception type → (status, OpenAI error type); first match wins
-ERROR_TABLE: list[tuple[type[Exception], HTTPStatus | None]] = [
-    (MemserveError, None),  # carries its own status
-    (ArtifactError, HTTPStatus.BAD_REQUEST),
-    (json.JSONDecodeError, HTTPStatus.BAD_REQUEST),
-    (ValidationError, HTTPStatus.BAD_REQUEST),
-    (RequestValidationError, HTTPStatus.BAD_REQUEST),
+ERROR_TYPES = {
+    HTTPStatus.BAD_REQUEST: "BadRequestError",
+    HTTPStatus.UNAUTHORIZED: "AuthenticationError",
+    HTTPStatus.NOT_FOUND: "NotFoundError",
+    HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
+    HTTPStatus.CONFLICT: "ConflictError",
+    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "UnsupportedMediaTypeError",
+    HTTPStatus.UNPROCESSABLE_ENTITY: "UnprocessableEntityError",
+    HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    status = HTTPStatus(status)
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "InternalServerError"), "param": param, "code": int(status)}}
+
+
+def error_json(status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=int(status), headers=headers)
+
+
+def _memserve(exc: MemserveError) -> JSONResponse:
+    retry = getattr(exc, "retry_after", None)
+    return error_json(exc.status, str(exc), exc.param, {"Retry-After": str(retry)} if retry else None)
+
+
+def _validation(exc: ValidationError | RequestValidationError) -> JSONResponse:
+    parts, param = [], None
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        param = param or (loc[0] if loc else None)
+        parts.append(f"{'.'.join(loc)}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return error_json(HTTPStatus.BAD_REQUEST, "invalid request: " + "; ".join(parts), param)
+
+
+def _http(exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    return error_json(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+def _vllm(exc: Exception) -> JSONResponse:
+    """vLLM's classification: its validation errors and ValueError/TypeError/OverflowError are 400s."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    err = create_error_response(exc).error
+    if err.code >= 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+    return JSONResponse({"error": err.model_dump()}, status_code=err.code)
+
+
+# exception type → response; first match wins
+ERROR_TABLE: list[tuple[type[BaseException], object]] = [
+    (MemserveError, _memserve),
+    (ArtifactError, lambda e: error_json(HTTPStatus.BAD_REQUEST, str(e))),
+    (json.JSONDecodeError, lambda e: error_json(HTTPStatus.BAD_REQUEST, f"request body is not valid JSON: {e}")),
+    (ValidationError, _validation),
+    (RequestValidationError, _validation),
+    (HTTPException, _http),
+    (Exception, _vllm),
 ]
 
 
-def error_json(status: HTTPStatus, message: str, param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    err_type = {
-        HTTPStatus.BAD_REQUEST: "BadRequestError",
-        HTTPStatus.UNAUTHORIZED: "AuthenticationError",
-        HTTPStatus.NOT_FOUND: "NotFoundError",
-        HTTPStatus.CONFLICT: "ConflictError",
-        HTTPStatus.SERVICE_UNAVAILABLE: "ServiceUnavailableError",
-    }.get(status, "InternalServerError")
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": int(status)}}
-    return JSONResponse(body, status_code=int(status), headers=headers)
-
-
-def to_response(exc: Exception) -> JSONResponse:
-    for exc_type, status in ERROR_TABLE:
+def to_response(exc: BaseException) -> JSONResponse:
+    for exc_type, respond in ERROR_TABLE:
         if isinstance(exc, exc_type):
-            if isinstance(exc, MemserveError):
-                retry = getattr(exc, "retry_after", None)
-                return error_json(exc.status, str(exc), exc.param, {"Retry-After": str(retry)} if retry else None)
-            if isinstance(exc, json.JSONDecodeError):
-                return error_json(status, f"request body is not valid JSON: {exc}")
-            if isinstance(exc, (ValidationError, RequestValidationError)):
-                return error_json(status, _validation_message(exc), _validation_param(exc))
-            return error_json(status, str(exc))
-    return error_json(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}: {exc}")
+            return respond(exc)
+    raise exc
 
 
-def _validation_message(exc) -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "invalid request: " + "; ".join(parts)
+def install_error_handlers(app: FastAPI, on_engine_dead=None) -> None:
+    """Route every exception through the table; ``on_engine_dead`` is told when the engine is gone."""
+    from vllm.v1.engine.exceptions import EngineDeadError
 
-
-def _validation_param(exc) -> str | None:
-    errors = exc.errors()
-    if errors:
-        loc = [str(p) for p in errors[0].get("loc", ()) if p != "body"]
-        return loc[0] if loc else None
-    return None
-
-
-def install_error_handlers(app: FastAPI) -> None:
     async def handle(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, EngineDeadError) and on_engine_dead is not None:
+            on_engine_dead()
+            return error_json(HTTPStatus.SERVICE_UNAVAILABLE, "the inference engine has stopped; this server is shutting down")
         return to_response(exc)
 
-    for exc_type, _ in ERROR_TABLE:
+    from vllm.exceptions import VLLMError
+
+    # Starlette gives a handler for ``Exception`` itself only to its outermost
+    # middleware, which logs a traceback and closes the connection after
+    # answering: name the usual types so they are answered in place.
+    common = (ValueError, TypeError, ArithmeticError, LookupError, RuntimeError, AttributeError, AssertionError, OSError, VLLMError)
+    for exc_type in [t for t, _ in ERROR_TABLE] + list(common):
         app.add_exception_handler(exc_type, handle)

@@ -1,6 +1,10 @@
-"""Prometheus counters for memories; vLLM's own engine metrics share the default registry."""
+"""Prometheus counters for memories (vLLM's own engine metrics share the default registry), and a periodic log line."""
 
 from __future__ import annotations
+
+import asyncio
+import collections
+import logging
 
 from prometheus_client import Counter, Gauge
 
@@ -11,7 +15,23 @@ TOKENS = Counter("memserve_memory_tokens", "Tokens processed by selected memory"
 LOADED = Gauge("memserve_memories_loaded", "Memories currently loaded")
 DEVICE_BYTES = Gauge("memserve_memory_device_bytes", "Device bytes held by a memory", ["memory"])
 
+log = logging.getLogger("memserve.throughput")
+_generated: collections.Counter[str] = collections.Counter()  # completion tokens by memory, for the log line
+
 
 def record_usage(memory: str, prompt_tokens: int, completion_tokens: int) -> None:
     TOKENS.labels(memory, "prompt").inc(prompt_tokens)
     TOKENS.labels(memory, "completion").inc(completion_tokens)
+    _generated[memory] += completion_tokens
+
+
+async def log_throughput(interval: float = 10.0) -> None:
+    """Every ``interval`` seconds with traffic: generated tokens/s of finished requests, by memory."""
+    last: collections.Counter[str] = collections.Counter()
+    while True:
+        await asyncio.sleep(interval)
+        now = collections.Counter(_generated)
+        delta = now - last
+        if delta:
+            log.info("generated tokens/s over the last %.0fs: %s", interval, ", ".join(f"{m} {n / interval:.1f}" for m, n in sorted(delta.items())))
+        last = now

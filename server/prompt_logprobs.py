@@ -16,6 +16,7 @@ highly is not added.
 from __future__ import annotations
 
 import torch
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 
 from memories.fuse import mix
@@ -23,15 +24,24 @@ from server.logits_processor import memory_args
 
 
 class FusedPromptLogprobsClient:
-    def __init__(self, engine, base_width: int):
+    def __init__(self, engine, base_width: int, max_scoring_tokens: int):
         self._engine = engine
         self._base_width = base_width
+        self._max_scoring_tokens = max_scoring_tokens
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
         spec = memory_args(sampling_params) if sampling_params.prompt_logprobs is not None else None
+        ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
+        if spec and len(ids or ()) > self._max_scoring_tokens:
+            # the memory scores the whole prompt in one pass inside the engine loop: bound it
+            raise VLLMValidationError(
+                f"scoring a {len(ids):,}-token prompt with a memory (echo + logprobs) is above this "
+                f"server's limit of {self._max_scoring_tokens:,} tokens (--max-scoring-tokens)",
+                parameter="echo",
+            )
         fused = False
         async for out in self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs):
             if spec and not fused and out.prompt_logprobs:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from memories.artifact import ArtifactError
+from server.serving import RequestLimits
 
 log = logging.getLogger("memserve")
 
@@ -44,6 +45,13 @@ class ServeOptions:
     memory_kv_budget_bytes: int | None = None
     reconcile_interval: float = 10.0
     unload_timeout: float = 30.0
+    shutdown_grace: float = 30.0
+    max_request_bytes: int = RequestLimits.max_request_bytes
+    max_n: int = RequestLimits.max_n
+    max_scoring_tokens: int = RequestLimits.max_scoring_tokens
+
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_request_bytes, self.max_n, self.max_scoring_tokens)
 
     @classmethod
     def from_cli(cls, opts: argparse.Namespace, extra: list[str]) -> "ServeOptions":
@@ -83,11 +91,17 @@ async def run(opts: ServeOptions) -> int:
     from server.prompt_logprobs import FusedPromptLogprobsClient
     from server.engine import EngineAdapter, engine_args, start_engine
 
+    from server.lifecycle import Lifecycle, loopback_hosts
+    from server.metrics import log_throughput
+
     t0 = time.perf_counter()
-    # SIGTERM cancels start-up or serving, so the engine's context manager shuts
-    # vLLM's processes down (uvicorn re-raises the signal after its graceful
-    # stop; the default action would kill us before that cleanup and orphan them).
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    # SIGTERM during start-up cancels it, so the engine's context manager shuts
+    # vLLM's processes down (the default action would orphan them). While
+    # serving, the lifecycle's uvicorn server drains on SIGTERM instead.
+    # (The handler stays installed, a no-op, so that uvicorn re-raising SIGTERM
+    # after its stop does not kill the process before vLLM is shut down.)
+    main, serving = asyncio.current_task(), False
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: serving or main.cancel())
     model, memory_specs = _defaults(opts)
     if not (Path(model) / "config.json").is_file():
         log.error("--model %s is not a Hugging Face model directory (no config.json)", model)
@@ -99,6 +113,7 @@ async def run(opts: ServeOptions) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     store = MemoryStore(opts.memory_root) if opts.memory_root else None
     catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store)
+    catalog.unload_timeout = opts.unload_timeout
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))
     if duplicates:
@@ -119,24 +134,30 @@ async def run(opts: ServeOptions) -> int:
             loaded = await catalog.load(card)
             log.info("memory %s ready (%s parameters, λ=%.2f, %.2fs)", card.name, f"{card.num_parameters:,}", card.weight, loaded.load_seconds)
         await catalog.reconcile()  # restore the persisted set; problems are reported, not fatal
-        app = create_app(engine, catalog, base_name, api_key=opts.api_key)
-        install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local, opts.unload_timeout)
+        lifecycle = Lifecycle(opts.shutdown_grace, loopback_hosts(opts.host, opts.port) if _is_loopback(opts.host) else None)
+        app = create_app(engine, catalog, base_name, lifecycle, api_key=opts.api_key, limits=opts.limits())
+        install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local)
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
-        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size())
+        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size(), opts.max_scoring_tokens)
         app.state.openai_serving_completion.engine_client = fused_prompts
         app.state.openai_serving_chat.engine_client = fused_prompts
         log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)
-        server = uvicorn.Server(uvicorn.Config(app, host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30))
+        config = uvicorn.Config(lifecycle.middleware(app), host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30, timeout_graceful_shutdown=1)
+        server = lifecycle.make_server(config)
+        lifecycle.watch_engine(engine)
         catalog.reconcile_interval = opts.reconcile_interval
-        reconciler = asyncio.ensure_future(_reconcile_forever(catalog, opts.reconcile_interval)) if store and opts.reconcile_interval > 0 else None
+        background = [asyncio.ensure_future(log_throughput())]
+        if store and opts.reconcile_interval > 0:
+            background.append(asyncio.ensure_future(_reconcile_forever(catalog, opts.reconcile_interval)))
+        serving = True
         try:
             await server.serve()
         finally:
-            if reconciler:
-                reconciler.cancel()
-    return 0
+            for task in background:
+                task.cancel()
+    return lifecycle.exit_code
 
 
 async def _reconcile_forever(catalog, interval: float) -> None:

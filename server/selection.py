@@ -23,6 +23,7 @@ NO_MEMORY = ("", "none")
 class Selection:
     memory: LoadedMemory
     weight: float
+    model_id: str  # what responses report as "model": the id the client asked for
 
     def engine_args(self) -> dict[str, Any]:
         """The ``vllm_xargs`` entries the fusion processor reads."""
@@ -64,7 +65,12 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         body["vllm_xargs"] = {k: v for k, v in xargs.items() if not str(k).startswith("memserve_")} or None
 
     model = body.get("model")
-    from_model = model if isinstance(model, str) and model != base_name and catalog.get(model) else None
+    from_model = None
+    if isinstance(model, str) and model and model != base_name:
+        if catalog.get(model) is None and not catalog.is_desired(model):
+            known = ", ".join([base_name, *catalog.names()])
+            raise UnknownMemory(f"model {model!r} does not exist; this server serves: {known}", "model")
+        from_model = model
     named = {n for n in (from_body, from_header, from_model) if n}
     if len(named) > 1:
         sources = ", ".join(f"{src}={n!r}" for src, n in (("domain", from_body), ("X-Domain", from_header), ("model", from_model)) if n)
@@ -82,4 +88,4 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
     if memory is None:
         loaded = ", ".join(catalog.names()) or "none"
         raise UnknownMemory(f"memory {name!r} is not loaded (loaded: {loaded})", "domain")
-    return Selection(memory, memory.card.weight if weight is None else _weight(weight))
+    return Selection(memory, memory.card.weight if weight is None else _weight(weight), model if isinstance(model, str) and model else base_name)

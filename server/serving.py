@@ -2,14 +2,18 @@
 
 vLLM already does chat templates, tool calls, logprobs formats, streaming
 chunks and usage. This layer only reads the body once, resolves the memory
-(``server.selection``), hands vLLM a validated request whose ``vllm_xargs``
-carry the memory to the fusion processor, and counts per-memory usage.
+(``server.selection``), applies the server's request limits, hands vLLM a
+validated request whose ``vllm_xargs`` carry the memory to the fusion
+processor, names the memory in the response, and counts per-memory usage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -21,15 +25,43 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard
 
 from server import metrics
 from server.catalog import MemoryCatalog
-from server.errors import BadRequest, Unavailable
+from server.errors import BadRequest, TooLarge, Unavailable, UnsupportedMediaType, error_body
 from server.selection import Selection, select_memory
 
+log = logging.getLogger("memserve.requests")
 
-async def read_json_object(raw_request: Request) -> dict[str, Any]:
-    content_type = raw_request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+MEMORY_HEADER = "X-Memserve-Memory"  # on every response: the memory that served it, or "none"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Per-request bounds; each refusal names the limit and the flag that sets it."""
+
+    max_request_bytes: int = 4 << 20
+    max_n: int = 16
+    max_scoring_tokens: int = 4096  # prompt tokens scored by a memory for echo + logprobs
+
+
+async def read_json_object(raw_request: Request, max_bytes: int = RequestLimits.max_request_bytes) -> dict[str, Any]:
+    """The body as a JSON object; anything else is a 4xx, never a 500.
+
+    A JSON content type is required: a browser can send a cross-site
+    ``text/plain`` POST without asking first, but not an ``application/json`` one.
+    """
+    content_type = raw_request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
-        raise BadRequest(f"Content-Type must be application/json, got {content_type!r}")
-    body = json.loads(await raw_request.body())
+        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'!r}")
+    raw = await raw_request.body()
+    if len(raw) > max_bytes:
+        raise TooLarge(f"request body is {len(raw):,} bytes; this server accepts at most {max_bytes:,} (--max-request-bytes)")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not UTF-8: {e}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and integers beyond Python's digit limit
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -38,10 +70,11 @@ async def read_json_object(raw_request: Request) -> dict[str, Any]:
 class CompletionsServing:
     """``/v1/completions`` and ``/v1/chat/completions`` with per-request memories."""
 
-    def __init__(self, state, catalog: MemoryCatalog, base_name: str):
+    def __init__(self, state, catalog: MemoryCatalog, base_name: str, limits: RequestLimits = RequestLimits()):
         self.state = state
         self.catalog = catalog
         self.base_name = base_name
+        self.limits = limits
 
     async def chat(self, body: dict[str, Any], raw_request: Request) -> Response:
         return await self._generate(body, raw_request, ChatCompletionRequest, self.state.openai_serving_chat.create_chat_completion)
@@ -50,12 +83,13 @@ class CompletionsServing:
         return await self._generate(body, raw_request, CompletionRequest, self.state.openai_serving_completion.create_completion)
 
     async def _generate(self, body: dict[str, Any], raw_request: Request, request_cls, handler) -> Response:
+        started = time.perf_counter()
         selection = select_memory(body, raw_request.headers, self.catalog, self.base_name)
         request = request_cls.model_validate(body)
-        label = selection.memory.name if selection else metrics.BASE_LABEL
-        metrics.REQUESTS.labels(label).inc()
+        self._check_limits(request, selection)
         if selection is None:
-            return await self._respond(await handler(request, raw_request), request, None, label, False)
+            result = await handler(request, raw_request)
+            return self._respond(result, request, None, raw_request.url.path, started, False)
 
         memory = selection.memory
         request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()}
@@ -65,51 +99,75 @@ class CompletionsServing:
             request.stream_options = StreamOptions(include_usage=True)
             hide_usage = True
         memory.acquire()
+        work = asyncio.ensure_future(handler(request, raw_request))
+        evicted = asyncio.ensure_future(memory.evicted.wait())
         try:
-            work = asyncio.ensure_future(handler(request, raw_request))
-            evicted = asyncio.ensure_future(memory.evicted.wait())
             await asyncio.wait([work, evicted], return_when=asyncio.FIRST_COMPLETED)
-            evicted.cancel()
             if not work.done():
-                work.cancel()
                 raise Unavailable(_evicted_message(memory.name), "domain")
-            response = await self._respond(work.result(), request, selection, label, hide_usage)
+            response = self._respond(work.result(), request, selection, raw_request.url.path, started, hide_usage)
         except BaseException:
             memory.release()
             raise
+        finally:
+            # also on cancellation (the client went away): the engine request ends with the task
+            evicted.cancel()
+            work.cancel()
         if not isinstance(response, StreamingResponse):
             memory.release()
         return response
 
-    async def _respond(self, result, request, selection: Selection | None, label: str, hide_usage: bool) -> Response:
-        if isinstance(result, ErrorResponse):
-            return JSONResponse(result.model_dump(), status_code=result.error.code)
-        if not request.stream:
-            if result.usage is not None:
-                self._count(selection, label, result.usage.prompt_tokens, result.usage.completion_tokens or 0)
-            return JSONResponse(result.model_dump())
-        return StreamingResponse(self._stream(result, selection, label, hide_usage), media_type="text/event-stream")
+    def _check_limits(self, request, selection: Selection | None) -> None:
+        n = max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
+        if n > self.limits.max_n:
+            raise BadRequest(f"n = {n} is above this server's limit of {self.limits.max_n} choices per request (--max-n)", "n")
+        if selection is not None and getattr(request, "prompt_embeds", None) is not None:
+            raise BadRequest("prompt_embeds cannot be combined with a memory: the memory reads token ids", "prompt_embeds")
 
-    async def _stream(self, chunks, selection: Selection | None, label: str, hide_usage: bool):
+    def _respond(self, result, request, selection: Selection | None, route: str, started: float, hide_usage: bool) -> Response:
+        label = selection.memory.name if selection else metrics.BASE_LABEL
+        headers = {MEMORY_HEADER: label}
+        if isinstance(result, ErrorResponse):
+            log.info("%s %d memory=%s: %s", route, result.error.code, label, result.error.message)
+            return JSONResponse(result.model_dump(), status_code=result.error.code, headers=headers)
+        metrics.REQUESTS.labels(label).inc()
+        if not request.stream:
+            if selection is not None:
+                result.model = selection.model_id
+            usage = result.usage
+            prompt, completion = (usage.prompt_tokens, usage.completion_tokens or 0) if usage else (0, 0)
+            self._count(selection, label, prompt, completion)
+            _log_done(route, label, prompt, completion, started)
+            return JSONResponse(result.model_dump(), headers=headers)
+        return StreamingResponse(self._stream(result, selection, label, route, started, hide_usage), media_type="text/event-stream", headers=headers)
+
+    async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool):
         memory = selection.memory if selection else None
+        prompt = completion = 0
         try:
             async for chunk in chunks:
                 if memory is not None and memory.evicted.is_set():
-                    error = {"error": {"message": _evicted_message(memory.name), "type": "ServiceUnavailableError", "param": "domain", "code": 503}}
-                    yield f"data: {json.dumps(error)}\n\n"
+                    yield f"data: {json.dumps(error_body(503, _evicted_message(memory.name), 'domain'))}\n\n"
                     break
-                if selection and '"usage"' in chunk and chunk.startswith("data: {"):
-                    data = json.loads(chunk[len("data: ") :])
-                    usage = data.get("usage")
-                    if usage and not data.get("choices"):
-                        self._count(selection, label, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-                        if hide_usage:
-                            continue
-                yield chunk
+                if selection is None or not chunk.startswith("data: {"):
+                    yield chunk
+                    continue
+                data = json.loads(chunk[len("data: ") :])
+                data["model"] = selection.model_id
+                usage = data.get("usage")
+                if usage and not data.get("choices"):
+                    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+                    self._count(selection, label, prompt, completion)
+                    if hide_usage:
+                        continue
+                yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
         finally:
-            await chunks.aclose()  # an early exit aborts the engine request
-            if memory is not None:
-                memory.release()
+            try:
+                if memory is not None:
+                    memory.release()
+            finally:
+                await chunks.aclose()  # an early exit aborts the engine request
+            _log_done(route, label, prompt, completion, started)
 
     @staticmethod
     def _count(selection: Selection | None, label: str, prompt: int, completion: int) -> None:
@@ -117,6 +175,10 @@ class CompletionsServing:
         if selection:
             selection.memory.prompt_tokens += prompt
             selection.memory.completion_tokens += completion
+
+
+def _log_done(route: str, label: str, prompt: int, completion: int, started: float) -> None:
+    log.info("%s 200 memory=%s prompt_tokens=%d completion_tokens=%d %.2fs", route, label, prompt, completion, time.perf_counter() - started)
 
 
 class ModelsServing:
@@ -127,9 +189,11 @@ class ModelsServing:
 
     async def list(self) -> dict:
         models = await self.state.openai_serving_models.show_available_models()
+        for card in models.data:
+            card.root = card.id  # vLLM puts the base's directory here; clients need no server paths
         for memory in self.catalog.all():
             models.data.append(
-                ModelCard(id=memory.name, root=memory.card.path, parent=self.base_name, owned_by="memserve", max_model_len=models.data[0].max_model_len)
+                ModelCard(id=memory.name, root=memory.name, parent=self.base_name, owned_by="memserve", max_model_len=models.data[0].max_model_len)
             )
         return models.model_dump()
 

@@ -43,6 +43,8 @@ class MemoryStore:
 
     def resolve(self, path: str) -> Path:
         """An artifact path inside the root; ``..`` and symlinks that leave it are refused."""
+        if "\x00" in path:
+            raise BadRequest("path must not contain NUL characters", "path")
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = self.root / candidate

@@ -24,7 +24,8 @@ def server(tiny, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}"]
-    args += ["--memory-kv-budget", "1500000", *FP32]  # fixed-size pools: alpha holds 5 sequences, beta 2
+    args += ["--memory-kv-budget", "1500000"]  # fixed-size pools: alpha holds 5 sequences, beta 2
+    args += ["--max-scoring-tokens", "100", *FP32]
     proc = ServerProcess(args, workdir)
     try:
         proc.wait_ready()

@@ -5,12 +5,13 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
-from server.catalog import BYTES_PER_PARAMETER, MemoryCatalog
+from server.catalog import MemoryCatalog
 from server.errors import Conflict, UnknownMemory
 
 
 class FakeEngine:
     kv_budget_bytes = 1000
+    bytes_per_parameter = 2  # a bf16 engine
 
     def __init__(self):
         self.loaded, self.unloaded = [], []
@@ -36,7 +37,7 @@ def test_budget_refusal_names_the_numbers(tiny, tok):
     async def go():
         engine = FakeEngine()
         probe = MemoryCatalog(engine, tok).validate("a", str(tiny["alpha"]))
-        one = probe.num_parameters * BYTES_PER_PARAMETER + engine.kv_budget_bytes
+        one = probe.num_parameters * engine.bytes_per_parameter + engine.kv_budget_bytes
         catalog = MemoryCatalog(engine, tok, budget_bytes=int(1.5 * one))
         await catalog.load(catalog.validate("a", str(tiny["alpha"])))
         with pytest.raises(Conflict) as e:
