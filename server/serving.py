@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from vllm.entrypoints.generate.base.protocol import StreamOptions
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -85,7 +86,7 @@ class CompletionsServing:
     async def _generate(self, body: dict[str, Any], raw_request: Request, request_cls, handler) -> Response:
         started = time.perf_counter()
         selection = select_memory(body, raw_request.headers, self.catalog, self.base_name)
-        request = request_cls.model_validate(body)
+        request = _validate(request_cls, body)
         self._check_limits(request, selection)
         if selection is None:
             result = await handler(request, raw_request)
@@ -175,6 +176,16 @@ class CompletionsServing:
         if selection:
             selection.memory.prompt_tokens += prompt
             selection.memory.completion_tokens += completion
+
+
+def _validate(request_cls, body: dict[str, Any]):
+    """vLLM's request model; its validators can fail on odd shapes with any exception, and each is the body's fault."""
+    try:
+        return request_cls.model_validate(body)
+    except ValidationError:
+        raise
+    except Exception as e:
+        raise BadRequest(f"invalid request: {type(e).__name__}: {e}") from None
 
 
 def _log_done(route: str, label: str, prompt: int, completion: int, started: float) -> None:
