@@ -21,7 +21,7 @@ WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
 
 
 def prepare_environment(workdir: Path) -> None:
-    """Environment vLLM must see before it is imported (see DESIGN.md, environment facts)."""
+    """Environment vLLM must see before it is imported (docs/CONTRACT.md, "vLLM-CPU facts")."""
     workdir.mkdir(parents=True, exist_ok=True)
     for var, sub in (("TMPDIR", "tmp"), ("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         if var not in os.environ:
