@@ -16,15 +16,15 @@ def add_admin_client_commands(memory_commands) -> None:
         p.add_argument("--token", default=os.environ.get("MEMSERVE_ADMIN_TOKEN"), help="admin token (default: $MEMSERVE_ADMIN_TOKEN)")
 
     load = memory_commands.add_parser("load", help="load (or replace) a memory on a running server")
-    load.add_argument("name")
+    load.add_argument("name", help="name clients will select the memory by")
     load.add_argument("path", help="artifact directory, relative to or inside the server's --memory-root")
     load.add_argument("--memory-weight", type=float, default=None, help="λ (default: the memory's own)")
-    load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name")
+    load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name (default: refuse with 409)")
     common(load)
     load.set_defaults(func=lambda o: _call(o, "POST", "/admin/memories", {"name": o.name, "path": o.path, "memory_weight": o.memory_weight, "replace": o.replace}))
 
     unload = memory_commands.add_parser("unload", help="unload a memory from a running server")
-    unload.add_argument("name")
+    unload.add_argument("name", help="name of the loaded memory")
     unload.add_argument("--timeout", type=float, default=None, help="seconds to wait for running requests (default: the server's)")
     common(unload)
     unload.set_defaults(func=lambda o: _call(o, "DELETE", f"/admin/memories/{o.name}" + (f"?timeout={o.timeout}" if o.timeout is not None else ""), None))
