@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -35,6 +36,7 @@ def add_admin_client_commands(memory_commands) -> None:
 
 
 def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request repeats what we print
     headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
     url = opts.url.rstrip("/")
     try:
