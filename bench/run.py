@@ -36,8 +36,8 @@ def add_bench_command(commands) -> None:
     p.add_argument("--output-len", type=int, default=64, help="output tokens per stream (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="32-token prompts and outputs (under 3 minutes on the default model)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the results to this file (default: print only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts (default: %(default)s)")
     p.set_defaults(func=main)
 
 

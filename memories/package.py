@@ -1,4 +1,4 @@
-"""Packaging: the trained memory as a servable artifact (see DESIGN.md, "Memory artifact").
+"""Packaging: the trained memory as a servable artifact (docs/CONTRACT.md, "Memory artifact").
 
 The directory gets the HF weights and config from the train stage, the base's
 tokenizer (so the server can prove the ids mean the same tokens), and

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -16,15 +17,15 @@ def add_admin_client_commands(memory_commands) -> None:
         p.add_argument("--token", default=os.environ.get("MEMSERVE_ADMIN_TOKEN"), help="admin token (default: $MEMSERVE_ADMIN_TOKEN)")
 
     load = memory_commands.add_parser("load", help="load (or replace) a memory on a running server")
-    load.add_argument("name")
+    load.add_argument("name", help="name clients will select the memory by")
     load.add_argument("path", help="artifact directory, relative to or inside the server's --memory-root")
     load.add_argument("--memory-weight", type=float, default=None, help="λ (default: the memory's own)")
-    load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name")
+    load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name (default: refuse with 409)")
     common(load)
     load.set_defaults(func=lambda o: _call(o, "POST", "/admin/memories", {"name": o.name, "path": o.path, "memory_weight": o.memory_weight, "replace": o.replace}))
 
     unload = memory_commands.add_parser("unload", help="unload a memory from a running server")
-    unload.add_argument("name")
+    unload.add_argument("name", help="name of the loaded memory")
     unload.add_argument("--timeout", type=float, default=None, help="seconds to wait for running requests (default: the server's)")
     common(unload)
     unload.set_defaults(func=lambda o: _call(o, "DELETE", f"/admin/memories/{o.name}" + (f"?timeout={o.timeout}" if o.timeout is not None else ""), None))
@@ -35,9 +36,16 @@ def add_admin_client_commands(memory_commands) -> None:
 
 
 def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request repeats what we print
     headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+    url = opts.url.rstrip("/")
     try:
-        r = httpx.request(method, opts.url.rstrip("/") + path, json=body, headers=headers, timeout=600)
+        r = httpx.request(method, url + path, json=body, headers=headers, timeout=600)
+        if r.status_code == 404 and not (method == "GET" and path == "/admin/memories"):
+            # an unload's 404 may only mean "no such memory"; the listing tells which
+            admin_off = httpx.get(url + "/admin/memories", headers=headers, timeout=60).status_code == 404
+        else:
+            admin_off = r.status_code == 404
     except httpx.HTTPError as e:
         print(f"error: cannot reach {opts.url}: {e}", file=sys.stderr)
         return 1
@@ -46,7 +54,8 @@ def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -
     except ValueError:
         data = {"error": {"message": r.text}}
     if r.is_error:
-        print(f"error {r.status_code}: {data.get('error', {}).get('message', data)}", file=sys.stderr)
+        message = data.get("error", {}).get("message", data) if isinstance(data, dict) else data
+        print(f"error {r.status_code}: {_hint(r.status_code, admin_off, opts) or message}", file=sys.stderr)
         return 1
     if method == "GET" and sys.stdout.isatty():
         for m in data["data"]:
@@ -56,3 +65,17 @@ def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -
     else:
         print(json.dumps(data, indent=2))
     return 0
+
+
+def _hint(status: int, admin_off: bool, opts: argparse.Namespace) -> str | None:
+    """What to do about a refusal that the server's own message does not explain."""
+    if admin_off:
+        return (
+            f"the admin API is off on {opts.url}: start that server with --admin-token TOKEN "
+            "(or MEMSERVE_ADMIN_TOKEN), or with --admin-insecure-local if it listens on loopback only"
+        )
+    if status == 401 and not opts.token:
+        return f"{opts.url} requires an admin token: pass --token TOKEN or set MEMSERVE_ADMIN_TOKEN"
+    if status == 401:
+        return f"{opts.url} refused the admin token: it is not the one the server was started with (--admin-token / MEMSERVE_ADMIN_TOKEN)"
+    return None

