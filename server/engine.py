@@ -111,6 +111,11 @@ class EngineAdapter:
         self.engine = engine
         self.kv_budget_bytes = kv_budget_bytes
 
+    @property
+    def bytes_per_parameter(self) -> int:
+        """Memories run in the engine's dtype (see ``MemoryWorkerExtension.memserve_load``), so their weights weigh that much."""
+        return self.engine.model_config.dtype.itemsize
+
     async def load_memory(self, key: str, path: str) -> dict:
         """Load into every worker; if any worker fails, unload from all and raise.
 

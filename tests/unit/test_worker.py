@@ -66,3 +66,11 @@ def test_prompt_logprobs_gather_every_position(loaded):
     for i in range(1, len(prompt)):
         assert got[i][:2] == pytest.approx([float(logp[i - 1, prompt[i]]), float(logp[i - 1, 3])], abs=1e-6)
         assert got[i][2] == float("-inf")
+
+
+def test_weights_are_counted_in_the_engine_dtype():
+    class Engine:
+        class model_config:
+            dtype = torch.bfloat16
+
+    assert EngineAdapter(Engine()).bytes_per_parameter == 2
