@@ -18,7 +18,9 @@ correctness tests.
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,27 +82,33 @@ class MemoryDecoder:
         self.cfg = DecoderConfig.from_hf(name, json.loads((path / "config.json").read_text()))
         weights: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(str(f)))
+            try:
+                weights.update(load_file(str(f)))
+            except Exception as e:  # safetensors raises several types for bad files
+                raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
         self.w = self._place(name, weights)
         c = self.cfg
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         self._inv_freq = inv_freq.to(self.device)
         self._k = self._v = torch.empty(0)
         self._lengths: list[int] = []
-        self._generation: list[int] = []  # bumped when a slot changes hands: stale holders notice
+        self._generation: list[int] = []  # changes whenever a slot changes hands: stale holders notice
+        self._generations = itertools.count()
         self._last_used: list[int] = []
         self._clock = 0
         self._free: list[int] = []
+        self._parked: dict[int, object] = {}  # slot of a request that left the batch → that request
         self.evictions = 0
         if kv_budget_bytes:
             # With a budget the pool holds whole sequences of up to max_len tokens,
             # so the budget is a number of resident sequences; beyond it the least
             # recently used sequence is evicted and recomputed when it next runs.
             self._max_slots = max(1, kv_budget_bytes // self._slot_bytes(max_len))
-            self._grow(slots=min(4, self._max_slots), capacity=max_len)
+            self._initial = (min(4, self._max_slots), max_len)
         else:
             self._max_slots = None
-            self._grow(slots=4, capacity=256)
+            self._initial = (4, 256)
+        self._grow(*self._initial)
 
     # ---- weights ---------------------------------------------------------
 
@@ -139,14 +147,24 @@ class MemoryDecoder:
             if not t.is_floating_point():
                 raise ArtifactError(name, "unsupported dtype", f"{key} is {t.dtype}")
             if id(t) not in placed:
-                placed[id(t)] = t.to(device=self.device, dtype=self.dtype).contiguous()
+                placed[id(t)] = self._finite(name, key, t.to(device=self.device, dtype=self.dtype).contiguous())
             out[key] = placed[id(t)]
         for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
             for proj in ("q_proj", "k_proj", "v_proj"):
                 key = f"layers.{i}.self_attn.{proj}.bias"
                 if key in raw:
-                    out[key] = raw[key].to(device=self.device, dtype=self.dtype)
+                    out[key] = self._finite(name, key, raw[key].to(device=self.device, dtype=self.dtype))
         return out
+
+    def _finite(self, name: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A NaN or infinite weight turns every fused row NaN: refuse it at load.
+
+        Checked after the cast, so values beyond the engine dtype's range are caught too.
+        """
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ArtifactError(name, "weights are not finite", f"{key} has {bad:,} NaN or infinite values (as {self.dtype})")
+        return t
 
     @property
     def num_parameters(self) -> int:
@@ -159,33 +177,82 @@ class MemoryDecoder:
         weights = {id(t): t.numel() * t.element_size() for t in self.w.values()}
         return sum(weights.values()) + 2 * self._k.numel() * self._k.element_size()
 
-    # ---- slots -----------------------------------------------------------
+    # ---- slots ----------------------------------------------------------
 
-    def open(self, protect: set[int] = frozenset()) -> int:
-        """Reserve a slot for a new sequence; over the KV budget, evict the LRU slot not in ``protect``."""
+    def open(self, protect: set[int] = frozenset()) -> int | None:
+        """Reserve a slot for a new sequence; None when the budget is reached and every slot is in ``protect``.
+
+        Takes, in order: a free slot; the least recently used parked slot; a new
+        slot while under the budget; the least recently used running slot
+        outside ``protect`` (its row recomputes when it next runs).
+        """
         if not self._free:
             n = len(self._lengths)
-            victims = [s for s in range(n) if s not in protect and self._lengths[s] >= 0]
-            if self._max_slots is not None and n >= self._max_slots and victims:
-                self.close(min(victims, key=self._last_used.__getitem__))
-                self.evictions += 1
-            else:  # no budget, or every slot is in this very step: grow
-                self._grow(slots=max(n + 1, min(2 * n, self._max_slots or 2 * n)), capacity=self._k.shape[3])
+            if self._parked:
+                self._evict(min(self._parked, key=self._last_used.__getitem__))
+            elif self._max_slots is None or n < self._max_slots:
+                self._grow(slots=min(2 * n, self._max_slots or 2 * n), capacity=self._k.shape[3])
+            else:
+                victims = [s for s in range(n) if s not in protect]
+                if not victims:
+                    return None
+                self._evict(min(victims, key=self._last_used.__getitem__))
         slot = self._free.pop()
         self._lengths[slot] = 0
         self._last_used[slot] = self._clock
         return slot
 
     def close(self, slot: int) -> None:
+        self._parked.pop(slot, None)
         self._lengths[slot] = -1
-        self._generation[slot] += 1
+        self._generation[slot] = next(self._generations)
         self._free.append(slot)
+        self._shrink_if_idle()
+
+    def park(self, slot: int, owner: object, keep: int) -> None:
+        """Keep a sequence that left the batch, its first ``keep`` tokens, until its slot is needed.
+
+        vLLM removes a request from the batch alike when it finishes and when it
+        is preempted or only not scheduled this step, so the sequence stays as an
+        evictable cache entry that :meth:`resume` hands back to the same ``owner``.
+        """
+        if keep <= 0:
+            self.close(slot)
+            return
+        self._lengths[slot] = min(keep, self._lengths[slot])
+        self._parked[slot] = owner
+        self._shrink_if_idle()
+
+    def resume(self, owner: object) -> int | None:
+        """The slot parked for ``owner`` (the same object), unless it was evicted since."""
+        for slot, parked_by in self._parked.items():
+            if parked_by is owner:
+                del self._parked[slot]
+                return slot
+        return None
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
 
     def generation(self, slot: int) -> int:
         return self._generation[slot]
+
+    @property
+    def running(self) -> int:
+        """Slots held by sequences in the batch (neither free nor parked)."""
+        return len(self._lengths) - len(self._free) - len(self._parked)
+
+    def _evict(self, slot: int) -> None:
+        self.close(slot)
+        self.evictions += 1
+
+    def _shrink_if_idle(self) -> None:
+        """Once no sequence runs, give back a pool that grew for a peak (its parked sequences go with it)."""
+        if self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
+            return
+        self._k = self._v = torch.empty(0)
+        self._lengths, self._generation, self._last_used, self._free, self._parked = [], [], [], [], {}
+        self._grow(*self._initial)
 
     def _slot_bytes(self, capacity: int) -> int:
         c = self.cfg
@@ -203,7 +270,7 @@ class MemoryDecoder:
             v[:, :old_slots, :, :t] = self._v
         self._k, self._v = k, v
         self._lengths += [-1] * (slots - old_slots)
-        self._generation += [0] * (slots - old_slots)
+        self._generation += [next(self._generations) for _ in range(slots - old_slots)]
         self._last_used += [0] * (slots - old_slots)
         self._free = [s for s in range(slots - 1, old_slots - 1, -1)] + self._free
 
@@ -223,32 +290,59 @@ class MemoryDecoder:
         Single-token rows run as one batch; longer rows (prompts) run one by one.
         Every row must bring at least one token.
         """
+        if not all(tokens):
+            raise ValueError("advance() needs at least one new token per row")
         out = torch.empty(len(slots), self.cfg.vocab_size, device=self.device, dtype=torch.float32)
         single = [i for i, t in enumerate(tokens) if len(t) == 1]
         if single:
-            out[single] = self._forward([slots[i] for i in single], [tokens[i] for i in single])
+            out[single] = self._step([slots[i] for i in single], [tokens[i] for i in single])
         for i, t in enumerate(tokens):
             if len(t) > 1:
-                out[i : i + 1] = self._forward([slots[i]], [t])
-            elif not t:
-                raise ValueError("advance() needs at least one new token per row")
+                out[i : i + 1] = self._step([slots[i]], [t])
         return out
 
     @torch.inference_mode()
-    def score(self, tokens: list[int]) -> torch.Tensor:
-        """Logits after every prefix of ``tokens`` (``[len, V]``): one pass, for prompt logprobs."""
-        slot = self.open()
-        try:
-            return self._forward([slot], [tokens], all_positions=True)[0]
-        finally:
-            self.close(slot)
+    def compute(self, tokens: list[int]) -> torch.Tensor:
+        """Next-token logits after ``tokens`` (``[V]``) in a cache of their own, for a row the pool has no slot for."""
+        return self._head(self._scratch(tokens)[0, -1])
 
-    def _forward(self, slots: list[int], tokens: list[list[int]], all_positions: bool = False) -> torch.Tensor:
+    @torch.inference_mode()
+    def score(self, tokens: list[int], chunk: int = 256) -> Iterator[torch.Tensor]:
+        """Logits after every prefix of ``tokens``, ``chunk`` positions at a time (``[≤chunk, V]``), for prompt logprobs.
+
+        One pass in a cache of its own (the pool's slots are for running rows);
+        the output head runs per chunk, so a long prompt never holds ``[len, V]``.
+        """
+        hidden = self._scratch(tokens)[0]
+        for i in range(0, len(tokens), chunk):
+            yield self._head(hidden[i : i + chunk])
+
+    def _step(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        n_new = len(tokens[0])
+        starts = [self._lengths[s] for s in slots]
+        self._reserve(max(starts) + n_new)
+        hidden = self._forward(self._k, self._v, slots, starts, tokens)
+        self._clock += 1
+        for s in slots:
+            self._lengths[s] += n_new
+            self._last_used[s] = self._clock
+        return self._head(hidden[:, -1])
+
+    def _scratch(self, tokens: list[int]) -> torch.Tensor:
+        c = self.cfg
+        shape = (c.layers, 1, c.kv_heads, len(tokens), c.head_dim)
+        k = torch.empty(shape, device=self.device, dtype=self.dtype)
+        v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        return self._forward(k, v, [0], [0], [tokens])
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.w["lm_head.weight"]).float()
+
+    def _forward(self, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: list[int], starts: list[int], tokens: list[list[int]]) -> torch.Tensor:
+        """Final hidden states ``[B, M, H]`` of the new tokens, their keys and values written to the cache."""
         c, w = self.cfg, self.w
         n_new = len(tokens[0])
         assert n_new == 1 or len(slots) == 1
-        starts = [self._lengths[s] for s in slots]
-        self._reserve(max(starts) + n_new)
         dev = self.device
         slot_t = torch.tensor(slots, device=dev)
         start_t = torch.tensor(starts, device=dev)
@@ -271,25 +365,20 @@ class MemoryDecoder:
             k = _apply_rope(k.view(B, n_new, c.kv_heads, c.head_dim).transpose(1, 2), cos, sin)
             v = v.view(B, n_new, c.kv_heads, c.head_dim).transpose(1, 2)
             if n_new == 1:
-                self._k[i, slot_t, :, start_t] = k[:, :, 0]
-                self._v[i, slot_t, :, start_t] = v[:, :, 0]
-                keys, values = self._k[i, slot_t, :, :total], self._v[i, slot_t, :, :total]
+                cache_k[i, slot_t, :, start_t] = k[:, :, 0]
+                cache_v[i, slot_t, :, start_t] = v[:, :, 0]
+                keys, values = cache_k[i, slot_t, :, :total], cache_v[i, slot_t, :, :total]
             else:
                 s, a = slots[0], starts[0]
-                self._k[i, s, :, a:total] = k[0]
-                self._v[i, s, :, a:total] = v[0]
-                keys, values = self._k[i, s : s + 1, :, :total], self._v[i, s : s + 1, :, :total]
+                cache_k[i, s, :, a:total] = k[0]
+                cache_v[i, s, :, a:total] = v[0]
+                keys, values = cache_k[i, s : s + 1, :, :total], cache_v[i, s : s + 1, :, :total]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=c.heads != c.kv_heads)
             x = x + F.linear(att.transpose(1, 2).reshape(B, n_new, -1), w[p + "self_attn.o_proj.weight"])
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
             gate = F.linear(h, w[p + "mlp.gate_proj.weight"])
             x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
-        self._clock += 1
-        for s in slots:
-            self._lengths[s] += n_new
-            self._last_used[s] = self._clock
-        out = _rms_norm(x if all_positions else x[:, -1], w["norm.weight"], c.rms_eps)
-        return F.linear(out, w["lm_head.weight"]).float()
+        return _rms_norm(x, w["norm.weight"], c.rms_eps)
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = pos.to(torch.float64)[..., None] * self._inv_freq  # [B, M, D/2]

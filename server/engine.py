@@ -7,6 +7,7 @@ through), and memories are loaded into every worker with ``collective_rpc``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -14,10 +15,13 @@ from argparse import Namespace
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from memories.artifact import ArtifactError
+
 log = logging.getLogger("memserve.engine")
 
 PROCESSOR = "server.logits_processor:MemoryFusionProcessor"
 WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
+LOAD_POLL_SECONDS = 0.05
 
 
 def prepare_environment(workdir: Path) -> None:
@@ -116,10 +120,24 @@ class EngineAdapter:
         # memories run in the engine's dtype (server/worker.py), so their weights cost this much each
         self.bytes_per_parameter = engine.model_config.dtype.itemsize
 
+    @property
+    def bytes_per_parameter(self) -> int:
+        """Memories run in the engine's dtype (see ``MemoryWorkerExtension.memserve_load``), so their weights weigh that much."""
+        return self.engine.model_config.dtype.itemsize
+
     async def load_memory(self, key: str, path: str) -> dict:
-        """Load into every worker; if any worker fails, unload from all and re-raise."""
+        """Load into every worker; if any worker fails, unload from all and raise.
+
+        Workers load in the background and are polled, so the engine keeps
+        stepping meanwhile. A bad artifact raises :class:`ArtifactError`.
+        """
         try:
-            results = await self.engine.collective_rpc("memserve_load", args=(key, path, self.kv_budget_bytes))
+            await self.engine.collective_rpc("memserve_load", args=(key, path, self.kv_budget_bytes))
+            while None in (results := await self.engine.collective_rpc("memserve_loaded", args=(key,))):
+                await asyncio.sleep(LOAD_POLL_SECONDS)
+            for result in results:
+                if "error" in result:
+                    raise _load_error(result["error"])
         except Exception:
             with contextlib.suppress(Exception):
                 await self.engine.collective_rpc("memserve_unload", args=(key,))
@@ -128,3 +146,10 @@ class EngineAdapter:
 
     async def unload_memory(self, key: str) -> None:
         await self.engine.collective_rpc("memserve_unload", args=(key,))
+
+
+def _load_error(error: dict) -> Exception:
+    """The exception a worker's load failure stands for (see ``MemoryWorkerExtension.memserve_loaded``)."""
+    if "check" in error:
+        return ArtifactError(error["memory"], error["check"], error["detail"])
+    return RuntimeError(error["message"])

@@ -58,25 +58,35 @@ class _Row:
     weight: float
     temperature: float
     prompt: list[int]
-    output: list[int]  # vLLM's live list: grows as the request decodes
+    output: list[int]  # vLLM's live list: grows as the request decodes, and names the request
     slot: int | None = None
     generation: int = -1
     last_logits: torch.Tensor | None = None
 
     def pending(self) -> list[int]:
-        """Tokens of the context that the decoder has not read yet (all of them after an eviction)."""
+        """Tokens of the context that the decoder has not read yet (all of them without a slot)."""
         if self.slot is not None and self.decoder.generation(self.slot) != self.generation:
             self.slot = None  # evicted under the KV budget: recompute from the start
         fed = 0 if self.slot is None else self.decoder.length(self.slot)
         n = len(self.prompt)
+        if fed > n + len(self.output):  # vLLM took sampled tokens back: start again
+            self.decoder.close(self.slot)
+            self.slot, fed = None, 0
         if fed < n:
             return self.prompt[fed:] + list(self.output)
         return list(self.output[fed - n :])
 
-    def release(self) -> None:
+    def attach(self, slot: int) -> None:
+        self.slot, self.generation = slot, self.decoder.generation(slot)
+
+    def park(self) -> None:
+        """The row left the batch: the decoder keeps its sequence in case the request comes back.
+
+        Less the last token, so that a return recomputes the logits this row drops.
+        """
         if self.slot is not None and self.decoder.generation(self.slot) == self.generation:
-            self.decoder.close(self.slot)
-        self.slot = None
+            self.decoder.park(self.slot, self.output, self.decoder.length(self.slot) - 1)
+        self.slot = self.last_logits = None
 
 
 class MemoryFusionProcessor(LogitsProcessor):
@@ -132,7 +142,14 @@ class MemoryFusionProcessor(LogitsProcessor):
             if decoder is None:
                 log.error("request names memory %s, which this worker has not loaded; serving the base", spec["memory"])
                 continue
-            self.rows[index] = _Row(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)), list(prompt or []), output)
+            if prompt is None:
+                _warn_once("embeds", "a request with prompt embeddings and no token ids selects a memory; the base alone serves it")
+                continue
+            row = _Row(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)), list(prompt), output)
+            slot = decoder.resume(output)  # a request vLLM only preempted or did not schedule comes back
+            if slot is not None:
+                row.attach(slot)
+            self.rows[index] = row
         for a, b, direction in batch_update.moved:
             row_a = self.rows.pop(a, None)
             if direction == MoveDirectionality.SWAP:
@@ -147,7 +164,7 @@ class MemoryFusionProcessor(LogitsProcessor):
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)
         if row is not None:
-            row.release()
+            row.park()
 
     # ---- fusion ----------------------------------------------------------
 
@@ -171,6 +188,10 @@ class MemoryFusionProcessor(LogitsProcessor):
             mem_logits = torch.stack([r.last_logits for r in rows]).to(logits.device)
             weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
             temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
+            broken = ~torch.isfinite(mem_logits).all(dim=-1, keepdim=True)
+            if broken.any():  # overflow in the memory's dtype: the base alone serves the row, never NaN
+                _warn_once(rows[0].decoder.name, f"memory {rows[0].decoder.name} gave non-finite logits; the base alone serves those rows")
+                mem_logits, weight = mem_logits.masked_fill(broken, 0.0), weight.masked_fill(broken, 0.0)
             index_t = torch.tensor(indices, device=logits.device)
             logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
         return logits
@@ -188,21 +209,33 @@ class MemoryFusionProcessor(LogitsProcessor):
 
         A row with nothing new is a chunked-prefill row seen again, or a row
         whose previous sample was discarded: its context has not changed.
+        A row the KV budget has no slot for runs its whole context uncached.
         """
         decoder = rows[0].decoder
-        pending = [row.pending() for row in rows]
-        moving = [row for row, p in zip(rows, pending) if p]
-        tokens = [p for p in pending if p]
-        protect = {row.slot for row in moving if row.slot is not None}
-        for row in moving:
-            if row.slot is None:
-                row.slot = decoder.open(protect)
-                row.generation = decoder.generation(row.slot)
-                protect.add(row.slot)
-        if moving:
-            out = decoder.advance([r.slot for r in moving], tokens)
-            for row, logits in zip(moving, out):
+        moving = [(row, pending) for row in rows if (pending := row.pending())]
+        protect = {row.slot for row, _ in moving if row.slot is not None}
+        for row, _ in moving:
+            if row.slot is None and (slot := decoder.open(protect)) is not None:
+                row.attach(slot)
+                protect.add(slot)
+        cached = [(row, pending) for row, pending in moving if row.slot is not None]
+        if cached:
+            out = decoder.advance([row.slot for row, _ in cached], [pending for _, pending in cached])
+            for (row, _), logits in zip(cached, out):
                 row.last_logits = logits
+        for row, pending in moving:
+            if row.slot is None:
+                _warn_once(decoder.name + " budget", f"memory {decoder.name}: more rows in one step than its KV budget holds; the rest run uncached")
+                row.last_logits = decoder.compute(pending)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
 
 
 def install_sampler_hook() -> None:

@@ -58,7 +58,7 @@ class FusedPromptLogprobsClient:
         mem = results[0]
         fused_positions = []
         for i, pos in enumerate(positions):
-            if not pos:
+            if not pos or mem[i] is None:  # nothing to score, or the memory is not finite there: the base's
                 fused_positions.append(pos)
                 continue
             base = torch.tensor([lp.logprob for lp in pos.values()], dtype=torch.float64)

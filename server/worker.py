@@ -9,12 +9,13 @@ memory and its predecessor can both serve while old requests finish.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from memories.artifact import ArtifactError
 from memories.decoder import MemoryDecoder
 from memories.fuse import memory_logprobs
 
@@ -43,35 +44,87 @@ class MemoryRegistry:
 REGISTRY = MemoryRegistry()
 
 
-class MemoryWorkerExtension:
-    """Mixed into vLLM's worker class; each method is a ``collective_rpc`` target."""
+# Weights are read and placed here, beside the engine loop, not between its steps.
+_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memserve-load")
+_LOADING: dict[str, Future] = {}
 
-    def memserve_load(self, key: str, path: str, kv_budget_bytes: int | None = None) -> dict:
+
+class MemoryWorkerExtension:
+    """Mixed into vLLM's worker class; each method is a ``collective_rpc`` target.
+
+    Every call runs in the engine-core loop between steps, so each returns at once.
+    """
+
+    def memserve_load(self, key: str, path: str, kv_budget_bytes: int | None = None) -> None:
+        """Start loading; :meth:`memserve_loaded` says when it is done."""
         runner = getattr(self, "model_runner", None)
         device = getattr(runner, "device", None) or torch.device("cpu")
         # the memory runs in the engine's dtype: what vLLM chose for the base
         # (bf16 on CPUs with bf16 units, --dtype to override) suits it too
         dtype = getattr(getattr(runner, "model_config", None), "dtype", torch.float32)
         max_len = getattr(getattr(runner, "model_config", None), "max_model_len", 2048)
-        decoder = MemoryDecoder(path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len)
-        REGISTRY.add(key, decoder)
-        log.info("memory %s loaded from %s on %s", key, path, device)
+        _LOADING[key] = _LOADER.submit(MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len)
+
+    def memserve_loaded(self, key: str) -> dict | None:
+        """None while loading; then the memory's sizes, or ``{"error": ...}``.
+
+        Errors travel as data: vLLM turns an exception in an RPC into a plain
+        ``Exception`` carrying only its message, and the API needs to know an
+        artifact's fault (a client error) from the server's.
+        """
+        future = _LOADING.get(key)
+        if future is not None:
+            if not future.done():
+                return None
+            try:
+                decoder = future.result()
+            except ArtifactError as e:  # kept for later polls until memserve_unload
+                return {"error": {"memory": e.memory, "check": e.check, "detail": e.detail}}
+            except Exception as e:
+                return {"error": {"message": f"loading memory {key} failed: {type(e).__name__}: {e}"}}
+            REGISTRY.add(key, decoder)
+            del _LOADING[key]
+            log.info("memory %s loaded on %s", key, decoder.device)
+        decoder = REGISTRY.get(key)
+        if decoder is None:
+            return {"error": {"message": f"memory {key} is neither loaded nor loading in this worker"}}
         return {"num_parameters": decoder.num_parameters, "bytes": decoder.nbytes}
 
     def memserve_unload(self, key: str) -> bool:
-        """Forget the memory. Rows still decoding hold their own reference and finish on it."""
-        decoder = REGISTRY.pop(key)
-        gc.collect()
-        return decoder is not None
+        """Forget the memory (and a load of it still under way). Rows still decoding hold their own reference and finish on it."""
+        loading = _LOADING.pop(key, None)
+        if loading is not None:
+            loading.cancel()
+        return REGISTRY.pop(key) is not None or loading is not None
 
-    def memserve_prompt_logprobs(self, key: str, prompt: list[int], temperature: float, base_width: int, wanted: list[list[int]]) -> list[list[float]]:
-        """The memory's log-probability of ``wanted[i]`` after ``prompt[:i]``, for every position i ≥ 1."""
+    def memserve_prompt_logprobs(self, key: str, prompt: list[int], temperature: float, base_width: int, wanted: list[list[int]]) -> list[list[float] | None]:
+        """The memory's log-probability of ``wanted[i]`` after ``prompt[:i]``, for every position i ≥ 1.
+
+        A position where the memory's distribution is not finite is None: the base alone answers there.
+        """
         decoder = REGISTRY.get(key)
         if decoder is None:
             raise KeyError(f"memory {key} is not loaded in this worker")
-        logp = memory_logprobs(decoder.score(prompt[:-1]), base_width, temperature)
-        width = logp.shape[-1]
-        out = [[]]
-        for i in range(1, len(prompt)):
-            out.append([float(logp[i - 1, t]) if t < width else float("-inf") for t in wanted[i]])
+        out: list[list[float] | None] = [[]]  # the first token has no logprob
+        if len(prompt) < 2:
+            return out
+        for logits in decoder.score(prompt[:-1]):
+            logp = memory_logprobs(logits, base_width, temperature)  # [chunk, V]
+            out += _gather(logp, wanted[len(out) : len(out) + len(logp)])
         return out
+
+
+def _gather(logp: torch.Tensor, wanted: list[list[int]]) -> list[list[float] | None]:
+    """``logp[i, wanted[i]]`` for every row at once; ids beyond the memory's width get -inf."""
+    width = logp.shape[-1]
+    rows = torch.tensor([i for i, ids in enumerate(wanted) for _ in ids], dtype=torch.long)
+    ids = torch.tensor([t for ids in wanted for t in ids], dtype=torch.long)
+    inside = ids < width
+    values = torch.full(ids.shape, float("-inf"))
+    values[inside] = logp[rows[inside], ids[inside]].to(values.dtype)
+    finite = torch.isfinite(logp).all(-1).tolist()
+    out, flat, start = [], values.tolist(), 0
+    for i, row_ids in enumerate(wanted):
+        out.append(flat[start : start + len(row_ids)] if finite[i] else None)
+        start += len(row_ids)
+    return out

@@ -80,3 +80,17 @@ def build_all(root: Path) -> dict[str, Path]:
         "beta": build_llama(root / "beta", tok, layers=2, seed=3, memory_json={"name": "beta", "lambda": 0.3, "temperature": 0.8}),
         "tokenizer": tok_dir,
     }
+
+
+def poisoned_copy(src: Path, out: Path, tensor: str = "model.layers.0.mlp.up_proj.weight", value: float = float("nan")) -> Path:
+    """A copy of a memory with one weight set to ``value`` (NaN by default): an artifact that must be refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    (weights,) = out.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors[tensor][0, 0] = value
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return out

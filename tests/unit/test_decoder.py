@@ -65,3 +65,78 @@ def test_shape_mismatch_is_refused(tiny, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ArtifactError, match="weights do not match config.json"):
         MemoryDecoder(bad, name="bad")
+
+
+@pytest.mark.parametrize("value,dtype", [(float("nan"), torch.float32), (float("inf"), torch.float32), (1e5, torch.float16)])
+def test_non_finite_weights_are_refused_naming_the_tensor(tiny, tmp_path, value, dtype):
+    from tests.tiny_models import poisoned_copy
+
+    bad = poisoned_copy(tiny["alpha"], tmp_path / "bad", value=value)
+    with pytest.raises(ArtifactError, match=r"not finite.*layers\.0\.mlp\.up_proj\.weight"):
+        MemoryDecoder(bad, name="bad", dtype=dtype)  # 1e5 is finite in fp32 but not in fp16
+
+
+def test_scoring_and_uncached_compute_leave_the_pool_alone(model_pair):
+    dec, hf = model_pair
+    ids = [5, 9, 11, 40, 7, 7, 3]
+    with torch.no_grad():
+        full = hf(torch.tensor([ids])).logits[0]
+    chunks = list(dec.score(ids, chunk=3))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert torch.allclose(torch.cat(chunks), full, atol=1e-4)
+    assert torch.allclose(dec.compute(ids), full[-1], atol=1e-4)
+    assert dec.running == 0 and dec._k.shape[3] == 256
+
+
+def test_parked_sequence_resumes_for_its_owner_only(model_pair):
+    dec, hf = model_pair
+    owner, stranger = [], []
+    a = dec.open()
+    dec.advance([a], [[1, 2, 3, 4]])
+    dec.park(a, owner, keep=3)  # the last token is fed again on return
+    assert dec.resume(stranger) is None
+    assert dec.resume(owner) == a and dec.length(a) == 3
+    assert torch.allclose(dec.advance([a], [[4]])[0], hf_last(hf, [1, 2, 3, 4]), atol=1e-4)
+    dec.close(a)
+
+
+def test_open_takes_parked_slots_before_growing(model_pair):
+    dec, _ = model_pair
+    slots = [dec.open() for _ in range(4)]  # the initial pool
+    dec.advance(slots, [[1]] * 4)
+    dec.park(slots[0], [], keep=1)
+    generation = dec.generation(slots[0])
+    assert dec.open() == slots[0] and dec.generation(slots[0]) != generation
+    assert len(dec._lengths) == 4 and dec.evictions == 1
+    for s in slots:
+        dec.close(s)
+
+
+def test_pool_shrinks_back_once_nothing_runs(tiny):
+    dec = MemoryDecoder(tiny["alpha"])
+    small = dec.nbytes
+    slots = [dec.open() for _ in range(9)]
+    dec.advance(slots[:1], [list(range(1, 300))])  # past the initial capacity
+    assert dec.nbytes > small
+    for s in slots[:-1]:
+        dec.park(s, object(), keep=1)
+    assert dec.nbytes > small  # one sequence still runs
+    dec.close(slots[-1])
+    assert dec.nbytes == small and dec.resume(object()) is None
+
+
+def test_budget_is_never_exceeded(tiny):
+    per_slot = 2 * 1 * 1 * 64 * 64 * 4  # k and v × 1 layer × 1 kv head × 64 tokens × head size 64 × fp32
+    dec = MemoryDecoder(tiny["alpha"], kv_budget_bytes=2 * per_slot, max_len=64)
+    a, b = dec.open(), dec.open()
+    assert dec.open(protect={a, b}) is None  # every slot is in this step: no growth
+    assert dec.open(protect={a}) == b and dec.evictions == 1  # b's row recomputes when it next runs
+    assert len(dec._lengths) == 2
+
+
+def test_budget_counts_bytes_in_the_engine_dtype(tiny):
+    per_slot_bf16 = 2 * 1 * 1 * 64 * 64 * 2
+    dec = MemoryDecoder(tiny["alpha"], dtype=torch.bfloat16, kv_budget_bytes=4 * per_slot_bf16, max_len=64)
+    assert dec._max_slots == 4
+    weights = sum(t.numel() for t in {id(t): t for t in dec.w.values()}.values())
+    assert dec.nbytes == 2 * weights + 4 * per_slot_bf16

@@ -42,14 +42,9 @@ def step(proc, batch):
     return logits.clone(), proc.apply(logits.clone())
 
 
-def free_slots(decoder):
-    return len(decoder._free)
-
-
 def test_batch_lifecycle(memory):
     proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
     decoder = REGISTRY.get(KEY)
-    free_before = free_slots(decoder)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     outs = [[], [], []]
     proc.update_state(update(3, added=[(0, params(True), prompts[0], outs[0]), (1, params(False), prompts[1], outs[1]), (2, params(True, 0.8), prompts[2], outs[2])]))
@@ -93,7 +88,7 @@ def test_batch_lifecycle(memory):
 
     proc.update_state(update(0, removed=[1, 0]))
     assert proc.rows == {}
-    assert free_slots(decoder) == free_before  # nothing leaked
+    assert decoder.running == 0  # nothing leaked: every slot is free or parked
 
 
 def test_sampler_hook_fuses_before_logprobs(memory):
@@ -142,6 +137,73 @@ def test_kv_budget_evicts_idle_rows_and_recomputes_them(tiny, memory):
         for i in range(3):
             assert torch.allclose(fused[i], expected_row(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
         proc.update_state(update(0, removed=[2, 1, 0]))
-        assert sorted(budgeted._free) == list(range(len(budgeted._lengths)))
+        assert budgeted.running == 0
     finally:
         REGISTRY.pop("alpha@budget")
+
+
+def test_row_that_leaves_the_batch_and_returns_resumes_its_slot(memory):
+    """vLLM drops preempted or unscheduled requests from the batch; coming back, they must not recompute."""
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    decoder = REGISTRY.get(KEY)
+    prompt, out = [5, 6, 7, 8], []
+    proc.update_state(update(1, added=[(0, params(True), prompt, out)]))
+    step(proc, 1)
+    out += [20, 21]  # decoded while it was still in the batch, then left
+    step(proc, 1)
+    slot = proc.rows[0].slot
+    proc.update_state(update(0, removed=[0]))
+    proc.update_state(update(1, added=[(0, params(False), [1, 2], [])]))  # another request meanwhile
+    step(proc, 1)
+    proc.update_state(update(2, added=[(1, params(True), prompt, out)]))  # the same request object returns
+    assert proc.rows[1].slot == slot and decoder.length(slot) == len(prompt + out) - 1
+    base, fused = step(proc, 2)
+    assert decoder.length(slot) == len(prompt + out)  # one token fed, not the whole context
+    assert torch.allclose(fused[1], expected_row(memory, base[1], prompt + out), atol=1e-4)
+    proc.update_state(update(0, removed=[1, 0]))
+
+
+def test_rows_beyond_the_kv_budget_run_uncached(tiny, memory):
+    """Three rows in one step under a two-sequence budget: the pool does not grow, every row is right."""
+    per_slot = 2 * 1 * 1 * 64 * 64 * 4
+    budgeted = MemoryDecoder(tiny["alpha"], name="alpha@tight", kv_budget_bytes=2 * per_slot, max_len=64)
+    REGISTRY.add("alpha@tight", budgeted)
+    try:
+        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+        spec = SamplingParams(extra_args={"memserve_memory": "alpha@tight", "memserve_weight": 0.5, "memserve_temperature": 1.0})
+        prompts, outs = [[5, 6, 7], [8, 9], [10, 11, 12]], [[], [], []]
+        proc.update_state(update(3, added=[(i, spec, prompts[i], outs[i]) for i in range(3)]))
+        for t in (20, 21):
+            base, fused = step(proc, 3)
+            for i in range(3):
+                assert torch.allclose(fused[i], expected_row(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
+            for o in outs:
+                o.append(t)
+        assert len(budgeted._lengths) == 2
+        proc.update_state(update(0, removed=[2, 1, 0]))
+    finally:
+        REGISTRY.pop("alpha@tight")
+
+
+def test_memory_row_without_prompt_token_ids_is_served_by_the_base(memory):
+    """A prompt-embeds request has no token ids for the memory to read: the base alone, no crash."""
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    proc.update_state(update(2, added=[(0, params(True), None, []), (1, params(True), [5, 6], [])]))
+    base, fused = step(proc, 2)
+    assert torch.equal(fused[0], base[0])
+    assert torch.allclose(fused[1], expected_row(memory, base[1], [5, 6]), atol=1e-4)
+    proc.update_state(update(0, removed=[1, 0]))
+
+
+def test_non_finite_memory_logits_leave_the_base_distribution(memory):
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    proc.update_state(update(2, added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])]))
+    step(proc, 2)
+    broken = proc.rows[0].last_logits.clone()
+    broken[3] = float("nan")  # as an overflow in a low-precision dtype would leave it
+    proc.rows[0].last_logits = broken
+    base, fused = step(proc, 2)  # nothing new to read: the stored logits are reused
+    assert torch.isfinite(fused).all()
+    assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
+    assert torch.allclose(fused[1], expected_row(memory, base[1], [7, 8]), atol=1e-4)
+    proc.update_state(update(0, removed=[1, 0]))
