@@ -117,8 +117,6 @@ class EngineAdapter:
     def __init__(self, engine, kv_budget_bytes: int | None = None) -> None:
         self.engine = engine
         self.kv_budget_bytes = kv_budget_bytes
-        # memories run in the engine's dtype (server/worker.py), so their weights cost this much each
-        self.bytes_per_parameter = engine.model_config.dtype.itemsize
 
     @property
     def bytes_per_parameter(self) -> int:
