@@ -58,15 +58,15 @@ def generate(server, domain=None, max_tokens=24, prompt="the cell protein gene")
 class Stream(threading.Thread):
     """A streamed completion in the background; ``started`` is set at its first token."""
 
-    def __init__(self, server, domain=None, max_tokens=48, prompt="court law contract party"):
+    def __init__(self, server, domain=None, max_tokens=48, prompt="court law contract party", **extra):
         super().__init__(daemon=True)
-        self.server, self.domain, self.max_tokens, self.prompt = server, domain, max_tokens, prompt
+        self.server, self.domain, self.max_tokens, self.prompt, self.extra = server, domain, max_tokens, prompt, extra
         self.started = threading.Event()
         self.tokens: list[int] = []
         self.error: str | None = None
 
     def run(self):
-        body = {"model": "tiny-base", "prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True}
+        body = {"model": "tiny-base", "prompt": self.prompt, "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True, **self.extra}
         if self.domain:
             body["domain"] = self.domain
         try:
@@ -153,13 +153,14 @@ def test_unload_timeout_ends_running_requests_with_an_error(admin_server):
     assert admin(admin_server, "POST", body={"name": "brief", "path": "alpha"}).status_code == 201
     with httpx.Client(base_url=admin_server.url, headers=AUTH, timeout=120) as client:
         client.get("/admin/memories")  # connection ready before the race starts
-        stream = run_streams([Stream(admin_server, "brief", max_tokens=1000)])[0]
+        # 8 choices × 1,000 tokens: far longer than the DELETE takes to arrive, however loaded the machine
+        stream = run_streams([Stream(admin_server, "brief", max_tokens=1000, n=8, temperature=1.0, seed=0)])[0]
         assert stream.started.wait(120)
-        r = client.delete("/admin/memories/brief", params={"timeout": 0.2})
+        r = client.delete("/admin/memories/brief", params={"timeout": 0})
     stream.join(120)
     assert r.status_code == 200 and r.json()["drained"] is False, (r.json(), stream.error, len(stream.tokens))
     assert stream.error and "unloaded while this request ran" in stream.error
-    assert len(stream.tokens) < 1000
+    assert len(stream.tokens) < 8 * 1000
     assert generate(admin_server, max_tokens=2).status_code == 200
 
 

@@ -69,3 +69,61 @@ def test_replace_gets_a_new_key_and_retires_the_old_one(tiny, tok):
             await catalog.unload("m")
 
     run(go())
+
+
+def test_reconcile_never_acts_on_a_stale_desired_set(tiny, tok, tmp_path):
+    """An admin load that lands while reconcile is busy must survive it.
+
+    Another replica removed z and q from the store; this replica's reconcile
+    starts unloading them, z still serving a request. Meanwhile an admin
+    loads q again. Reconcile used to go on from its old list and unload q.
+    """
+    import shutil
+
+    from server.store import MemoryStore
+
+    for name in ("z", "q"):
+        shutil.copytree(tiny["alpha"], tmp_path / name)
+
+    async def go():
+        store = MemoryStore(tmp_path)
+        catalog = MemoryCatalog(FakeEngine(), tok, store=store)
+        for name in ("z", "q"):
+            await catalog.load(catalog.validate(name, str(tmp_path / name)), managed=True)
+        catalog.get("z").acquire()  # a request still running on z
+        store.remove("z"), store.remove("q")  # the other replica's change
+        reconciling = asyncio.ensure_future(catalog.reconcile())
+        await asyncio.sleep(0.05)
+        await catalog.load(catalog.validate("q", str(tmp_path / "q")), replace=True, managed=True)
+        catalog_z = catalog.get("z")
+        if catalog_z is not None:
+            catalog_z.release()
+        await asyncio.sleep(0.05)
+        await reconciling
+        return catalog.names(), sorted(store.desired())
+
+    names, desired = run(go())
+    assert names == ["q"] and desired == ["q"]
+
+
+def test_a_failed_memory_is_not_re_read_until_it_changes(tiny, tok, tmp_path, monkeypatch):
+    import shutil
+
+    from server.store import DesiredMemory, MemoryStore
+
+    shutil.copytree(tiny["alpha"], tmp_path / "m")
+    store = MemoryStore(tmp_path)
+    catalog = MemoryCatalog(FakeEngine(), tok, store=store)
+    store.put(DesiredMemory("m", "m", None, "0" * 64))  # a hash the files do not have
+    reads = []
+    validate = catalog.validate
+    monkeypatch.setattr(catalog, "validate", lambda *a: reads.append(a) or validate(*a))
+
+    async def go():
+        await catalog.reconcile()
+        await catalog.reconcile()
+        (tmp_path / "m" / "memory.json").write_text("{}")  # the artifact changed: try again
+        await catalog.reconcile()
+
+    run(go())
+    assert len(reads) == 2 and "content changed on disk" in catalog.problems["m"]
