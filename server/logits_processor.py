@@ -8,6 +8,15 @@ by the tokens the row gained since the last step (the whole prompt the first
 time, one token afterwards), all rows of one memory in one batch, and the
 row's logits are replaced by ``memories.fuse.fuse``'s log-distribution.
 
+Chunked prefill: vLLM samples a row whose prompt it has only partly computed
+and then discards that sample. ``install_runner_hook`` hands the
+processor, per batch row, how many tokens the base has computed through this
+step, so the memory reads the prompt chunk by chunk alongside the base rather
+than whole at the first chunk, and rows whose sample vLLM discards keep their
+base logits. Without those counts (another vLLM build), the memory reads the
+whole prompt at the first chunk, which gives the same tokens, only in one
+long pass.
+
 Where the fusion happens: vLLM computes the logprobs it returns *before*
 logits processors run (``logprobs_mode=raw_logprobs``). So that returned
 logprobs are the fused ones and ``logit_bias``, penalties, temperature, top-p
@@ -63,8 +72,11 @@ class _Row:
     generation: int = -1
     last_logits: torch.Tensor | None = None
 
-    def pending(self) -> list[int]:
-        """Tokens of the context that the decoder has not read yet (all of them without a slot)."""
+    def pending(self, computed: int | None = None) -> list[int]:
+        """Tokens of the context that the decoder has not read yet (all of them without a slot).
+
+        ``computed`` caps the context at what the base has computed so far (chunked prefill).
+        """
         if self.slot is not None and self.decoder.generation(self.slot) != self.generation:
             self.slot = None  # evicted under the KV budget: recompute from the start
         fed = 0 if self.slot is None else self.decoder.length(self.slot)
@@ -72,9 +84,12 @@ class _Row:
         if fed > n + len(self.output):  # vLLM took sampled tokens back: start again
             self.decoder.close(self.slot)
             self.slot, fed = None, 0
-        if fed < n:
-            return self.prompt[fed:] + list(self.output)
-        return list(self.output[fed - n :])
+        context = self.prompt[fed:] + list(self.output) if fed < n else list(self.output[fed - n :])
+        return context if computed is None else context[: max(computed - fed, 0)]
+
+    def partial(self, computed: int | None) -> bool:
+        """vLLM discards this step's sample: the base has not computed the whole context yet."""
+        return computed is not None and computed < len(self.prompt) + len(self.output)
 
     def attach(self, slot: int) -> None:
         self.slot, self.generation = slot, self.decoder.generation(slot)
@@ -96,8 +111,10 @@ class MemoryFusionProcessor(LogitsProcessor):
         self.device = device
         self.rows: dict[int, _Row] = {}
         self._fused_this_step = False
+        self.computed: list[int] | None = None  # per batch row, set by the hook for one step
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._side_done = torch.cuda.Event() if self._side_stream is not None else None
+        install_runner_hook()
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
@@ -121,12 +138,15 @@ class MemoryFusionProcessor(LogitsProcessor):
         if batch_update is not None:
             self._apply_update(batch_update)
         if self._side_stream is not None and self.rows:
-            # The step's tokens are known before the base's forward: start the
-            # memories now on their own stream so they overlap it; fuse_batch
-            # waits for them. (GPU only; untested on these CPU machines.)
+            # A decoding row's step tokens are known before the base's forward:
+            # start the memories now on their own stream so they overlap it;
+            # fuse_batch waits for them. Rows still in their prompt wait for
+            # fuse_batch, which knows how much of it the base computed this step.
+            # (GPU only; untested on these CPU machines.)
             with torch.cuda.stream(self._side_stream):
-                for rows in self._rows_by_decoder(None).values():
-                    self._advance([self.rows[i] for i in rows])
+                for indices in self._rows_by_decoder(None).values():
+                    rows = [self.rows[i] for i in indices]
+                    self._advance([r for r in rows if r.slot is not None and r.decoder.length(r.slot) >= len(r.prompt)])
                 self._side_done.record()
 
     def _apply_update(self, batch_update: BatchUpdate) -> None:
@@ -175,16 +195,25 @@ class MemoryFusionProcessor(LogitsProcessor):
         return self.fuse_batch(logits, from_hook=False)
 
     def fuse_batch(self, logits: torch.Tensor, from_hook: bool = True) -> torch.Tensor:
-        """Replace the logits of every memory row with the fused log-distribution."""
+        """Replace the logits of every memory row with the fused log-distribution.
+
+        Rows the base is still prefilling advance the memory by this step's chunk and keep
+        their base logits: vLLM discards their sample.
+        """
         self._fused_this_step = from_hook
         if not self.rows:
             return logits
         logits = logits.float()
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_event(self._side_done)
+        computed = self.computed or []
         for indices in self._rows_by_decoder(logits.shape[0]).values():
+            limits = {i: computed[i] if i < len(computed) else None for i in indices}
+            self._advance([self.rows[i] for i in indices], list(limits.values()))  # no-op for rows the side stream already advanced
+            indices = [i for i in indices if not self.rows[i].partial(limits[i])]
+            if not indices:
+                continue
             rows = [self.rows[i] for i in indices]
-            self._advance(rows)  # no-op for rows the side stream already advanced
             mem_logits = torch.stack([r.last_logits for r in rows]).to(logits.device)
             weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
             temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
@@ -204,27 +233,33 @@ class MemoryFusionProcessor(LogitsProcessor):
         return groups
 
     @staticmethod
-    def _advance(rows: list[_Row]) -> None:
+    def _advance(rows: list[_Row], computed: list[int | None] | None = None) -> None:
         """One decoder call for every row that gained tokens; others reuse their last logits.
 
-        A row with nothing new is a chunked-prefill row seen again, or a row
-        whose previous sample was discarded: its context has not changed.
-        A row the KV budget has no slot for runs its whole context uncached.
+        ``computed`` (per row, None where unknown) caps what each row reads at
+        what the base has computed. A row with nothing new is a row whose
+        previous sample was discarded, or a chunked-prefill row seen again
+        without those counts: its context has not changed.
+        A row the KV budget has no slot for runs its whole context uncached,
+        unless vLLM discards its sample anyway.
         """
+        if not rows:
+            return
         decoder = rows[0].decoder
-        moving = [(row, pending) for row in rows if (pending := row.pending())]
-        protect = {row.slot for row, _ in moving if row.slot is not None}
-        for row, _ in moving:
+        limits = computed or [None] * len(rows)
+        moving = [(row, pending, limit) for row, limit in zip(rows, limits) if (pending := row.pending(limit))]
+        protect = {row.slot for row, _, _ in moving if row.slot is not None}
+        for row, _, _ in moving:
             if row.slot is None and (slot := decoder.open(protect)) is not None:
                 row.attach(slot)
                 protect.add(slot)
-        cached = [(row, pending) for row, pending in moving if row.slot is not None]
+        cached = [(row, pending) for row, pending, _ in moving if row.slot is not None]
         if cached:
             out = decoder.advance([row.slot for row, _ in cached], [pending for _, pending in cached])
             for (row, _), logits in zip(cached, out):
                 row.last_logits = logits
-        for row, pending in moving:
-            if row.slot is None:
+        for row, pending, limit in moving:
+            if row.slot is None and not row.partial(limit):
                 _warn_once(decoder.name + " budget", f"memory {decoder.name}: more rows in one step than its KV budget holds; the rest run uncached")
                 row.last_logits = decoder.compute(pending)
 
@@ -254,6 +289,44 @@ def install_sampler_hook() -> None:
 
     forward._memserve = True
     Sampler.forward = forward
+
+
+def install_runner_hook() -> None:
+    """Hand the processor what the base computed this step (chunked prefill; module docstring).
+
+    ``GPUModelRunner._sample`` (the CPU runner inherits it) runs when
+    ``optimistic_seq_lens_cpu[:num_reqs]`` holds, per input-batch row (the
+    rows logits processors index), the tokens the base has computed through
+    this step; vLLM discards the sample of every row where that is less than
+    the request's prompt plus output tokens. With speculative decoding those
+    counts include draft tokens, so they are not passed on. Installed from the
+    processor's constructor, in the engine process, where the runner module is
+    loaded anyway.
+    """
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return
+    original_sample = getattr(GPUModelRunner, "_sample", None)
+    if original_sample is None or getattr(original_sample, "_memserve", False):
+        return
+
+    def _sample(self, logits, spec_decode_metadata, *args, **kwargs):
+        counts = getattr(self, "optimistic_seq_lens_cpu", None)
+        procs = [p for p in self.input_batch.sampling_metadata.logitsprocs.non_argmax_invariant if isinstance(p, MemoryFusionProcessor)]
+        if counts is None or spec_decode_metadata is not None or not procs:
+            return original_sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        computed = counts[: self.input_batch.num_reqs].tolist()
+        for proc in procs:
+            proc.computed = computed
+        try:
+            return original_sample(self, logits, spec_decode_metadata, *args, **kwargs)
+        finally:
+            for proc in procs:
+                proc.computed = None
+
+    _sample._memserve = True
+    GPUModelRunner._sample = _sample
 
 
 install_sampler_hook()

@@ -207,3 +207,59 @@ def test_non_finite_memory_logits_leave_the_base_distribution(memory):
     assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
     assert torch.allclose(fused[1], expected_row(memory, base[1], [7, 8]), atol=1e-4)
     proc.update_state(update(0, removed=[1, 0]))
+
+
+def test_chunked_prefill_reads_the_prompt_chunk_by_chunk(memory, monkeypatch):
+    """A 10-token prompt computed by the base in chunks of 4, 4, 2: the memory reads the same chunks."""
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+    decoder = REGISTRY.get(KEY)
+    reads = []
+    advance = decoder.advance
+
+    def spy(slots, tokens):
+        reads.append([len(t) for t in tokens])
+        return advance(slots, tokens)
+
+    monkeypatch.setattr(decoder, "advance", spy)
+    prompt, out = list(range(40, 50)), []
+    short, short_out = [5, 6], []
+    proc.update_state(update(2, added=[(0, params(True), prompt, out), (1, params(True), short, short_out)]))
+    for computed, decoding in (([4, 2], None), ([8, 3], 20)):
+        if decoding is not None:
+            short_out.append(decoding)
+        proc.computed = computed
+        base, fused = step(proc, 2)
+        assert torch.equal(fused[0], base[0])  # partial prefill: vLLM discards this sample, left untouched
+        assert torch.allclose(fused[1], expected_row(memory, base[1], short + short_out), atol=1e-4)
+    short_out.append(21)
+    proc.computed = [10, 4]
+    base, fused = step(proc, 2)
+    assert reads == [[4, 2], [4, 1], [2, 1]]
+    assert torch.allclose(fused[0], expected_row(memory, base[0], prompt), atol=1e-4)  # as one pass over the prompt
+    out.append(22)
+    proc.computed = [11, 4]  # decoding: the count covers the whole context, nothing is capped
+    base, fused = step(proc, 2)
+    assert torch.allclose(fused[0], expected_row(memory, base[0], prompt + out), atol=1e-4)
+    proc.update_state(update(0, removed=[1, 0]))
+
+
+def test_runner_hook_hands_the_step_counts_to_the_processor(memory):
+    """The wrapped GPUModelRunner._sample gives the processor its batch rows' counts for that call only."""
+    from types import SimpleNamespace
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)  # installs the hook
+    seen = []
+    batch = SimpleNamespace(
+        num_reqs=2,
+        sampling_metadata=SimpleNamespace(logitsprocs=SimpleNamespace(non_argmax_invariant=[proc])),
+        update_async_output_token_ids=lambda: None,
+    )
+    runner = SimpleNamespace(
+        input_batch=batch,
+        optimistic_seq_lens_cpu=torch.tensor([4, 7, 0, 0], dtype=torch.int32),
+        sampler=lambda logits, sampling_metadata: seen.append(proc.computed),
+    )
+    GPUModelRunner._sample(runner, torch.zeros(2, 320), None)
+    assert seen == [[4, 7]] and proc.computed is None

@@ -1,0 +1,67 @@
+"""A memory under chunked prefill: the base computes a long prompt in 32-token chunks, the memory alongside.
+
+The memory must end up where one pass over the prompt leaves it, so the fused
+greedy tokens and logprobs equal the oracle's, also while other rows decode in
+the same batches.
+"""
+
+from __future__ import annotations
+
+import pytest
+from openai import OpenAI
+
+from bench.server_process import ServerProcess
+from memories.reference import ReferenceFusion
+from tests.conftest import FP32
+
+MAX_TOKENS = 12
+LONG = [(7 * i + 3) % 300 + 10 for i in range(100)]  # 100 tokens: four chunks of at most 32
+SHORT = [11, 12, 13, 14, 15]
+STREAMED = 150  # long enough to be still decoding while the long prompt is prefilled
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny, tmp_path_factory):
+    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
+    args += ["--memory", f"alpha={tiny['alpha']}", *FP32]
+    args += ["--enable-chunked-prefill", "--max-num-batched-tokens", "32", "--max-num-seqs", "4"]
+    proc = ServerProcess(args, tmp_path_factory.mktemp("chunked"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def complete(client: OpenAI, prompt: list[int], domain: str | None):
+    extra = {"return_token_ids": True, "ignore_eos": True, **({"domain": domain, "memory_weight": 0.5} if domain else {})}
+    r = client.completions.create(model="tiny-base", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body=extra)
+    return list(r.choices[0].token_ids), list(r.choices[0].logprobs.token_logprobs)
+
+
+def test_chunked_prompt_matches_one_pass(chunked, tiny):
+    client = OpenAI(base_url=chunked.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    fused, base = ReferenceFusion(str(tiny["base"]), str(tiny["alpha"])), ReferenceFusion(str(tiny["base"]), None)
+    for domain, ref, weight in (("alpha", fused, 0.5), (None, base, 0.0)):
+        tokens, logprobs = complete(client, LONG, domain)
+        expected = ref.greedy(LONG, MAX_TOKENS, weight)
+        assert tokens == expected.tokens
+        assert logprobs == pytest.approx(expected.logprobs, abs=1e-3)
+
+
+def test_chunked_prompt_beside_a_decoding_memory_row(chunked, tiny):
+    """The long prompt arrives while a short memory request streams: chunk and decode rows share steps."""
+    client = OpenAI(base_url=chunked.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    ref = ReferenceFusion(str(tiny["base"]), str(tiny["alpha"]))
+    extra = {"return_token_ids": True, "ignore_eos": True, "domain": "alpha", "memory_weight": 0.5}
+    stream = client.completions.create(model="tiny-base", prompt=SHORT, max_tokens=STREAMED, temperature=0, stream=True, extra_body=extra)
+    chunks = iter(stream)
+    streamed = list(next(chunks).choices[0].token_ids)  # the short row is decoding now
+    tokens, logprobs = complete(client, LONG, "alpha")
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed += list(choice.token_ids or [])
+    assert streamed == ref.greedy(SHORT, STREAMED, 0.5).tokens
+    expected = ref.greedy(LONG, MAX_TOKENS, 0.5)
+    assert tokens == expected.tokens
+    assert logprobs == pytest.approx(expected.logprobs, abs=1e-3)
