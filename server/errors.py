@@ -99,7 +99,9 @@ def _memserve(exc: MemserveError) -> JSONResponse:
 def _validation(exc: ValidationError | RequestValidationError) -> JSONResponse:
     parts, param = [], None
     for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in e.get("loc", ())]
+        if loc and isinstance(exc, RequestValidationError) and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]  # FastAPI names where the value came from first
         param = param or (loc[0] if loc else None)
         parts.append(f"{'.'.join(loc)}: {e.get('msg')}" if loc else str(e.get("msg")))
     return error_json(HTTPStatus.BAD_REQUEST, "invalid request: " + "; ".join(parts), param)

@@ -149,6 +149,12 @@ def test_replace_under_load(admin_server):
     assert admin(admin_server, "DELETE", "/admin/memories/delta").status_code == 200
 
 
+def test_unload_timeout_must_be_a_sane_number(admin_server):
+    for bad in ("-1", "nan", "1e9"):
+        r = admin(admin_server, "DELETE", f"/admin/memories/alpha?timeout={bad}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "timeout", r.text
+
+
 def test_unload_timeout_ends_running_requests_with_an_error(admin_server):
     assert admin(admin_server, "POST", body={"name": "brief", "path": "alpha"}).status_code == 201
     with httpx.Client(base_url=admin_server.url, headers=AUTH, timeout=120) as client:
@@ -217,6 +223,7 @@ def bad_artifacts(root, tiny, tmp_path_factory):
         ({"name": "tiny-base", "path": "alpha"}, 400, "base model"),
         ({"name": "x", "path": "alpha", "memory_weight": 2}, 400, "memory_weight"),
         ({"name": "x"}, 400, "path"),
+        ({"name": "x", "path": "alpha\u0000"}, 400, "NUL"),
     ],
 )
 def test_bad_loads(admin_server, bad_artifacts, body, status, needle):
