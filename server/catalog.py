@@ -103,7 +103,6 @@ class MemoryCatalog:
         self._generation = 0
         self.unload_timeout = 30.0  # set by the runtime from --unload-timeout
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
-        self._desired: set[str] = set()  # the store's desired names, as of the last read
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()
 
@@ -155,7 +154,6 @@ class MemoryCatalog:
         if managed and persist and self.store is not None:
             entry = DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight, card.content_sha256)
             await asyncio.to_thread(self.store.put, entry)
-            self._desired.add(card.name)
         return loaded
 
     async def unload(self, name: str, timeout: float | None = None, managed: bool = True) -> tuple[LoadedMemory, bool]:
@@ -168,7 +166,6 @@ class MemoryCatalog:
             loaded = self._hide(name)
             if managed and self.store is not None:
                 await asyncio.to_thread(self.store.remove, name)
-                self._desired.discard(name)
         drained = await self._retire(loaded, self.unload_timeout if timeout is None else timeout)
         return loaded, drained
 
@@ -215,7 +212,6 @@ class MemoryCatalog:
                 desired = await asyncio.to_thread(self.store.desired)
             except Exception:
                 return
-            self._desired = set(desired)
             for name, want in desired.items():
                 have = self._memories.get(name)
                 same_weight = have is not None and (want.memory_weight is None or have.card.weight == want.memory_weight)
@@ -256,8 +252,18 @@ class MemoryCatalog:
         return max(1, math.ceil(self.reconcile_interval or 1))
 
     def is_desired(self, name: str) -> bool:
-        """In the store's desired set as of the last reconcile (another replica loaded it), not failed here."""
-        return name in self._desired and name not in self.problems
+        """In the store's desired set (so another replica loaded it) but not failed here.
+
+        Read from the store itself, not from the last reconcile: a replica that
+        reconciles only on admin calls must still answer 503 (retry), not 404.
+        Only requests naming an unknown memory get here; the file is small.
+        """
+        if self.store is None or name in self.problems:
+            return False
+        try:
+            return name in self.store.desired()
+        except Exception:
+            return False
 
     def get(self, name: str) -> LoadedMemory | None:
         return self._memories.get(name)
