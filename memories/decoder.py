@@ -247,8 +247,11 @@ class MemoryDecoder:
         self.evictions += 1
 
     def _shrink_if_idle(self) -> None:
-        """Once no sequence runs, give back a pool that grew for a peak (its parked sequences go with it)."""
-        if self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
+        """Without a budget, once no sequence runs, give back a pool that grew for a peak (its parked sequences go with it).
+
+        A budgeted pool keeps its size: the operator set aside those bytes, and its parked sequences stay useful.
+        """
+        if self._max_slots is not None or self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
             return
         self._k = self._v = torch.empty(0)
         self._lengths, self._generation, self._last_used, self._free, self._parked = [], [], [], [], {}
