@@ -94,3 +94,37 @@ def poisoned_copy(src: Path, out: Path, tensor: str = "model.layers.0.mlp.up_pro
     tensors[tensor][0, 0] = value
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return out
+
+
+def base_embedding_pair(memory: Path, base: Path, root: Path) -> tuple[Path, Path]:
+    """Two versions of ``memory`` that run on ``base``'s token embedding and head: one storing copies, one thin.
+
+    The thin one leaves both tensors out and says ``"embeddings": "base"``; served on that
+    base, the two must give the same distributions.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base_weights = load_file(str(base / "model.safetensors"))
+    full, thin = root / f"{memory.name}-full", root / f"{memory.name}-thin"
+    for out in (full, thin):
+        shutil.copytree(memory, out)
+        (weights,) = out.glob("*.safetensors")
+        tensors = load_file(str(weights))
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors.pop(key, None)
+            if out is full:
+                tensors[key] = base_weights[key].clone()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    card = json.loads((memory / "memory.json").read_text()) if (memory / "memory.json").exists() else {"format": 1}
+    (thin / "memory.json").write_text(json.dumps({**card, "embeddings": "base"}))
+    return full, thin
+
+
+def base_tensors_of(base: Path) -> dict:
+    """The base's embedding and head as the worker hands them to a thin memory (unit tests have no engine)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(base / "model.safetensors"))
+    return {"embed_tokens.weight": weights["model.embed_tokens.weight"], "lm_head.weight": weights["lm_head.weight"]}
