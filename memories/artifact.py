@@ -20,6 +20,8 @@ MEMORY_JSON = "memory.json"
 FORMAT_VERSION = 1
 # Architectures the memory runtime (memories/decoder.py) can run incrementally.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+# What a thin memory (``"embeddings": "base"``) leaves out and takes from the base at serving time.
+BASE_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
 
 class ArtifactError(ValueError):
@@ -45,6 +47,8 @@ class MemoryCard:
     architecture: str = ""
     vocab_size: int = 0
     num_parameters: int = 0
+    hidden_size: int = 0
+    embeddings: str | None = None  # "base": token embedding and output head are the base's (not stored)
     content_sha256: str = ""
     corpus: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +125,13 @@ def read_card(path: str | os.PathLike, name: str, default_weight: float | None =
             raise ArtifactError(name, "unknown memory.json format", f"memory has {meta.get('format')!r}, server reads {FORMAT_VERSION}")
     weight = meta.get("lambda", default_weight if default_weight is not None else 0.5)
     temperature = meta.get("temperature", 1.0)
+    embeddings = meta.get("embeddings")
+    if embeddings not in (None, "base"):
+        raise ArtifactError(name, "unknown memory.json embeddings", f"memory has {embeddings!r}, server reads 'base' or no field")
+    shapes = _tensor_shapes(name, weights)
+    stored = sorted(k for k in shapes if k.removeprefix("model.") in BASE_TENSORS)
+    if embeddings == "base" and stored:
+        raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))
     return MemoryCard(
         name=name,
         path=str(root.resolve()),
@@ -132,30 +143,42 @@ def read_card(path: str | os.PathLike, name: str, default_weight: float | None =
         tokenizer_sha256=meta.get("tokenizer_sha256"),
         architecture=arch,
         vocab_size=int(config.get("vocab_size", 0)),
-        num_parameters=_count_parameters(name, weights),
+        num_parameters=sum(math.prod(shape) for shape in shapes.values()),
+        hidden_size=int(config.get("hidden_size", 0)),
+        embeddings=embeddings,
         content_sha256=content_sha256(root),
         corpus=meta.get("corpus") or {},
         metrics=meta.get("metrics") or {},
     )
 
 
-def _count_parameters(name: str, weights: list[Path]) -> int:
+def _tensor_shapes(name: str, weights: list[Path]) -> dict[str, list[int]]:
     """Reads only the safetensors headers; a corrupt header is refused here."""
     from safetensors import safe_open
 
-    total = 0
+    shapes = {}
     for f in weights:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
-                    total += math.prod(st.get_slice(key).get_shape())
+                    shapes[key] = st.get_slice(key).get_shape()
         except Exception as e:  # safetensors raises several types for bad files
             raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
-    return total
+    return shapes
 
 
-def check_compatible(card: MemoryCard, base_tokenizer) -> None:
-    """Refuse a memory whose token ids would not mean the base's token ids."""
+def uses_base_embeddings(path: str | os.PathLike) -> bool:
+    """Whether the artifact's ``memory.json`` says ``"embeddings": "base"`` (read_card has checked it)."""
+    meta = Path(path) / MEMORY_JSON
+    return meta.exists() and json.loads(meta.read_text()).get("embeddings") == "base"
+
+
+def check_compatible(card: MemoryCard, base_tokenizer, base_config: dict | None = None) -> None:
+    """Refuse a memory whose token ids would not mean the base's token ids.
+
+    A thin memory also needs ``base_config`` (the base's ``config.json``): it runs on
+    the base's embedding and head, so its width and vocabulary must be the base's.
+    """
     base_sha = tokenizer_sha256(base_tokenizer)
     root = Path(card.path)
     if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -174,6 +197,12 @@ def check_compatible(card: MemoryCard, base_tokenizer) -> None:
     needed = len(base_tokenizer)
     if card.vocab_size < needed:
         raise ArtifactError(card.name, "vocabulary too small", f"memory vocab_size {card.vocab_size} < base tokenizer's {needed} tokens")
+    if card.embeddings == "base":
+        if base_config is None:
+            raise ArtifactError(card.name, "embeddings 'base' need the base's config", "no base config.json was given to check it against")
+        for key, mine in (("hidden_size", card.hidden_size), ("vocab_size", card.vocab_size)):
+            if mine != base_config.get(key):
+                raise ArtifactError(card.name, f"{key} differs from the base's", f"memory {key} {mine}, base {base_config.get(key)}; a memory with embeddings 'base' runs on the base's embedding and head")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -61,6 +61,7 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accumulate", type=int, default=d.accumulate, help="windows per optimiser step (default %(default)s)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of steps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--embeddings", choices=("own", "base"), default=d.embeddings, help="base: a thin memory, its token embedding and head the base's, frozen in training, left out of the artifact and shared at serving (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for the order of training windows and the index's training sample (default %(default)s)")
     g = p.add_argument_group("runtime")
     g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")

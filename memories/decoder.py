@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from memories.artifact import ArtifactError
+from memories.artifact import BASE_TENSORS, ArtifactError, uses_base_embeddings
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,12 @@ class DecoderConfig:
 
 
 class MemoryDecoder:
-    """Weights of one memory plus the KV slot pool of the sequences running on it."""
+    """Weights of one memory plus the KV slot pool of the sequences running on it.
+
+    A thin memory (``"embeddings": "base"``) runs on ``base_tensors``, the base's
+    ``embed_tokens.weight`` and ``lm_head.weight`` as the engine holds them: they are
+    used in place, never copied, and not counted as the memory's own.
+    """
 
     def __init__(
         self,
@@ -74,6 +79,7 @@ class MemoryDecoder:
         dtype=torch.float32,
         kv_budget_bytes: int | None = None,
         max_len: int = 2048,
+        base_tensors: dict[str, torch.Tensor] | None = None,
     ):
         path = Path(path)
         self.name = name
@@ -86,6 +92,15 @@ class MemoryDecoder:
                 weights.update(load_file(str(f)))
             except Exception as e:  # safetensors raises several types for bad files
                 raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
+        self._shared: set[int] = set()
+        if uses_base_embeddings(path):
+            if base_tensors is None:
+                raise ArtifactError(name, "embeddings 'base' unavailable", "this engine's model exposes no token embedding and output head to share")
+            stored = sorted(k for k in weights if k.removeprefix("model.") in BASE_TENSORS)
+            if stored:
+                raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))
+            weights |= base_tensors
+            self._shared = {id(t) for t in base_tensors.values()}
         self.w = self._place(name, weights)
         c = self.cfg
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
@@ -146,7 +161,11 @@ class MemoryDecoder:
                 raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
             if not t.is_floating_point():
                 raise ArtifactError(name, "unsupported dtype", f"{key} is {t.dtype}")
-            if id(t) not in placed:
+            if id(t) in self._shared:
+                if (t.device, t.dtype) != (self.device, self.dtype):
+                    raise ArtifactError(name, "base tensors do not match the engine", f"{key} is {t.dtype} on {t.device}, the memory runs {self.dtype} on {self.device}")
+                placed[id(t)] = t
+            elif id(t) not in placed:
                 placed[id(t)] = self._finite(name, key, t.to(device=self.device, dtype=self.dtype).contiguous())
             out[key] = placed[id(t)]
         for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
@@ -168,13 +187,14 @@ class MemoryDecoder:
 
     @property
     def num_parameters(self) -> int:
-        seen = {id(t): t.numel() for t in self.w.values()}
+        """The memory's own parameters; the base's shared tensors are the base's."""
+        seen = {id(t): t.numel() for t in self.w.values() if id(t) not in self._shared}
         return sum(seen.values())
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the device: weights plus the KV pool as allocated now."""
-        weights = {id(t): t.numel() * t.element_size() for t in self.w.values()}
+        """Bytes this memory adds on the device: its own weights plus the KV pool as allocated now."""
+        weights = {id(t): t.numel() * t.element_size() for t in self.w.values() if id(t) not in self._shared}
         return sum(weights.values()) + 2 * self._k.numel() * self._k.element_size()
 
     # ---- slots ----------------------------------------------------------
@@ -288,14 +308,16 @@ class MemoryDecoder:
 
     @torch.inference_mode()
     def advance(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Append ``tokens[i]`` to sequence ``slots[i]``; return next-token logits ``[B, V]``.
+        """Append ``tokens[i]`` to sequence ``slots[i]``; return the final hidden state after each row ``[B, H]``.
 
+        The output head is left to the caller (:meth:`head`), so that memories
+        sharing the base's head can apply it once for all their rows.
         Single-token rows run as one batch; longer rows (prompts) run one by one.
         Every row must bring at least one token.
         """
         if not all(tokens):
             raise ValueError("advance() needs at least one new token per row")
-        out = torch.empty(len(slots), self.cfg.vocab_size, device=self.device, dtype=torch.float32)
+        out = torch.empty(len(slots), self.cfg.hidden, device=self.device, dtype=self.dtype)
         single = [i for i, t in enumerate(tokens) if len(t) == 1]
         if single:
             out[single] = self._step([slots[i] for i in single], [tokens[i] for i in single])
@@ -306,8 +328,8 @@ class MemoryDecoder:
 
     @torch.inference_mode()
     def compute(self, tokens: list[int]) -> torch.Tensor:
-        """Next-token logits after ``tokens`` (``[V]``) in a cache of their own, for a row the pool has no slot for."""
-        return self._head(self._scratch(tokens)[0, -1])
+        """The final hidden state after ``tokens`` (``[H]``) in a cache of their own, for a row the pool has no slot for."""
+        return self._scratch(tokens)[0, -1]
 
     @torch.inference_mode()
     def score(self, tokens: list[int], chunk: int = 256) -> Iterator[torch.Tensor]:
@@ -318,7 +340,17 @@ class MemoryDecoder:
         """
         hidden = self._scratch(tokens)[0]
         for i in range(0, len(tokens), chunk):
-            yield self._head(hidden[i : i + chunk])
+            yield self.head(hidden[i : i + chunk])
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head; thin memories of one base share it (the same storage)."""
+        return self.w["lm_head.weight"]
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (fp32) from final hidden states."""
+        return F.linear(hidden, self.head_weight).float()
 
     def _step(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
         n_new = len(tokens[0])
@@ -329,7 +361,7 @@ class MemoryDecoder:
         for s in slots:
             self._lengths[s] += n_new
             self._last_used[s] = self._clock
-        return self._head(hidden[:, -1])
+        return hidden[:, -1]
 
     def _scratch(self, tokens: list[int]) -> torch.Tensor:
         c = self.cfg
@@ -337,9 +369,6 @@ class MemoryDecoder:
         k = torch.empty(shape, device=self.device, dtype=self.dtype)
         v = torch.empty(shape, device=self.device, dtype=self.dtype)
         return self._forward(k, v, [0], [0], [tokens])
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.w["lm_head.weight"]).float()
 
     def _forward(self, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: list[int], starts: list[int], tokens: list[list[int]]) -> torch.Tensor:
         """Final hidden states ``[B, M, H]`` of the new tokens, their keys and values written to the cache."""

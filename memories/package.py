@@ -3,16 +3,19 @@
 The directory gets the HF weights and config from the train stage, the base's
 tokenizer (so the server can prove the ids mean the same tokens), and
 ``memory.json`` with the λ chosen on validation and the evaluation numbers.
+A thin memory (``embeddings="base"``) leaves the token embedding and head out
+of its weights: the server uses the base's own.
 It is assembled in a temporary sibling, checked with the same
 ``read_card`` / ``check_compatible`` the server runs, then renamed into place.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from memories.artifact import FORMAT_VERSION, MEMORY_JSON, check_compatible, read_card, tokenizer_sha256, write_json_atomic
+from memories.artifact import BASE_TENSORS, FORMAT_VERSION, MEMORY_JSON, check_compatible, read_card, tokenizer_sha256, write_json_atomic
 from memories.stage import publish_dir
 
 
@@ -26,7 +29,9 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
     tmp.mkdir()
     train_dir = cfg.work / "train"
     for f in sorted(train_dir.iterdir()):
-        if f.name == "config.json" or f.name == "generation_config.json" or f.suffix == ".safetensors":
+        if f.suffix == ".safetensors" and cfg.embeddings == "base":
+            _without_base_tensors(f, tmp / f.name)
+        elif f.name == "config.json" or f.name == "generation_config.json" or f.suffix == ".safetensors":
             shutil.copy2(f, tmp / f.name)
     tok = AutoTokenizer.from_pretrained(cfg.base)
     tok.save_pretrained(tmp)
@@ -39,6 +44,7 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
         "temperature": evaluation["memory_temperature"],
         "tokenizer_sha256": tokenizer_sha256(tok),
         "base_model": Path(cfg.base).name,
+        **({"embeddings": "base"} if cfg.embeddings == "base" else {}),
         "description": cfg.description or f"memory for {Path(cfg.base).name} trained on {cfg.corpus}",
         "corpus": {
             "spec": corpus_summary["spec"],
@@ -65,6 +71,14 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
     write_json_atomic(tmp / MEMORY_JSON, card)
     for f in tmp.iterdir():  # temp-file writers create 0600 files; a memory is meant to be shared
         f.chmod(0o644)
-    check_compatible(read_card(tmp, cfg.name), tok)  # the server's own checks, before publishing
+    base_config = json.loads((Path(cfg.base) / "config.json").read_text())
+    check_compatible(read_card(tmp, cfg.name), tok, base_config)  # the server's own checks, before publishing
     publish_dir(tmp, final)
     return final
+
+
+def _without_base_tensors(src: Path, dst: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src))
+    save_file({k: v for k, v in tensors.items() if k.removeprefix("model.") not in BASE_TENSORS}, str(dst), metadata={"format": "pt"})

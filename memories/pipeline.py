@@ -71,6 +71,7 @@ class BuildConfig:
     warmup: float = 0.05
     weight_decay: float = 0.01
     seed: int = 0
+    embeddings: str = "own"  # "base": a thin memory, its embedding and head the base's, frozen and not stored
     work_root: str | None = None  # default OUT/work
     # runtime only (never part of a fingerprint)
     threads: int = 0
@@ -251,7 +252,8 @@ def stage_train(cfg: BuildConfig) -> dict:
     targets = require(cfg.work / "targets", "targets stage", "`memserve memory targets`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
     opts = {k: getattr(cfg, k) for k in ("layers", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed")}
-    fp = fingerprint(targets=targets["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), **opts)
+    thin = {"embeddings": "base"} if cfg.embeddings == "base" else {}  # absent for full memories: their fingerprints stay as they were
+    fp = fingerprint(targets=targets["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), **opts, **thin)
     ckpt = cfg.work / "train-checkpoints" / fp[:16]
 
     def produce(tmp: Path) -> dict:
@@ -259,7 +261,7 @@ def stage_train(cfg: BuildConfig) -> dict:
         ids, probs = load_targets(cfg.work / "targets")
         if len(ids) != len(tokens) - 1:
             raise StageError(f"targets have {len(ids)} rows but the training stream has {len(tokens) - 1} positions: rebuild targets")
-        rec = train_memory(cfg.base, tokens, ids, probs, tmp, ckpt, progress=cfg.progress, **opts)
+        rec = train_memory(cfg.base, tokens, ids, probs, tmp, ckpt, progress=cfg.progress, frozen_embeddings=bool(thin), **opts)
         return rec
 
     rec = run_stage("train", cfg.work / "train", fp, produce)

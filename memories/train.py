@@ -80,16 +80,23 @@ def _schedule(total_steps: int, warmup: float):
     return factor
 
 
-def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Path, ckpt_dir: Path, *, layers: int, context: int, stride: int, epochs: int, lr: float, beta: float, accumulate: int, warmup: float, weight_decay: float, seed: int, progress=True) -> dict:
-    """Train and save the memory as an HF directory in ``out``; checkpoints go to ``ckpt_dir``."""
+def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Path, ckpt_dir: Path, *, layers: int, context: int, stride: int, epochs: int, lr: float, beta: float, accumulate: int, warmup: float, weight_decay: float, seed: int, progress=True, frozen_embeddings: bool = False) -> dict:
+    """Train and save the memory as an HF directory in ``out``; checkpoints go to ``ckpt_dir``.
+
+    ``frozen_embeddings``: the token embedding and head stay the base's (a thin memory, which
+    the server runs on the base's own tensors); they are still saved here, for evaluation.
+    """
     torch.manual_seed(seed)
     model = init_memory(base_dir, layers)
+    if frozen_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
     model.train()
     windows = list(iter_windows(len(tokens), context, stride))
     steps_per_epoch = math.ceil(len(windows) / accumulate)
     total = steps_per_epoch * epochs
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, warmup))
     history: list[dict] = []

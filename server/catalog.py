@@ -90,9 +90,11 @@ class MemoryCatalog:
         max_memories: int | None = None,
         budget_bytes: int | None = None,
         store: MemoryStore | None = None,
+        base_config: dict | None = None,
     ):
         self.engine = engine
         self.base_tokenizer = base_tokenizer
+        self.base_config = base_config  # the base's config.json, which thin memories are checked against
         self.default_weight = default_weight
         self.max_memories = max_memories
         self.budget_bytes = budget_bytes
@@ -107,11 +109,11 @@ class MemoryCatalog:
         self._background: set[asyncio.Task] = set()
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
-        """All checks that need no engine: metadata, weights header, tokenizer, vocab."""
+        """All checks that need no engine: metadata, weights header, tokenizer, vocab, a thin memory's width."""
         card = read_card(path, name, self.default_weight)
         if weight is not None:
             card = dataclasses.replace(card, weight=weight)
-        check_compatible(card, self.base_tokenizer)
+        check_compatible(card, self.base_tokenizer, self.base_config)
         return card
 
     def _check_limits(self, card: MemoryCard) -> None:

@@ -7,6 +7,8 @@ client sends). For those rows, each step, the memory decoder advances
 by the tokens the row gained since the last step (the whole prompt the first
 time, one token afterwards), all rows of one memory in one batch, and the
 row's logits are replaced by ``memories.fuse.fuse``'s log-distribution.
+Memories that share an output head (thin memories: the base's own) apply it
+once for all their rows, so a mix of them costs about what one memory costs.
 
 Chunked prefill: vLLM samples a row whose prompt it has only partly computed
 and then discards that sample. ``install_runner_hook`` hands the
@@ -70,7 +72,7 @@ class _Row:
     output: list[int]  # vLLM's live list: grows as the request decodes, and names the request
     slot: int | None = None
     generation: int = -1
-    last_logits: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None  # the decoder's final hidden state after the context read so far
 
     def pending(self, computed: int | None = None) -> list[int]:
         """Tokens of the context that the decoder has not read yet (all of them without a slot).
@@ -101,7 +103,7 @@ class _Row:
         """
         if self.slot is not None and self.decoder.generation(self.slot) == self.generation:
             self.decoder.park(self.slot, self.output, self.decoder.length(self.slot) - 1)
-        self.slot = self.last_logits = None
+        self.slot = self.last_hidden = None
 
 
 class MemoryFusionProcessor(LogitsProcessor):
@@ -207,23 +209,34 @@ class MemoryFusionProcessor(LogitsProcessor):
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_event(self._side_done)
         computed = self.computed or []
-        for indices in self._rows_by_decoder(logits.shape[0]).values():
-            limits = {i: computed[i] if i < len(computed) else None for i in indices}
-            self._advance([self.rows[i] for i in indices], list(limits.values()))  # no-op for rows the side stream already advanced
-            indices = [i for i in indices if not self.rows[i].partial(limits[i])]
+        for by_decoder in self._groups_by_head(logits.shape[0]):
+            indices = []
+            for group in by_decoder:
+                limits = {i: computed[i] if i < len(computed) else None for i in group}
+                self._advance([self.rows[i] for i in group], list(limits.values()))  # no-op for rows the side stream already advanced
+                indices += [i for i in group if not self.rows[i].partial(limits[i])]
             if not indices:
                 continue
             rows = [self.rows[i] for i in indices]
-            mem_logits = torch.stack([r.last_logits for r in rows]).to(logits.device)
+            mem_logits = rows[0].decoder.head(torch.stack([r.last_hidden for r in rows])).to(logits.device)
             weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
             temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
             broken = ~torch.isfinite(mem_logits).all(dim=-1, keepdim=True)
             if broken.any():  # overflow in the memory's dtype: the base alone serves the row, never NaN
-                _warn_once(rows[0].decoder.name, f"memory {rows[0].decoder.name} gave non-finite logits; the base alone serves those rows")
+                for name in sorted({r.decoder.name for r, bad in zip(rows, broken[:, 0].tolist()) if bad}):
+                    _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
                 mem_logits, weight = mem_logits.masked_fill(broken, 0.0), weight.masked_fill(broken, 0.0)
             index_t = torch.tensor(indices, device=logits.device)
             logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
         return logits
+
+    def _groups_by_head(self, batch_size: int) -> list[list[list[int]]]:
+        """Batch rows by output head (the same storage), and within a head by decoder."""
+        groups: dict[tuple, list[list[int]]] = {}
+        for indices in self._rows_by_decoder(batch_size).values():
+            head = self.rows[indices[0]].decoder.head_weight
+            groups.setdefault((head.data_ptr(), tuple(head.shape), head.dtype, head.device), []).append(indices)
+        return list(groups.values())
 
     def _rows_by_decoder(self, batch_size: int | None) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}
@@ -234,7 +247,7 @@ class MemoryFusionProcessor(LogitsProcessor):
 
     @staticmethod
     def _advance(rows: list[_Row], computed: list[int | None] | None = None) -> None:
-        """One decoder call for every row that gained tokens; others reuse their last logits.
+        """One decoder call for every row that gained tokens; others keep their last hidden state.
 
         ``computed`` (per row, None where unknown) caps what each row reads at
         what the base has computed. A row with nothing new is a row whose
@@ -256,12 +269,12 @@ class MemoryFusionProcessor(LogitsProcessor):
         cached = [(row, pending) for row, pending, _ in moving if row.slot is not None]
         if cached:
             out = decoder.advance([row.slot for row, _ in cached], [pending for _, pending in cached])
-            for (row, _), logits in zip(cached, out):
-                row.last_logits = logits
+            for (row, _), hidden in zip(cached, out):
+                row.last_hidden = hidden
         for row, pending, limit in moving:
             if row.slot is None and not row.partial(limit):
                 _warn_once(decoder.name + " budget", f"memory {decoder.name}: more rows in one step than its KV budget holds; the rest run uncached")
-                row.last_logits = decoder.compute(pending)
+                row.last_hidden = decoder.compute(pending)
 
 
 _warned: set[str] = set()

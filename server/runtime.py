@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -112,7 +113,8 @@ async def run(opts: ServeOptions) -> int:
         return 2
     tokenizer = AutoTokenizer.from_pretrained(model)
     store = MemoryStore(opts.memory_root) if opts.memory_root else None
-    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store)
+    base_config = json.loads((Path(model) / "config.json").read_text())
+    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config)
     catalog.unload_timeout = opts.unload_timeout
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))

@@ -63,7 +63,9 @@ class MemoryWorkerExtension:
         # (bf16 on CPUs with bf16 units, --dtype to override) suits it too
         dtype = getattr(getattr(runner, "model_config", None), "dtype", torch.float32)
         max_len = getattr(getattr(runner, "model_config", None), "max_model_len", 2048)
-        _LOADING[key] = _LOADER.submit(MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len)
+        _LOADING[key] = _LOADER.submit(
+            MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len, base_tensors=base_tensors(runner)
+        )
 
     def memserve_loaded(self, key: str) -> dict | None:
         """None while loading; then the memory's sizes, or ``{"error": ...}``.
@@ -112,6 +114,27 @@ class MemoryWorkerExtension:
             logp = memory_logprobs(logits, base_width, temperature)  # [chunk, V]
             out += _gather(logp, wanted[len(out) : len(out) + len(logp)])
         return out
+
+
+def base_tensors(runner) -> dict[str, torch.Tensor] | None:
+    """The base's token embedding and output head as the engine holds them, for thin memories.
+
+    Views, not copies: every thin memory of this worker reads the engine's own
+    tensors, so they share one head (``fuse_batch`` applies it once for all
+    their rows). vLLM pads the vocabulary dimension (to a multiple of 64);
+    the views stop at the model's vocabulary. None where the model does not
+    expose them whole (another architecture, or a vocabulary split across
+    tensor-parallel ranks): a thin memory is then refused at load.
+    """
+    try:
+        model = runner.get_model()
+        vocab = runner.model_config.get_vocab_size()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    except (AttributeError, ValueError):
+        return None
+    if embed.dim() != 2 or head.dim() != 2 or min(embed.shape[0], head.shape[0]) < vocab:
+        return None
+    return {"embed_tokens.weight": embed[:vocab], "lm_head.weight": head[:vocab]}
 
 
 def _gather(logp: torch.Tensor, wanted: list[list[int]]) -> list[list[float] | None]:

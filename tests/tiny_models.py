@@ -37,8 +37,8 @@ def build_tokenizer(out: Path, vocab_size: int = 320):
     return fast
 
 
-def build_llama(out: Path, tokenizer, layers: int, seed: int, hidden: int = 128, vocab_size: int | None = None, memory_json: dict | None = None, ship_tokenizer: bool = True) -> Path:
-    """A random Llama with head size 64 (vLLM's CPU attention needs it) and peaked outputs."""
+def build_llama(out: Path, tokenizer, layers: int, seed: int, hidden: int = 128, vocab_size: int | None = None, memory_json: dict | None = None, ship_tokenizer: bool = True, tied: bool = False) -> Path:
+    """A random Llama with head size 64 (vLLM's CPU attention needs it) and peaked outputs; ``tied``: one embedding for input and output, as SmolLM2."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +52,7 @@ def build_llama(out: Path, tokenizer, layers: int, seed: int, hidden: int = 128,
         num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=1024,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=0.1,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -61,7 +61,7 @@ def build_llama(out: Path, tokenizer, layers: int, seed: int, hidden: int = 128,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # a larger output layer makes greedy choices robust to float noise
-        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.mul_(1.0 if tied else 8.0)  # (tied, it would scale the input embedding too)
     model.save_pretrained(out, safe_serialization=True)
     if ship_tokenizer:
         tokenizer.save_pretrained(out)
@@ -94,3 +94,39 @@ def poisoned_copy(src: Path, out: Path, tensor: str = "model.layers.0.mlp.up_pro
     tensors[tensor][0, 0] = value
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return out
+
+
+def base_embedding_pair(memory: Path, base: Path, root: Path) -> tuple[Path, Path]:
+    """Two versions of ``memory`` that run on ``base``'s token embedding and head: one storing copies, one thin.
+
+    The thin one leaves both tensors out and says ``"embeddings": "base"``; served on that
+    base, the two must give the same distributions.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base_weights = load_file(str(base / "model.safetensors"))
+    base_weights.setdefault("lm_head.weight", base_weights["model.embed_tokens.weight"])  # a tied base stores one
+    full, thin = root / f"{memory.name}-full", root / f"{memory.name}-thin"
+    for out in (full, thin):
+        shutil.copytree(memory, out)
+        (weights,) = out.glob("*.safetensors")
+        tensors = load_file(str(weights))
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors.pop(key, None)
+            if out is full:
+                tensors[key] = base_weights[key].clone()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    card = json.loads((memory / "memory.json").read_text()) if (memory / "memory.json").exists() else {"format": 1}
+    (thin / "memory.json").write_text(json.dumps({**card, "embeddings": "base"}))
+    return full, thin
+
+
+def base_tensors_of(base: Path) -> dict:
+    """The base's embedding and head as the worker hands them to a thin memory (unit tests have no engine)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(base / "model.safetensors"))
+    embed = weights["model.embed_tokens.weight"]
+    return {"embed_tokens.weight": embed, "lm_head.weight": weights.get("lm_head.weight", embed)}

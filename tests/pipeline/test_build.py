@@ -125,3 +125,44 @@ def test_cli_rebuild_skips_every_stage(built, tiny_base, synthetic_corpus, caplo
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage() and "up to date" in r.getMessage()]
     assert len(skipped) == 7, skipped  # corpus, datastore, index, heldout, targets, train, evaluate
     assert (artifact / "memory.json").exists()
+
+
+def test_thin_build_trains_around_the_base_embeddings_and_leaves_them_out(built, tiny_base, synthetic_corpus, tmp_path):
+    """``embeddings="base"``: the same upstream stages, embedding and head frozen, the artifact without them."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memories.artifact import check_compatible, read_card
+    from memories.decoder import MemoryDecoder
+    from memories.pipeline import build
+    from tests.pipeline.conftest import tiny_config
+
+    full_cfg, full_artifact = built
+    cfg = tiny_config(tiny_base, synthetic_corpus, tmp_path / "thin", embeddings="base")
+    for stage in ("corpus", "datastore", "index", "heldout", "targets"):
+        shutil.copytree(full_cfg.work / stage, cfg.work / stage)
+    artifact = build(cfg)
+
+    assert json.loads((artifact / "memory.json").read_text())["embeddings"] == "base"
+    (weights,) = artifact.glob("*.safetensors")
+    with safe_open(str(weights), framework="pt") as st:
+        assert not [k for k in st.keys() if "embed_tokens" in k or "lm_head" in k]
+    base_config = json.loads((tiny_base / "config.json").read_text())
+    card = read_card(artifact, "thin")
+    check_compatible(card, AutoTokenizer.from_pretrained(str(tiny_base)), base_config)
+    assert read_card(full_artifact, "full").num_parameters - card.num_parameters == base_config["vocab_size"] * 128  # tied: one tensor
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    trained = AutoModelForCausalLM.from_pretrained(str(cfg.work / "train")).eval()
+    embed = base.model.embed_tokens.weight.detach()
+    assert torch.equal(trained.model.embed_tokens.weight, embed)  # frozen
+    assert not torch.equal(trained.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)  # trained
+    # served on the base's tensors, the artifact is the model that was evaluated
+    decoder = MemoryDecoder(artifact, base_tensors={"embed_tokens.weight": embed, "lm_head.weight": embed})
+    ids = list(range(2, 30))
+    with torch.no_grad():
+        expected = trained(torch.tensor([ids])).logits[0]
+    assert torch.allclose(torch.cat(list(decoder.score(ids))), expected, atol=1e-4)

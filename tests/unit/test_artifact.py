@@ -80,3 +80,44 @@ def test_declared_tokenizer_hash_is_checked(tmp_path, base_tok):
     mem = build_llama(tmp_path / "mem", base_tok, layers=1, seed=5, ship_tokenizer=False, memory_json={"tokenizer_sha256": "0" * 64})
     with pytest.raises(ArtifactError, match="tokenizer_sha256 differs"):
         check_compatible(read_card(mem, "m"), base_tok)
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny):
+    return json.loads((tiny["base"] / "config.json").read_text())
+
+
+def test_thin_memory_card(tiny, tmp_path, base_tok, base_config):
+    from tests.tiny_models import base_embedding_pair
+
+    full, thin = base_embedding_pair(tiny["beta"], tiny["base"], tmp_path)
+    full_card, thin_card = read_card(full, "f"), read_card(thin, "t")
+    assert (full_card.embeddings, thin_card.embeddings) == (None, "base")
+    assert full_card.num_parameters - thin_card.num_parameters == 2 * 320 * 128  # embedding + head, not stored
+    check_compatible(thin_card, base_tok, base_config)
+    with pytest.raises(ArtifactError, match="embeddings 'base' need the base's config"):
+        check_compatible(thin_card, base_tok)
+
+
+def test_thin_memory_of_another_width_names_both_sides(tiny, tmp_path, base_tok, base_config):
+    from tests.tiny_models import base_embedding_pair
+
+    narrow = build_llama(tmp_path / "narrow", base_tok, layers=1, seed=5, hidden=64, ship_tokenizer=False)
+    _, thin = base_embedding_pair(narrow, tiny["base"], tmp_path)
+    with pytest.raises(ArtifactError, match="hidden_size differs from the base's: memory hidden_size 64, base 128") as e:
+        check_compatible(read_card(thin, "m"), base_tok, base_config)
+    assert "memory 'm'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "card,check",
+    [
+        ({"embeddings": "base"}, "says embeddings 'base' but the weights hold them: lm_head.weight, model.embed_tokens.weight"),
+        ({"embeddings": "own-ish"}, "unknown memory.json embeddings"),
+    ],
+)
+def test_bad_embeddings_field(tiny, tmp_path, card, check):
+    d = copy(tiny["alpha"], tmp_path)
+    (d / "memory.json").write_text(json.dumps(card))
+    with pytest.raises(ArtifactError, match=check):
+        read_card(d, "m")

@@ -25,12 +25,12 @@ def test_prompt_then_batched_steps_match_full_recompute(model_pair):
     dec, hf = model_pair
     seqs = [[5, 9, 11, 40], [7], [3, 3, 3, 3, 3, 3, 3, 3, 3]]
     slots = [dec.open() for _ in seqs]
-    out = dec.advance(slots, seqs)
+    out = dec.head(dec.advance(slots, seqs))
     for i, s in enumerate(seqs):
         assert torch.allclose(out[i], hf_last(hf, s), atol=1e-4)
     for step in range(300):  # past the initial KV capacity, so the pool grows
         new = [[(step * 13 + i) % 200] for i in range(3)]
-        out = dec.advance(slots, new)
+        out = dec.head(dec.advance(slots, new))
         for s, n in zip(seqs, new):
             s += n
     for i, s in enumerate(seqs):
@@ -46,7 +46,7 @@ def test_slots_are_reused_and_independent(model_pair):
     dec.close(a)
     c = dec.open()
     assert c == a and dec.length(c) == 0
-    out = dec.advance([c, b], [[9, 9], [6]])
+    out = dec.head(dec.advance([c, b], [[9, 9], [6]]))
     assert torch.allclose(out[0], hf_last(hf, [9, 9]), atol=1e-4)
     assert torch.allclose(out[1], hf_last(hf, [4, 5, 6]), atol=1e-4)
     many = [dec.open() for _ in range(9)]  # more than the initial slot count
@@ -84,7 +84,7 @@ def test_scoring_and_uncached_compute_leave_the_pool_alone(model_pair):
     chunks = list(dec.score(ids, chunk=3))
     assert [len(c) for c in chunks] == [3, 3, 1]
     assert torch.allclose(torch.cat(chunks), full, atol=1e-4)
-    assert torch.allclose(dec.compute(ids), full[-1], atol=1e-4)
+    assert torch.allclose(dec.head(dec.compute(ids)), full[-1], atol=1e-4)
     assert dec.running == 0 and dec._k.shape[3] == 256
 
 
@@ -96,7 +96,7 @@ def test_parked_sequence_resumes_for_its_owner_only(model_pair):
     dec.park(a, owner, keep=3)  # the last token is fed again on return
     assert dec.resume(stranger) is None
     assert dec.resume(owner) == a and dec.length(a) == 3
-    assert torch.allclose(dec.advance([a], [[4]])[0], hf_last(hf, [1, 2, 3, 4]), atol=1e-4)
+    assert torch.allclose(dec.head(dec.advance([a], [[4]]))[0], hf_last(hf, [1, 2, 3, 4]), atol=1e-4)
     dec.close(a)
 
 
@@ -140,3 +140,48 @@ def test_budget_counts_bytes_in_the_engine_dtype(tiny):
     assert dec._max_slots == 4
     weights = sum(t.numel() for t in {id(t): t for t in dec.w.values()}.values())
     assert dec.nbytes == 2 * weights + 4 * per_slot_bf16
+
+
+@pytest.fixture(scope="module")
+def pair(tiny, tmp_path_factory):
+    from tests.tiny_models import base_embedding_pair
+
+    return base_embedding_pair(tiny["beta"], tiny["base"], tmp_path_factory.mktemp("pair"))
+
+
+def test_thin_memory_runs_on_the_base_tensors_it_is_given(tiny, pair):
+    from tests.tiny_models import base_tensors_of
+
+    full_dir, thin_dir = pair
+    shared = base_tensors_of(tiny["base"])
+    full, thin = MemoryDecoder(full_dir), MemoryDecoder(thin_dir, base_tensors=shared)
+    assert thin.head_weight is shared["lm_head.weight"] and thin.w["embed_tokens.weight"] is shared["embed_tokens.weight"]  # no copies
+    own = sum(t.numel() for t in shared.values())
+    assert thin.num_parameters == full.num_parameters - own
+    assert thin.nbytes == full.nbytes - 4 * own
+    seqs = [[5, 9, 11, 40], [7], [3, 3, 3]]
+    a, b = [full.open() for _ in seqs], [thin.open() for _ in seqs]
+    assert torch.equal(full.head(full.advance(a, seqs)), thin.head(thin.advance(b, seqs)))
+    new = [[1], [2], [4]]
+    assert torch.equal(full.head(full.advance(a, new)), thin.head(thin.advance(b, new)))
+    assert torch.equal(torch.cat(list(full.score([5, 6, 7]))), torch.cat(list(thin.score([5, 6, 7]))))
+
+
+def test_thin_memory_without_base_tensors_is_refused(pair):
+    with pytest.raises(ArtifactError, match="embeddings 'base' unavailable"):
+        MemoryDecoder(pair[1], name="thin")
+
+
+def test_thin_memory_refuses_base_tensors_in_another_dtype(tiny, pair):
+    from tests.tiny_models import base_tensors_of
+
+    with pytest.raises(ArtifactError, match="torch.float32 on cpu, the memory runs torch.bfloat16"):
+        MemoryDecoder(pair[1], name="thin", dtype=torch.bfloat16, base_tensors=base_tensors_of(tiny["base"]))
+
+
+def test_thin_memory_of_another_vocabulary_is_refused(tiny, pair):
+    from tests.tiny_models import base_tensors_of
+
+    shared = {k: v[:300] for k, v in base_tensors_of(tiny["base"]).items()}
+    with pytest.raises(ArtifactError, match=r"embed_tokens.weight has shape \(300, 128\), config implies \(320, 128\)"):
+        MemoryDecoder(pair[1], name="thin", base_tensors=shared)

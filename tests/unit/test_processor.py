@@ -199,10 +199,10 @@ def test_non_finite_memory_logits_leave_the_base_distribution(memory):
     proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
     proc.update_state(update(2, added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])]))
     step(proc, 2)
-    broken = proc.rows[0].last_logits.clone()
-    broken[3] = float("nan")  # as an overflow in a low-precision dtype would leave it
-    proc.rows[0].last_logits = broken
-    base, fused = step(proc, 2)  # nothing new to read: the stored logits are reused
+    broken = proc.rows[0].last_hidden.clone()
+    broken[3] = float("inf")  # as an overflow in a low-precision dtype would leave it
+    proc.rows[0].last_hidden = broken
+    base, fused = step(proc, 2)  # nothing new to read: the stored hidden state is reused
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
     assert torch.allclose(fused[1], expected_row(memory, base[1], [7, 8]), atol=1e-4)
@@ -263,3 +263,46 @@ def test_runner_hook_hands_the_step_counts_to_the_processor(memory):
     )
     GPUModelRunner._sample(runner, torch.zeros(2, 320), None)
     assert seen == [[4, 7]] and proc.computed is None
+
+
+def test_thin_memories_share_one_head_call_per_step(tiny, tmp_path, monkeypatch):
+    """Rows of two thin memories and a full one: the base's head runs once for both thin memories' rows."""
+    from tests.tiny_models import base_embedding_pair, base_tensors_of
+
+    shared = base_tensors_of(tiny["base"])
+    full_a, thin_a = base_embedding_pair(tiny["alpha"], tiny["base"], tmp_path)
+    full_b, thin_b = base_embedding_pair(tiny["beta"], tiny["base"], tmp_path)
+    keys = {"thin-a@t": MemoryDecoder(thin_a, base_tensors=shared), "thin-b@t": MemoryDecoder(thin_b, base_tensors=shared), "beta@t": MemoryDecoder(tiny["beta"])}
+    oracles = {"thin-a@t": MemoryDecoder(full_a), "thin-b@t": MemoryDecoder(full_b), "beta@t": MemoryDecoder(tiny["beta"])}
+    for key, decoder in keys.items():
+        REGISTRY.add(key, decoder)
+    heads = []
+    original = MemoryDecoder.head
+    monkeypatch.setattr(MemoryDecoder, "head", lambda self, hidden: heads.append(len(hidden)) or original(self, hidden))
+    try:
+        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+        rows = [("thin-a@t", [5, 6, 7], 0.5), ("beta@t", [8, 9], 0.3), ("thin-b@t", [10, 11, 12], 0.7), (None, [4], 0.0), ("thin-a@t", [13], 0.2), ("thin-b@t", [1, 2], 0.9)]
+        outs = [[] for _ in rows]
+        added = []
+        for i, (key, prompt, weight) in enumerate(rows):
+            p = SamplingParams(extra_args={"memserve_memory": key, "memserve_weight": weight, "memserve_temperature": 1.0} if key else None)
+            added.append((i, p, prompt, outs[i]))
+        proc.update_state(update(len(rows), added=added))
+        for step_no in range(3):
+            heads.clear()
+            base, fused = step(proc, len(rows))
+            assert sorted(heads) == [1, 4]  # beta's row alone; all four thin rows in one call
+            for i, (key, prompt, weight) in enumerate(rows):
+                if key is None:
+                    assert torch.equal(fused[i], base[i])
+                    continue
+                oracle = oracles[key]
+                expected = fuse(base[i], original(oracle, oracle.compute(prompt + outs[i])), weight)
+                assert torch.allclose(fused[i], expected, atol=1e-5), (step_no, key)
+            for i, o in enumerate(outs):
+                o.append(20 + i + step_no)
+            proc.update_state(None)
+        proc.update_state(update(0, removed=list(range(len(rows)))))
+    finally:
+        for key in keys:
+            REGISTRY.pop(key)

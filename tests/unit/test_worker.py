@@ -74,3 +74,20 @@ def test_weights_are_counted_in_the_engine_dtype():
             dtype = torch.bfloat16
 
     assert EngineAdapter(Engine()).bytes_per_parameter == 2
+
+
+def test_base_tensors_are_views_of_the_engine_model_cut_to_its_vocabulary():
+    """vLLM pads the vocabulary rows (here 320 → 384); a tied head is the embedding itself."""
+    from types import SimpleNamespace
+
+    from server.worker import base_tensors
+
+    embed = torch.nn.Parameter(torch.randn(384, 128), requires_grad=False)
+    model = SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=embed)), lm_head=SimpleNamespace(weight=embed))
+    runner = SimpleNamespace(get_model=lambda: model, model_config=SimpleNamespace(get_vocab_size=lambda: 320))
+    got = base_tensors(runner)
+    assert got["embed_tokens.weight"].shape == (320, 128) and got["lm_head.weight"].shape == (320, 128)
+    assert got["lm_head.weight"].data_ptr() == embed.data_ptr()  # a view, not a copy
+    model.model = SimpleNamespace()  # an architecture without ``model.embed_tokens``
+    assert base_tensors(runner) is None
+    assert base_tensors(None) is None
