@@ -69,5 +69,8 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
   CMD ["python3", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status == 200 else 1)"]
 
+# On CPU the engine's dtype and threads follow the CPU the container runs on, as for any
+# `memserve serve` (logged at start; docs/CONTRACT.md): bf16 only with native bf16, fp32 otherwise,
+# all CPUs to the worker on small machines. Override: `-- --dtype ...`, -e VLLM_CPU_OMP_THREADS_BIND=...
 ENTRYPOINT ["memserve", "serve"]
 CMD ["--host", "0.0.0.0", "--port", "8000"]

@@ -1,15 +1,21 @@
 """``memserve bench``: served throughput with and without memories, against the compute bound.
 
-One run, one machine: the base alone, every request on one memory, an even
-mix of the base and three memories, and the transformers two-model reference
-loop, all on the same prompts. Ratios are what matter; absolute numbers
-depend on the machine.
+One run, one machine, one server: for each stream count, the base alone,
+every request on one memory, an even mix of three memories and the base, and
+the transformers two-model reference loop (in the server's dtype, on as many
+threads as its worker), all on the same prompts. Ratios are what matter;
+absolute numbers depend on the machine, so the machine, the engine's dtype and
+threads and the software versions are recorded with them. Arguments after
+'--' go to the server's engine (e.g. -- --dtype float32); the engine's thread
+layout follows VLLM_CPU_OMP_THREADS_BIND / VLLM_CPU_NUM_OF_RESERVED_CPU as in
+`memserve serve`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import math
@@ -17,13 +23,31 @@ import tempfile
 from pathlib import Path
 
 from bench.flops import compute_bound
-from bench.reference_loop import reference_throughput
-from bench.server_process import ServerProcess
+from bench.reference_loop import DTYPES, reference_throughput
+from bench.server_process import ServerProcess, server_env
 from bench.workload import make_prompts, run_streams
 from memories.artifact import write_json_atomic
 
 log = logging.getLogger("memserve.bench")
 MEMORY_NAMES = ("mem1", "mem2", "mem3")
+SCENARIOS = ("base", "memory", "mixed")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"stream counts must be ≥ 1, got {text!r}")
+    return values
+
+
+def _scenario_list(text: str) -> list[str]:
+    names = text.split(",")
+    if unknown := set(names) - set(SCENARIOS):
+        raise argparse.ArgumentTypeError(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return names
 
 
 def add_bench_command(commands) -> None:
@@ -31,13 +55,15 @@ def add_bench_command(commands) -> None:
     p.add_argument("--model", help="base directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--memory", help="memory directory (default: a memory of --memory-layers layers initialised from the base)")
     p.add_argument("--memory-layers", type=int, default=6, help="depth of the default memory (default: %(default)s)")
-    p.add_argument("--streams", type=int, default=8, help="concurrent streams (default: %(default)s)")
+    p.add_argument("--streams", type=_int_list, default="1,8,32", metavar="N[,N...]", help="concurrent stream counts, each measured in turn (default: %(default)s)")
+    p.add_argument("--scenarios", type=_scenario_list, default=",".join(SCENARIOS), metavar="NAME[,NAME...]", help="served scenarios to run (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per stream (default: %(default)s)")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per stream (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="32-token prompts and outputs (under 3 minutes on the default model)")
+    p.add_argument("--quick", action="store_true", help="32-token prompts and outputs (a few minutes on the default model)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
     p.add_argument("--json", type=Path, help="also write the results to this file (default: print only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts (default: %(default)s)")
+    p.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for the server, passed unchanged (default: none)")
     p.set_defaults(func=main)
 
 
@@ -58,42 +84,89 @@ def _default_memory(base: Path, layers: int) -> Path:
     return out
 
 
+def _versions() -> dict[str, str]:
+    found = {}
+    for name, dists in (("torch", ["torch"]), ("vllm", ["vllm", "vllm-cpu"]), ("transformers", ["transformers"]), ("memserve", ["memserve"])):
+        for dist in dists:
+            try:
+                found[name] = f"{dist} {importlib.metadata.version(dist)}"
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        else:
+            found[name] = "not installed"
+    return found
+
+
+def _setup(engine_extra: list[str], env: dict[str, str]) -> dict:
+    """The machine and what the server's engine will run with (the same decision `memserve serve` makes)."""
+    from server.cpu_defaults import REPORTED_FLAGS, choose, read_machine
+
+    machine = read_machine()
+    choice = choose(machine, env, engine_extra)
+    return {
+        "machine": {"cpu": machine.model_name, "arch": machine.arch, "cpus": len(machine.cpus), "flags": [f for f in REPORTED_FLAGS if f in machine.flags]},
+        "engine": {"dtype": choice.dtype, "worker_threads": choice.worker_threads, "engine_args": engine_extra, "choices": choice.log},
+        "versions": _versions(),
+    }
+
+
 def main(opts: argparse.Namespace) -> int:
     from server.base_model import cache_dir, default_base
 
     if opts.quick:
         opts.prompt_len = opts.output_len = 32
+    extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
     base = Path(opts.model) if opts.model else default_base()
     memory = Path(opts.memory) if opts.memory else _default_memory(base, opts.memory_layers)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
-    prompts = make_prompts(opts.streams, opts.prompt_len, vocab, opts.seed)
-    bound = compute_bound(base, memory)
+    prompts = {n: make_prompts(n, opts.prompt_len, vocab, opts.seed) for n in opts.streams}
+    workdir = cache_dir() / "bench" / "run"
+    env = server_env(workdir)
+    setup = _setup(extra, env)
 
     args = ["--model", str(base), "--served-model-name", "base", "--max-model-len", str(opts.prompt_len + opts.output_len + 16)]
     for name in MEMORY_NAMES:
         args += ["--memory", f"{name}={memory}"]
-    server = ServerProcess(args, cache_dir() / "bench" / "run")
+    server = ServerProcess([*args, "--", *extra] if extra else args, workdir, env)
+    runs = {n: {} for n in opts.streams}
     try:
         startup = server.wait_ready()
         log.info("server ready in %.1fs", startup)
 
-        def scenario(domains):
-            return asyncio.run(run_streams(server.url, "base", prompts, opts.output_len, domains))
+        def served(n: int, domains):
+            return asyncio.run(run_streams(server.url, "base", prompts[n], opts.output_len, domains))
 
-        scenario([None] * len(prompts))  # warm-up: first-request costs are not the workload
-        scenarios = {
-            "base": scenario([None] * len(prompts)),
-            "memory": scenario([MEMORY_NAMES[0]] * len(prompts)),
-            "mixed": scenario([(*MEMORY_NAMES, None)[i % 4] for i in range(len(prompts))]),
-        }
+        served(max(opts.streams), [None] * max(opts.streams))  # warm-up: first-request costs are not the workload
+        for n in opts.streams:
+            domains = {
+                "base": [None] * n,
+                "memory": [MEMORY_NAMES[0]] * n,
+                "mixed": [(*MEMORY_NAMES, None)[i % 4] for i in range(n)],
+            }
+            for name in opts.scenarios:
+                runs[n][name] = served(n, domains[name])
+                log.info("%d streams, %s: %.1f tok/s", n, name, runs[n][name]["output_tokens_per_s"])
     finally:
         server.stop()
+    engine = setup["engine"]
     if not opts.no_reference:
-        scenarios["reference"] = reference_throughput(str(base), str(memory), prompts, opts.output_len)
-    base_tps = scenarios["base"]["output_tokens_per_s"]
-    for s in scenarios.values():
-        s["ratio_to_base"] = s["output_tokens_per_s"] / base_tps
-    result = {"compute_bound": bound, "streams": opts.streams, "startup_s": startup, "scenarios": scenarios}
+        dtype = engine["dtype"] if engine["dtype"] in DTYPES else "float32"
+        engine["reference"] = {"dtype": dtype, "threads": engine["worker_threads"]}
+        for n in opts.streams:
+            runs[n]["reference"] = reference_throughput(str(base), str(memory), prompts[n], opts.output_len, dtype, engine["worker_threads"])
+    for scenarios in runs.values():
+        base_tps = scenarios.get("base", {}).get("output_tokens_per_s", math.nan)
+        for s in scenarios.values():
+            s["ratio_to_base"] = s["output_tokens_per_s"] / base_tps
+    result = {
+        **setup,
+        "compute_bound": compute_bound(base, memory),
+        "prompt_len": opts.prompt_len,
+        "output_len": opts.output_len,
+        "startup_s": startup,
+        "runs": [{"streams": n, "scenarios": runs[n]} for n in opts.streams],
+    }
     print(markdown(result))
     if opts.json:
         write_json_atomic(opts.json, result)
@@ -101,18 +174,36 @@ def main(opts: argparse.Namespace) -> int:
 
 
 def markdown(r: dict) -> str:
-    s = r["scenarios"]
+    m, e, v = r["machine"], r["engine"], r["versions"]
+    ref = e.get("reference")
     rows = [
-        f"streams: {r['streams']}   compute bound (base FLOPs ÷ base+memory FLOPs): {r['compute_bound']:.3f}",
+        f"CPU: {m['cpu']} ({m['arch']}, {m['cpus']} CPUs; flags: {' '.join(m['flags']) or 'none of the reported ones'})",
+        f"engine: dtype {e['dtype']}, {e['worker_threads']} worker threads"
+        + (f"; reference loop: {ref['dtype']}, {ref['threads']} threads" if ref else ""),
+        f"versions: {', '.join(v.values())}",
+        f"{r['prompt_len']}-token prompts, {r['output_len']}-token outputs; compute bound (base FLOPs ÷ base+memory FLOPs): {r['compute_bound']:.3f}",
         "",
-        "| scenario | output tok/s | TTFT p50 (s) | ITL p50 (s) | ITL p99 (s) | ÷ base |",
-        "|---|---|---|---|---|---|",
+        "| streams | scenario | output tok/s | TTFT p50 (s) | ITL p50 (s) | ITL p99 (s) | ÷ base |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, v in s.items():
-        rows.append(f"| {name} | {v['output_tokens_per_s']:.1f} | {v['ttft_p50_s']:.3f} | {v['itl_p50_s']:.4f} | {v['itl_p99_s']:.4f} | {v['ratio_to_base']:.3f} |")
-    mem = s["memory"]["ratio_to_base"]
-    rows += ["", f"- fused ÷ base = {mem:.3f} = {mem / r['compute_bound']:.2f} × the compute bound (target ≥ 0.9)"]
-    rows.append(f"- mixed ÷ single-memory = {s['mixed']['output_tokens_per_s'] / s['memory']['output_tokens_per_s']:.3f} (target ≥ 0.95)")
-    if "reference" in s and not math.isnan(s["reference"]["output_tokens_per_s"]):
-        rows.append(f"- fused ÷ reference loop = {s['memory']['output_tokens_per_s'] / s['reference']['output_tokens_per_s']:.2f} (target ≥ 2 at 8 streams)")
+    for run in r["runs"]:
+        for name, s in run["scenarios"].items():
+            rows.append(
+                f"| {run['streams']} | {name} | {s['output_tokens_per_s']:.1f} | {s['ttft_p50_s']:.3f} | {s['itl_p50_s']:.4f} | {s['itl_p99_s']:.4f} | {s['ratio_to_base']:.3f} |"
+            )
+    rows.append("")
+    for run in r["runs"]:
+        rows += _targets(run["streams"], run["scenarios"], r["compute_bound"])
     return "\n".join(rows)
+
+
+def _targets(streams: int, s: dict, bound: float) -> list[str]:
+    out = []
+    if "memory" in s and "base" in s:
+        mem = s["memory"]["ratio_to_base"]
+        out.append(f"- {streams} streams: fused ÷ base = {mem:.3f} = {mem / bound:.2f} × the compute bound (target ≥ 0.9)")
+    if "mixed" in s and "memory" in s:
+        out.append(f"- {streams} streams: mixed ÷ single-memory = {s['mixed']['output_tokens_per_s'] / s['memory']['output_tokens_per_s']:.3f} (target ≥ 0.95)")
+    if "reference" in s and "memory" in s:
+        out.append(f"- {streams} streams: fused ÷ same-dtype reference loop = {s['memory']['output_tokens_per_s'] / s['reference']['output_tokens_per_s']:.2f} (target ≥ 2 at 8 streams)")
+    return out

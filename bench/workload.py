@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -60,14 +61,14 @@ async def run_streams(url: str, model: str, prompts: list[list[int]], max_tokens
     ttfts = sorted(r.ttft for r in results)
     return {
         "output_tokens_per_s": tokens / wall,
-        "ttft_p50_s": _pct(ttfts, 50),
-        "itl_p50_s": _pct(gaps, 50),
-        "itl_p99_s": _pct(gaps, 99),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "itl_p50_s": percentile(gaps, 50),
+        "itl_p99_s": percentile(gaps, 99),
     }
 
 
-def _pct(values: list[float], p: float) -> float:
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile of sorted ``values``: the smallest value with at least p% of them at or below it."""
     if not values:
         return float("nan")
-    i = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
-    return values[i]
+    return values[max(0, math.ceil(p / 100 * len(values)) - 1)]

@@ -71,7 +71,7 @@ def engine_args(
         argv += ["--max-model-len", str(max_model_len)]
     user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
     if _on_cpu():
-        argv += ["--enforce-eager"]
+        argv += ["--enforce-eager", *apply_cpu_defaults(extra, tensor_parallel_size * pipeline_parallel_size)]
         # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
         # beside anything else running; 1 GiB of KV cache serves many streams.
         if not user_sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -80,6 +80,21 @@ def engine_args(
         argv += ["--gpu-memory-utilization", f"{_utilization_leaving(memory_budget_bytes):.4f}"]
     parser = make_arg_parser(FlexibleArgumentParser(prog="memserve-engine"))
     return parser.parse_args(argv + extra)
+
+
+def apply_cpu_defaults(extra: list[str], world_size: int) -> list[str]:
+    """Set the chosen thread layout in the environment, log every choice, return the extra engine flags.
+
+    Called before the engine starts: vLLM's worker processes read the layout
+    from the environment they inherit.
+    """
+    from server.cpu_defaults import choose, read_machine
+
+    choice = choose(read_machine(), dict(os.environ), extra, world_size)
+    os.environ.update(choice.env)
+    for line in choice.log:
+        log.info("%s", line)
+    return choice.engine_args
 
 
 def _utilization_leaving(reserved_bytes: int, default: float = 0.9) -> float:

@@ -1,0 +1,43 @@
+"""The benchmark's statistics and its record of what it measured on."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.reference_loop import reference_throughput
+from bench.run import _setup, markdown
+from bench.workload import percentile
+from tests.tiny_models import build_all
+
+
+def test_p99_is_the_99th_percentile_not_the_mean():
+    gaps = sorted([0.01] * 990 + [1.0] * 10)
+    assert percentile(gaps, 99) == 0.01
+    assert percentile(sorted([0.01] * 980 + [1.0] * 20), 99) == 1.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile(list(range(1, 101)), 50) == 50
+
+
+def test_reference_loop_reports_per_step_latencies_and_restores_threads(tmp_path):
+    models = build_all(tmp_path)
+    before = torch.get_num_threads()
+    r = reference_throughput(str(models["base"]), str(models["alpha"]), [[5, 6, 7, 8]] * 2, 6, "bfloat16", 1)
+    assert torch.get_num_threads() == before
+    assert r["output_tokens_per_s"] > 0
+    assert 0 < r["itl_p50_s"] <= r["itl_p99_s"]
+
+
+def test_setup_records_machine_engine_and_versions():
+    setup = _setup(["--dtype", "float32"], {"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    assert setup["engine"]["dtype"] == "float32" and setup["engine"]["worker_threads"] == 1
+    assert setup["machine"]["cpu"] and setup["machine"]["cpus"] >= 1
+    assert set(setup["versions"]) == {"torch", "vllm", "transformers", "memserve"}
+
+
+def test_table_has_a_row_per_stream_count_and_scenario():
+    setup = _setup([], {})
+    stats = {"output_tokens_per_s": 10.0, "ttft_p50_s": 0.1, "itl_p50_s": 0.01, "itl_p99_s": 0.02, "ratio_to_base": 1.0}
+    runs = [{"streams": n, "scenarios": {"base": stats, "memory": stats}} for n in (1, 8)]
+    text = markdown({**setup, "compute_bound": 0.7, "prompt_len": 32, "output_len": 32, "runs": runs})
+    assert "| 1 | base |" in text and "| 8 | memory |" in text
+    assert setup["engine"]["dtype"] in text and "flags:" in text
