@@ -55,6 +55,7 @@ def add_bench_command(commands) -> None:
     p.add_argument("--model", help="base directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--memory", help="memory directory (default: a memory of --memory-layers layers initialised from the base)")
     p.add_argument("--memory-layers", type=int, default=6, help="depth of the default memory (default: %(default)s)")
+    p.add_argument("--thin", action="store_true", help="the default memory is thin: it runs on the base's embedding and head, shared by all memories in a step")
     p.add_argument("--streams", type=_int_list, default="1,8,32", metavar="N[,N...]", help="concurrent stream counts, each measured in turn (default: %(default)s)")
     p.add_argument("--scenarios", type=_scenario_list, default=",".join(SCENARIOS), metavar="NAME[,NAME...]", help="served scenarios to run (default: %(default)s)")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per stream (default: %(default)s)")
@@ -67,19 +68,26 @@ def add_bench_command(commands) -> None:
     p.set_defaults(func=main)
 
 
-def _default_memory(base: Path, layers: int) -> Path:
+def _default_memory(base: Path, layers: int, thin: bool = False) -> Path:
     from transformers import AutoTokenizer
 
+    from memories.artifact import MEMORY_JSON, write_json_atomic
+    from memories.package import without_base_tensors
     from memories.train import init_memory
     from server.base_model import cache_dir
 
-    out = cache_dir() / "bench" / f"{base.name}-first{layers}"
+    out = cache_dir() / "bench" / f"{base.name}-first{layers}{'-thin' if thin else ''}"
     if not (out / "config.json").exists():
-        log.info("creating an untrained %d-layer memory from %s for timing", layers, base)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
+        log.info("creating an untrained %d-layer%s memory from %s for timing", layers, " thin" if thin else "", base)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent))
         init_memory(base, layers).save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        if thin:
+            for f in tmp.glob("*.safetensors"):
+                without_base_tensors(f, f.with_suffix(".thin"))
+                f.with_suffix(".thin").rename(f)
+            write_json_atomic(tmp / MEMORY_JSON, {"embeddings": "base"})
         tmp.rename(out)
     return out
 
@@ -118,7 +126,7 @@ def main(opts: argparse.Namespace) -> int:
         opts.prompt_len = opts.output_len = 32
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
     base = Path(opts.model) if opts.model else default_base()
-    memory = Path(opts.memory) if opts.memory else _default_memory(base, opts.memory_layers)
+    memory = Path(opts.memory) if opts.memory else _default_memory(base, opts.memory_layers, opts.thin)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     prompts = {n: make_prompts(n, opts.prompt_len, vocab, opts.seed) for n in opts.streams}
     workdir = cache_dir() / "bench" / "run"

@@ -30,7 +30,7 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
     train_dir = cfg.work / "train"
     for f in sorted(train_dir.iterdir()):
         if f.suffix == ".safetensors" and cfg.embeddings == "base":
-            _without_base_tensors(f, tmp / f.name)
+            without_base_tensors(f, tmp / f.name)
         elif f.name == "config.json" or f.name == "generation_config.json" or f.suffix == ".safetensors":
             shutil.copy2(f, tmp / f.name)
     tok = AutoTokenizer.from_pretrained(cfg.base)
@@ -77,7 +77,8 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
     return final
 
 
-def _without_base_tensors(src: Path, dst: Path) -> None:
+def without_base_tensors(src: Path, dst: Path) -> None:
+    """Copy a safetensors file less the embedding and head a thin memory takes from the base."""
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(src))

@@ -41,3 +41,20 @@ def test_table_has_a_row_per_stream_count_and_scenario():
     text = markdown({**setup, "compute_bound": 0.7, "prompt_len": 32, "output_len": 32, "runs": runs})
     assert "| 1 | base |" in text and "| 8 | memory |" in text
     assert setup["engine"]["dtype"] in text and "flags:" in text
+
+
+def test_thin_default_memory_is_a_valid_thin_artifact(tmp_path, monkeypatch, tiny):
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from bench.run import _default_memory
+    from memories.artifact import check_compatible, read_card
+
+    monkeypatch.setenv("MEMSERVE_CACHE", str(tmp_path))
+    memory = _default_memory(tiny["base"], 1, thin=True)
+    card = read_card(memory, "m")
+    check_compatible(card, AutoTokenizer.from_pretrained(tiny["tokenizer"]), json.loads((tiny["base"] / "config.json").read_text()))
+    with safe_open(str(next(memory.glob("*.safetensors"))), "pt") as f:
+        assert not any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in f.keys())
