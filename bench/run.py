@@ -122,6 +122,7 @@ def _setup(engine_extra: list[str], env: dict[str, str]) -> dict:
 def main(opts: argparse.Namespace) -> int:
     from server.base_model import cache_dir, default_base
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the results
     if opts.quick:
         opts.prompt_len = opts.output_len = 32
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
