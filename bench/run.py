@@ -51,7 +51,7 @@ def _default_memory(base: Path, layers: int) -> Path:
     if not (out / "config.json").exists():
         log.info("creating an untrained %d-layer memory from %s for timing", layers, base)
         tmp = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None))
-        init_memory(base, layers).save_pretrained(tmp)
+        init_memory(base, layers, "first").save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)

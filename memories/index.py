@@ -103,11 +103,14 @@ def on_gpu(index):
 
 
 def iter_keys(shard_dirs: list[str | Path], chunk: int):
-    """(first row id, fp32 keys) blocks over all shards in order."""
-    row = 0
-    for d in shard_dirs:
-        keys = np.load(Path(d) / "keys.npy", mmap_mode="r")
-        for s in range(0, len(keys), chunk):
-            block = np.asarray(keys[s : s + chunk], dtype=np.float32)
-            yield row, block
-            row += len(block)
+    """(first row id, fp32 keys) blocks of ``chunk`` rows over all shards in order.
+
+    Blocks start at multiples of ``chunk`` whatever the shard boundaries, so
+    neighbour searches batch the same queries (and round the same way) however
+    the datastore was sharded: a build split over processes gets the same
+    targets as one process.
+    """
+    key_sets = [np.load(Path(d) / "keys.npy", mmap_mode="r") for d in shard_dirs]
+    rows = sum(len(k) for k in key_sets)
+    for first in range(0, rows, chunk):
+        yield first, _gather(key_sets, np.arange(first, min(first + chunk, rows)))

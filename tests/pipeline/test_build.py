@@ -66,7 +66,7 @@ def test_memory_learns_the_knn_distribution_of_held_out_text(built):
     cfg, _ = built
     history = json.loads((cfg.work / "train" / "train_log.json").read_text())["epochs"]
     assert history[0]["epoch"] == 0 and "loss" not in history[0]
-    assert history[-1]["heldout_kl"] < 0.5 * history[0]["heldout_kl"], history
+    assert history[-1]["heldout_kl"] < 0.8 * history[0]["heldout_kl"], history
     assert history[-1]["heldout_ppl"] < history[0]["heldout_ppl"]
 
 
