@@ -63,6 +63,7 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of steps")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--bf16", action="store_true", help="train under bf16 autocast where the CPU/GPU has native bf16 (fp32 elsewhere)")
     g = p.add_argument_group("runtime")
     g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")

@@ -72,6 +72,7 @@ class BuildConfig:
     warmup: float = 0.05
     weight_decay: float = 0.01
     seed: int = 0
+    bf16: bool = False  # training under bf16 autocast where the hardware has native bf16
     work_root: str | None = None  # default OUT/work
     # runtime only (never part of a fingerprint)
     threads: int = 0
@@ -255,7 +256,7 @@ def stage_train(cfg: BuildConfig) -> dict:
 
     targets = require(cfg.work / "targets", "targets stage", "`memserve memory targets`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
-    opts = {k: getattr(cfg, k) for k in ("layers", "init", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed")}
+    opts = {k: getattr(cfg, k) for k in ("layers", "init", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed", "bf16")}
     fp = fingerprint(targets=targets["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), **opts)
     ckpt = cfg.work / "train-checkpoints" / fp[:16]
 

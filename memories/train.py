@@ -144,11 +144,21 @@ def _window_batch(model, tokens, target_ids, target_probs, w, device):
     return model(input_ids=ids).logits[0, w.offset :], labels, t_ids, t_probs
 
 
-def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Path | None, ckpt_dir: Path, *, layers: int, init: str, context: int, stride: int, epochs: int, lr: float, beta: float, accumulate: int, warmup: float, weight_decay: float, seed: int, heldout=None, progress=True) -> dict:
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively here (AVX512-BF16 or AMX on CPU, bf16 on GPU);
+    elsewhere autocast would emulate them and be slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Path | None, ckpt_dir: Path, *, layers: int, init: str, context: int, stride: int, epochs: int, lr: float, beta: float, accumulate: int, warmup: float, weight_decay: float, seed: int, bf16: bool = False, heldout=None, progress=True) -> dict:
     """Train and save the memory as an HF directory in ``out``; checkpoints go to ``ckpt_dir``.
 
     ``heldout``: (tokens, target ids, target probs) of the validation split; the
-    fit to its kNN distribution is measured before training and after every epoch.
+    fit to its kNN distribution is measured before training and after every epoch
+    (in fp32). ``bf16``: training forward passes under bf16 autocast where the
+    hardware has native bf16 (``native_bf16``), fp32 weights and optimiser.
 
     Under torchrun the model is wrapped in DistributedDataParallel: every
     optimiser step takes the same ``accumulate`` windows as a single process
@@ -161,6 +171,7 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
     model = init_memory(base_dir, layers, init).to(world.device)
     model.train()
     net = torch.nn.parallel.DistributedDataParallel(model) if world.size > 1 else model
+    use_bf16 = bf16 and native_bf16(world.device)
     windows = list(iter_windows(len(tokens), context, stride))
     steps_per_epoch = math.ceil(len(windows) / accumulate)
     total = steps_per_epoch * epochs
@@ -195,7 +206,8 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
                         net(input_ids=torch.zeros((1, 1), dtype=torch.long, device=world.device)).logits.sum().mul(0.0).backward()
                         continue
                     w = windows[wi]
-                    logits, labels, t_ids, t_probs = _window_batch(net, tokens, target_ids, target_probs, w, world.device)
+                    with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        logits, labels, t_ids, t_probs = _window_batch(net, tokens, target_ids, target_probs, w, world.device)
                     loss, kl, ce = memory_loss(logits, labels, t_ids, t_probs, beta)
                     (loss * (w.scored / context) * world.size / accumulate).backward()
                 for i, v in enumerate((loss.item(), kl, ce)):
@@ -220,7 +232,7 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
     if out is not None:
         model.save_pretrained(out, safe_serialization=True)
         (out / "train_log.json").write_text(json.dumps({"epochs": history}, indent=2))
-    return {"epochs": epochs, "history": history, "windows": len(windows), "steps": total, "processes": world.size}
+    return {"epochs": epochs, "history": history, "windows": len(windows), "steps": total, "processes": world.size, "bf16": use_bf16}
 
 
 def _prefixed(prefix: str, d: dict) -> dict:
