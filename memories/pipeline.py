@@ -351,14 +351,14 @@ def build(cfg: BuildConfig) -> Path | None:
             raise _Stop
         return rec
 
-    def mine() -> list[int]:
-        shards = list(range(cfg.shards))[w.rank :: w.size]
-        barrier()  # every rank has the corpus before any starts on the datastore
-        return shards
+    def datastore() -> list[dict]:
+        records = stage_datastore(cfg, corpus, shards=list(range(cfg.shards))[w.rank :: w.size])
+        barrier()  # the index needs every rank's shards
+        return records
 
     try:
         corpus = step("corpus", lambda: on_main(lambda: stage_corpus(cfg)))
-        step("datastore", lambda: [stage_datastore(cfg, corpus, shards=mine()), barrier()][0])
+        step("datastore", datastore)
         step("index", lambda: on_main(lambda: stage_index(cfg)))
         step("heldout", lambda: on_main(lambda: stage_heldout(cfg)))
         step("targets", lambda: on_main(lambda: stage_targets(cfg)))
