@@ -81,7 +81,7 @@ def _default_memory(base: Path, layers: int, thin: bool = False) -> Path:
         log.info("creating an untrained %d-layer%s memory from %s for timing", layers, " thin" if thin else "", base)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent))
-        init_memory(base, layers).save_pretrained(tmp)
+        init_memory(base, layers, "first").save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
         if thin:
             for f in tmp.glob("*.safetensors"):

@@ -23,10 +23,13 @@ from memories.windows import Window, iter_windows, shard_windows
 
 
 def load_base(base_dir, dtype=torch.float32):
+    """The base in eval mode on this process's device (its GPU under torchrun with CUDA)."""
     from transformers import AutoModelForCausalLM
 
+    from memories.distributed import world
+
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
-    return model.eval()
+    return model.to(world().device).eval()
 
 
 def key_module(model, layer: int):
@@ -57,16 +60,16 @@ def base_pass(model, tokens: np.ndarray, windows: list[Window], layer: int, with
 
     with capture_keys(model, layer) as seen:
         for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-            ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
+            ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=model.device)[None]
             seen.clear()
             if with_logprobs:
                 logits = model(input_ids=ids).logits[0, w.offset :]
-                labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
-                lp = token_logprobs(logits, labels).numpy()
+                labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=model.device)
+                lp = token_logprobs(logits, labels).cpu().numpy()
             else:
                 model.model(input_ids=ids)  # keys only: skip the vocabulary projection
                 lp = None
-            keys = seen[-1][0, w.offset :].to(torch.float16).numpy()
+            keys = seen[-1][0, w.offset :].to(torch.float16).cpu().numpy()
             yield w, keys, lp
 
 

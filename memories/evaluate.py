@@ -29,11 +29,11 @@ def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: s
     """log softmax(logits / T)(observed next token) at every position of a stream, per T."""
     out: dict[float, list] = {t: [] for t in temperatures}
     for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
-        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
+        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=model.device)[None]
         logits = model(input_ids=ids).logits[0, w.offset :]
-        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
+        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=model.device)
         for t in temperatures:
-            out[t].append(token_logprobs(logits / t, labels).numpy())
+            out[t].append(token_logprobs(logits / t, labels).cpu().numpy())
     return {t: np.concatenate(v) for t, v in out.items()}
 
 

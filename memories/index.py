@@ -38,11 +38,11 @@ def build_index(shard_dirs: list[Path], out: Path, flat_max: int = 2_000_000, tr
     if rows < 2:
         raise ValueError(f"datastore has {rows} rows; need at least 2 for neighbour search")
     if rows <= flat_max:
-        index, kind = faiss.IndexFlatL2(dim), "flat"
+        index, kind = on_gpu(faiss.IndexFlatL2(dim)), "flat"
     else:
         nlist = int(min(65536, max(16, 4 * math.sqrt(rows))))
         m = _pq_subquantizers(dim)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, m, 8)
+        index = on_gpu(faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, m, 8))
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(rows, size=min(rows, max(train_sample, 40 * nlist)), replace=False))
         index.train(_gather(key_sets, sample))
@@ -55,7 +55,7 @@ def build_index(shard_dirs: list[Path], out: Path, flat_max: int = 2_000_000, tr
                 block = np.asarray(keys[s : s + chunk], dtype=np.float32)
                 index.add(block)
                 bar.update(len(block))
-    faiss.write_index(index, str(out / INDEX_FILE))
+    faiss.write_index(faiss.index_gpu_to_cpu(index) if _gpu_count() else index, str(out / INDEX_FILE))
     np.save(out / "values.npy", values)
     return {"rows": rows, "dim": dim, "kind": kind, "shards": [str(d) for d in shard_dirs]}
 
@@ -73,18 +73,44 @@ def _gather(key_sets, rows: np.ndarray) -> np.ndarray:
 def load_index(index_dir: Path, nprobe: int | None = None):
     import faiss
 
-    index = faiss.read_index(str(Path(index_dir) / INDEX_FILE))
+    index = on_gpu(faiss.read_index(str(Path(index_dir) / INDEX_FILE)))
     if nprobe is not None and hasattr(index, "nprobe"):
         index.nprobe = nprobe
     return index
 
 
+def _gpu_count() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+_GPU_RESOURCES = []
+
+
+def on_gpu(index):
+    """The index moved to this process's GPU when faiss was built with GPU support and sees one
+    (faiss-gpu); unchanged otherwise (the CPU wheels have no ``StandardGpuResources``)."""
+    if not _gpu_count():
+        return index
+    import faiss
+
+    from memories.distributed import world
+
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[0], world().local_rank % _gpu_count(), index)
+
+
 def iter_keys(shard_dirs: list[str | Path], chunk: int):
-    """(first row id, fp32 keys) blocks over all shards in order."""
-    row = 0
-    for d in shard_dirs:
-        keys = np.load(Path(d) / "keys.npy", mmap_mode="r")
-        for s in range(0, len(keys), chunk):
-            block = np.asarray(keys[s : s + chunk], dtype=np.float32)
-            yield row, block
-            row += len(block)
+    """(first row id, fp32 keys) blocks of ``chunk`` rows over all shards in order.
+
+    Blocks start at multiples of ``chunk`` whatever the shard boundaries, so
+    neighbour searches batch the same queries (and round the same way) however
+    the datastore was sharded: a build split over processes gets the same
+    targets as one process.
+    """
+    key_sets = [np.load(Path(d) / "keys.npy", mmap_mode="r") for d in shard_dirs]
+    rows = sum(len(k) for k in key_sets)
+    for first in range(0, rows, chunk):
+        yield first, _gather(key_sets, np.arange(first, min(first + chunk, rows)))

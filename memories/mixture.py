@@ -17,7 +17,8 @@ import torch
 from memories.fuse import fuse
 from memories.knn import knn_distribution
 
-LAMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Dense near 0: a memory that helps only a little still gets a λ that helps, not 0 or 0.05 by default.
+LAMBDA_GRID = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # kNN-LM temperatures, as multiples of the typical spread of neighbour distances.
 TEMPERATURE_FACTORS = tuple(2.0**e for e in range(-6, 4))
 _FLOOR = -1e4  # keeps log(0) finite so fuse() never mistakes it for a forbidden token

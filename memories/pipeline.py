@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents
-from memories.stage import StageError, fingerprint, require, run_stage, stage_info
+from memories.stage import StageError, fingerprint, is_complete, require, run_stage, stage_info
 
 log = logging.getLogger("memserve.memory")
 
@@ -63,15 +63,17 @@ class BuildConfig:
     knn_temperature: float | None = None  # None: the kNN-LM temperature tuned on validation
     top: int = 64
     # training
-    layers: int = 4
-    epochs: int = 3
-    lr: float = 3e-4
+    layers: int = 0  # 0: the whole base; N: a cut to N layers (memories.train.memory_layer_ids)
+    init: str = "ends"  # which base layers a cut keeps
+    epochs: int = 2
+    lr: float = 1e-4
     beta: float = 0.5
-    accumulate: int = 8
+    accumulate: int = 2
     warmup: float = 0.05
     weight_decay: float = 0.01
     seed: int = 0
     embeddings: str = "own"  # "base": a thin memory, its embedding and head the base's, frozen and not stored
+    bf16: bool = False  # training under bf16 autocast where the hardware has native bf16
     work_root: str | None = None  # default OUT/work
     # runtime only (never part of a fingerprint)
     threads: int = 0
@@ -220,7 +222,9 @@ def stage_heldout(cfg: BuildConfig, model=None) -> dict:
 
     index = require(cfg.work / "index", "index stage", "`memserve memory index`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
-    fp = fingerprint(index=index["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), context=cfg.context, stride=cfg.stride, layer=cfg.layer, k=cfg.k)
+    from memories.mixture import LAMBDA_GRID
+
+    fp = fingerprint(index=index["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), context=cfg.context, stride=cfg.stride, layer=cfg.layer, k=cfg.k, lambdas=LAMBDA_GRID)
 
     def produce(tmp: Path) -> dict:
         m = model or load_base(cfg.base)
@@ -246,26 +250,43 @@ def stage_targets(cfg: BuildConfig) -> dict:
 
 
 def stage_train(cfg: BuildConfig) -> dict:
-    from memories.targets import load_targets
+    """Train the memory; under torchrun every process trains (DDP) and rank 0 writes the stage."""
+    from memories.distributed import barrier, world
+    from memories.targets import heldout_targets, load_targets
     from memories.train import train_memory
 
     targets = require(cfg.work / "targets", "targets stage", "`memserve memory targets`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
-    opts = {k: getattr(cfg, k) for k in ("layers", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed")}
+    opts = {k: getattr(cfg, k) for k in ("layers", "init", "context", "stride", "epochs", "lr", "beta", "accumulate", "warmup", "weight_decay", "seed", "bf16")}
     thin = {"embeddings": "base"} if cfg.embeddings == "base" else {}  # absent for full memories: their fingerprints stay as they were
     fp = fingerprint(targets=targets["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), **opts, **thin)
     ckpt = cfg.work / "train-checkpoints" / fp[:16]
 
-    def produce(tmp: Path) -> dict:
-        tokens = _streams(cfg, ["train"])["train"]
+    def produce(tmp: Path | None) -> dict:
+        streams = _streams(cfg, ["train", "validation"])
+        tokens = streams["train"]
         ids, probs = load_targets(cfg.work / "targets")
         if len(ids) != len(tokens) - 1:
             raise StageError(f"targets have {len(ids)} rows but the training stream has {len(tokens) - 1} positions: rebuild targets")
-        rec = train_memory(cfg.base, tokens, ids, probs, tmp, ckpt, progress=cfg.progress, frozen_embeddings=bool(thin), **opts)
-        return rec
+        heldout = (streams["validation"], *heldout_targets(cfg.work / "heldout", "validation", targets["temperature"], targets["top"], _vocab_size(cfg.base)))
+        rec = train_memory(cfg.base, tokens, ids, probs, tmp, ckpt, heldout=heldout, progress=cfg.progress, frozen_embeddings=bool(thin), **opts)
+        knn = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")["knnlm"]
+        last = rec["history"][-1]
+        log.info(
+            "train: validation KL(kNN‖memory) %.4f → %.4f; memory-alone ppl %.2f → %.2f (base + kNN-LM %.2f)",
+            rec["history"][0]["heldout_kl"], last["heldout_kl"], rec["history"][0]["heldout_ppl"], last["heldout_ppl"], knn["validation_ppl"],
+        )
+        return {**rec, "knnlm_validation_ppl": knn["validation_ppl"]}
 
-    rec = run_stage("train", cfg.work / "train", fp, produce)
-    shutil.rmtree(cfg.work / "train-checkpoints", ignore_errors=True)  # the finished model supersedes them
+    w = world()
+    if w.main:
+        rec = run_stage("train", cfg.work / "train", fp, produce)
+        shutil.rmtree(cfg.work / "train-checkpoints", ignore_errors=True)  # the finished model supersedes them
+    elif is_complete(cfg.work / "train", fp):
+        rec = {**(stage_info(cfg.work / "train") or {}), "skipped": True}
+    else:
+        rec = produce(None)
+    barrier()
     return rec
 
 
@@ -282,7 +303,9 @@ def stage_evaluate(cfg: BuildConfig) -> dict:
     fp = fingerprint(train=train["fingerprint"], heldout=heldout["fingerprint"], lambdas=LAMBDA_GRID, temperatures=MEMORY_TEMPERATURES)
 
     def produce(tmp: Path) -> dict:
-        memory = AutoModelForCausalLM.from_pretrained(str(cfg.work / "train"), dtype=__import__("torch").float32).eval()
+        from memories.distributed import world
+
+        memory = AutoModelForCausalLM.from_pretrained(str(cfg.work / "train"), dtype=__import__("torch").float32).to(world().device).eval()
         streams = _streams(cfg, ["validation", "test"])
         return evaluate_memory(memory, streams, cfg.work / "heldout", heldout, tmp, cfg.context, cfg.stride, _vocab_size(cfg.base), cfg.progress)
 
@@ -302,8 +325,19 @@ def stage_package(cfg: BuildConfig, timings: dict | None = None) -> Path:
 
 
 def build(cfg: BuildConfig) -> Path | None:
-    """Run every stage (skipping up-to-date ones); return the artifact directory."""
+    """Run every stage (skipping up-to-date ones); return the artifact directory.
+
+    Under torchrun (``python -m torch.distributed.run --nproc_per_node N -m memories build ...``)
+    the datastore shards are dealt out to the processes (at least one shard
+    each) and training is data-parallel; every other stage runs on rank 0 and
+    the other ranks return None.
+    """
+    from memories.distributed import barrier, on_main, world
+
+    w = world()
     set_threads(cfg.threads)
+    if cfg.shards < w.size:
+        cfg.shards = w.size
     started = time.time()
     timings: dict[str, float] = {}
 
@@ -313,34 +347,43 @@ def build(cfg: BuildConfig) -> Path | None:
         timings[name] = round(time.time() - t, 1)
         recs = rec if isinstance(rec, list) else [rec]
         skipped = all(isinstance(r, dict) and r.get("skipped") for r in recs)
-        log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
+        if w.main:
+            log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
         if cfg.stop_after == name:
             raise _Stop
         return rec
 
+    def datastore() -> list[dict]:
+        records = stage_datastore(cfg, corpus, shards=list(range(cfg.shards))[w.rank :: w.size])
+        barrier()  # the index needs every rank's shards
+        return records
+
     try:
-        corpus = step("corpus", lambda: stage_corpus(cfg))
-        step("datastore", lambda: stage_datastore(cfg, corpus, shards=list(range(cfg.shards))))
-        step("index", lambda: stage_index(cfg))
-        step("heldout", lambda: stage_heldout(cfg))
-        step("targets", lambda: stage_targets(cfg))
+        corpus = step("corpus", lambda: on_main(lambda: stage_corpus(cfg)))
+        step("datastore", datastore)
+        step("index", lambda: on_main(lambda: stage_index(cfg)))
+        step("heldout", lambda: on_main(lambda: stage_heldout(cfg)))
+        step("targets", lambda: on_main(lambda: stage_targets(cfg)))
         step("train", lambda: stage_train(cfg))
-        step("evaluate", lambda: stage_evaluate(cfg))
+        step("evaluate", lambda: on_main(lambda: stage_evaluate(cfg)))
         timings["total_before_package"] = round(time.time() - started, 1)
-        path = step("package", lambda: stage_package(cfg, timings))
+        path = step("package", lambda: stage_package(cfg, timings) if w.main else None)
     except _Stop:
-        log.info("stopped after %s as asked", cfg.stop_after)
+        if w.main:
+            log.info("stopped after %s as asked", cfg.stop_after)
+        return None
+    if not w.main:
         return None
     timings["total"] = round(time.time() - started, 1)
     from memories.artifact import write_json_atomic
 
-    write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": timings})
+    write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": timings, "processes": w.size})
     return path
 
 
-# Demo memories: sized to build in about 10 minutes per domain on a 2-core CPU
-# with the 135M default base (measured; see memories/README.md).
-DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=4, epochs=2, accumulate=2, lr=1e-3)
+# Demo memories: sized to build in about 15 minutes per domain on a 2-core CPU
+# with the 135M default base; the whole base as memory, one epoch (measured; see memories/README.md).
+DEMO_OPTIONS = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, layers=0, epochs=1, accumulate=2, lr=1e-4)
 DEMO_DESCRIPTIONS = {
     "biomed": "Biomedical abstracts (PubMed) memory for the embedded SmolLM2-135M base",
     "finance": "Business and finance news (BBC) memory for the embedded SmolLM2-135M base",

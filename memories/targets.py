@@ -33,15 +33,32 @@ def build_targets(index_dir: Path, shard_dirs: list[str], out: Path, k: int, tem
             own = np.arange(first, first + len(keys))
             dist, nbr = search_excluding_self(index, keys, own, k)
             nbr_values = np.where(nbr >= 0, values[np.clip(nbr, 0, None)], -1)
-            p = knn_distribution(dist, nbr_values, temperature, vocab_size)
-            pv, pi = torch.topk(p, top, dim=-1)
-            pv = pv / pv.sum(-1, keepdim=True).clamp(min=1e-12)
-            ids_out[first : first + len(keys)] = pi.numpy().astype(np.int32)
-            probs_out[first : first + len(keys)] = pv.numpy().astype(np.float16)
+            pi, pv = sparse_targets(dist, nbr_values, temperature, top, vocab_size)
+            ids_out[first : first + len(keys)] = pi
+            probs_out[first : first + len(keys)] = pv
             bar.update(len(keys))
     ids_out.flush()
     probs_out.flush()
     return {"rows": rows, "k": k, "top": top, "temperature": temperature}
+
+
+def sparse_targets(distances, values, temperature: float, top: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN distribution cut to its ``top`` largest entries and renormalised: (int32 ids, fp16 probs).
+
+    Training targets and the held-out targets the training stage measures
+    its fit on both come from here, so "KL to the kNN distribution" means one thing.
+    """
+    p = knn_distribution(distances, values, temperature, vocab_size)
+    pv, pi = torch.topk(p, min(top, vocab_size), dim=-1)
+    pv = pv / pv.sum(-1, keepdim=True).clamp(min=1e-12)
+    return pi.numpy().astype(np.int32), pv.numpy().astype(np.float16)
+
+
+def heldout_targets(heldout_dir: Path, split: str, temperature: float, top: int, vocab_size: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse kNN targets at a held-out split's positions, from the neighbours the heldout stage stored."""
+    data = np.load(Path(heldout_dir) / f"{split}.npz")
+    parts = [sparse_targets(data["distances"][s : s + chunk], data["values"][s : s + chunk], temperature, top, vocab_size) for s in range(0, len(data["values"]), chunk)]
+    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
 
 
 def load_targets(targets_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from memories.stage import stage_info
 
@@ -54,10 +55,19 @@ def test_targets_are_distributions(built):
 
 def test_training_loss_falls(built):
     cfg, _ = built
-    epochs = json.loads((cfg.work / "train" / "train_log.json").read_text())["epochs"]
+    before, *epochs = json.loads((cfg.work / "train" / "train_log.json").read_text())["epochs"]
     assert len(epochs) == cfg.epochs
     assert epochs[-1]["loss"] < 0.85 * epochs[0]["loss"]
     assert epochs[-1]["ce"] < epochs[0]["ce"]
+
+
+def test_memory_learns_the_knn_distribution_of_held_out_text(built):
+    """The training stage measures the fit to the retriever on validation positions, before and after."""
+    cfg, _ = built
+    history = json.loads((cfg.work / "train" / "train_log.json").read_text())["epochs"]
+    assert history[0]["epoch"] == 0 and "loss" not in history[0]
+    assert history[-1]["heldout_kl"] < 0.8 * history[0]["heldout_kl"], history
+    assert history[-1]["heldout_ppl"] < history[0]["heldout_ppl"]
 
 
 def test_memory_beats_base_on_held_out_domain_text(built):
@@ -93,18 +103,23 @@ def test_artifact_is_servable(built, tiny_base):
     assert not any(p.name.startswith(".") for p in artifact.parent.iterdir() if p.name != "work")
 
 
-def test_memory_starts_from_the_base(tiny_base):
+@pytest.mark.parametrize("init, from_base", [("first", [0, 1]), ("ends", [0, 2])])
+def test_memory_starts_from_the_base(tiny_base, init, from_base):
+    """The memory's layers are copies of the base layers its init names (the 3-layer base cut to 2)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from memories.train import init_memory
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
-    memory = init_memory(tiny_base, 2)
+    memory = init_memory(tiny_base, 2, init)
     assert memory.config.num_hidden_layers == 2
     b, m = base.state_dict(), memory.state_dict()
-    for key in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight"):
+    for key in ("model.embed_tokens.weight", "model.norm.weight"):
         assert torch.equal(b[key], m[key])
+    for new, old in enumerate(from_base):
+        for part in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight"):
+            assert torch.equal(m[f"model.layers.{new}.{part}"], b[f"model.layers.{old}.{part}"])
     ids = torch.arange(10)[None]
     assert memory(input_ids=ids).logits.shape == base(input_ids=ids).logits.shape
 

@@ -77,7 +77,7 @@ def test_training_resumes_from_epoch_checkpoint(tmp_path, tiny_base, synthetic_c
     pipeline.build(_small(tiny_base, synthetic_corpus, out, stop_after="train"))
     assert seen[0] is not None and seen[0].name == "epoch-0.pt"
     history = json.loads((work / "train" / "train_log.json").read_text())["epochs"]
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # the held-out fit before training, then each epoch
     assert not (work / "train-checkpoints").exists()
 
 

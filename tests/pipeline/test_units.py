@@ -115,3 +115,16 @@ def test_ivfpq_above_threshold(tmp_path):
     assert info["kind"].startswith("ivfpq")
     dist, ids = search(load_index(tmp_path / "index"), keys[:20].astype(np.float16).astype(np.float32), 5)
     assert (ids[:, 0] == np.arange(20)).mean() > 0.8  # approximate, but finds itself nearly always
+
+
+def test_bf16_training_step_where_native(tiny_base, tmp_path):
+    """--bf16 trains under autocast only where bf16 is native, and the loss stays finite either way."""
+    from memories.train import native_bf16, train_memory
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, 200).astype(np.int32)
+    ids = np.tile(np.arange(4, dtype=np.int32), (199, 1))
+    probs = np.full((199, 4), 0.25, dtype=np.float16)
+    rec = train_memory(tiny_base, tokens, ids, probs, None, tmp_path, layers=1, init="first", context=64, stride=64, epochs=1, lr=1e-3, beta=0.5, accumulate=2, warmup=0.1, weight_decay=0.0, seed=0, bf16=True, progress=False)
+    assert rec["bf16"] == native_bf16(torch.device("cpu"))
+    assert np.isfinite(rec["history"][-1]["loss"])
