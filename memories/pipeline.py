@@ -324,6 +324,16 @@ def stage_package(cfg: BuildConfig, timings: dict | None = None) -> Path:
 # --- whole build and demo ------------------------------------------------------------------
 
 
+def _stage_tokens(name: str, corpus: dict | None, epochs: int) -> int | None:
+    """Tokens a stage works through, for its tokens/s: the train split, or validation + test."""
+    splits = (corpus or {}).get("summary", {}).get("splits", {})
+    if not splits:
+        return None
+    train = splits.get("train", {}).get("tokens", 0)
+    held = sum(splits.get(s, {}).get("tokens", 0) for s in ("validation", "test"))
+    return {"corpus": train + held, "datastore": train, "index": train, "heldout": held, "targets": train, "train": train * epochs, "evaluate": held}.get(name)
+
+
 def build(cfg: BuildConfig) -> Path | None:
     """Run every stage (skipping up-to-date ones); return the artifact directory.
 
@@ -348,10 +358,14 @@ def build(cfg: BuildConfig) -> Path | None:
         recs = rec if isinstance(rec, list) else [rec]
         skipped = all(isinstance(r, dict) and r.get("skipped") for r in recs)
         if w.main:
-            log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
+            tokens = _stage_tokens(name, corpus if name != "corpus" else rec, cfg.epochs)
+            rate = f" ({tokens / timings[name]:,.0f} tokens/s)" if tokens and timings[name] > 0 and not skipped else ""
+            log.info("%s: %s in %.1fs%s", name, "reused" if skipped else "done", timings[name], rate)
         if cfg.stop_after == name:
             raise _Stop
         return rec
+
+    corpus = None
 
     def datastore() -> list[dict]:
         records = stage_datastore(cfg, corpus, shards=list(range(cfg.shards))[w.rank :: w.size])

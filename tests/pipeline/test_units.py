@@ -128,3 +128,14 @@ def test_bf16_training_step_where_native(tiny_base, tmp_path):
     rec = train_memory(tiny_base, tokens, ids, probs, None, tmp_path, layers=1, init="first", context=64, stride=64, epochs=1, lr=1e-3, beta=0.5, accumulate=2, warmup=0.1, weight_decay=0.0, seed=0, bf16=True, progress=False)
     assert rec["bf16"] == native_bf16(torch.device("cpu"))
     assert np.isfinite(rec["history"][-1]["loss"])
+
+
+def test_stage_tokens_for_the_throughput_log():
+    from memories.pipeline import _stage_tokens
+
+    corpus = {"summary": {"splits": {"train": {"tokens": 1000}, "validation": {"tokens": 50}, "test": {"tokens": 70}}}}
+    assert _stage_tokens("datastore", corpus, 2) == 1000
+    assert _stage_tokens("train", corpus, 2) == 2000
+    assert _stage_tokens("evaluate", corpus, 2) == 120
+    assert _stage_tokens("package", corpus, 2) is None
+    assert _stage_tokens("datastore", None, 2) is None
