@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -58,6 +59,15 @@ class ServerProcess:
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    @contextlib.contextmanager
+    def running(self):
+        """Ready on entry, stopped on exit however the block ends: the tests' server fixtures."""
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

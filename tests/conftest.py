@@ -26,9 +26,5 @@ def server(tiny, tmp_path_factory):
     args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}"]
     args += ["--memory-kv-budget", "1500000"]  # fixed-size pools: alpha holds 5 sequences, beta 2
     args += ["--max-scoring-tokens", "100", *FP32]
-    proc = ServerProcess(args, workdir)
-    try:
-        proc.wait_ready()
+    with ServerProcess(args, workdir).running() as proc:
         yield proc
-    finally:
-        proc.stop()

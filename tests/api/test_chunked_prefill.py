@@ -25,12 +25,8 @@ def chunked(tiny, tmp_path_factory):
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory", f"alpha={tiny['alpha']}", *FP32]
     args += ["--enable-chunked-prefill", "--max-num-batched-tokens", "32", "--max-num-seqs", "4"]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("chunked"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(args, tmp_path_factory.mktemp("chunked")).running() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def complete(client: OpenAI, prompt: list[int], domain: str | None):

@@ -24,12 +24,8 @@ def server(tiny, tmp_path_factory):
     poisoned_copy(tiny["alpha"], root / "nan")
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "0", "--memory", f"alpha={root / 'alpha'}"]
-    proc = ServerProcess(args + FP32 + ["--enable-prompt-embeds"], tmp_path_factory.mktemp("hardening-server"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(args + FP32 + ["--enable-prompt-embeds"], tmp_path_factory.mktemp("hardening-server")).running() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def complete(server, **body):

@@ -46,12 +46,8 @@ def server(models, tmp_path_factory):
     for name in ("m1-full", "m1-thin", "m2-full", "m2-thin"):
         args += ["--memory", f"{name}={models[name]}"]
     args += ["--memory-root", str(models["root"]), "--admin-token", TOKEN, *FP32]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("thin-server"))
-    try:
-        proc.wait_ready()
+    with ServerProcess(args, tmp_path_factory.mktemp("thin-server")).running() as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
