@@ -56,7 +56,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             "object": "list",
             "data": [m.describe() for m in catalog.all()],
             "problems": dict(catalog.problems),
-            "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes},
+            "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes, "max_loras": catalog.max_loras, "max_lora_rank": catalog.max_lora_rank},
         })  # fmt: skip
 
     @router.post("/memories", status_code=201)
