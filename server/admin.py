@@ -7,7 +7,6 @@ asked for ``--admin-insecure-local`` on a loopback-only server.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -68,8 +67,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
         if catalog.store is None:
             raise BadRequest("this server was started without --memory-root; admin loads are off", "path")
         path = catalog.store.resolve(req.path)
-        card = await asyncio.to_thread(catalog.validate, req.name, str(path), req.memory_weight)  # reads every weight file
-        loaded = await catalog.load(card, replace=req.replace, managed=True)
+        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace)
         return JSONResponse(loaded.describe(), status_code=201)
 
     @router.delete("/memories/{name}")

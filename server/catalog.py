@@ -146,6 +146,15 @@ class MemoryCatalog:
                     "name",
                 )
 
+    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False) -> LoadedMemory:
+        """Check a memory directory of any kind, load it and add it to the persisted set: what an admin load does.
+
+        The one entry point for code in the server that writes a memory and then serves it
+        (e.g. a generated LoRA): ``path`` must already be inside the memory root.
+        """
+        card = await asyncio.to_thread(self.validate, name, path, weight)  # reads every weight file
+        return await self.load(card, replace=replace, managed=True)
+
     async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
         async with self._ops:
             return await self._load(card, replace, managed, persist)
