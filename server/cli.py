@@ -11,7 +11,6 @@ from pathlib import Path
 log = logging.getLogger("memserve")
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
-DEFAULT_MAX_LORAS = 4
 
 
 def _memory_spec(text: str) -> tuple[str, str]:
@@ -67,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--admin-insecure-local", action="store_true", help="enable /admin without a token when listening on loopback only")
     admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories (default: no limit)")
     admin.add_argument(
-        "--max-loras", type=_count, default=DEFAULT_MAX_LORAS,
-        help="lora memories (PEFT LoRA adapters) that may be loaded at once; > 0 starts vLLM with multi-LoRA on "
-        "(enable_lora, max_loras = N, max_cpu_loras = 2N) and every batch then pays vLLM's LoRA path, measured in README; "
-        "0 turns LoRA off and lora memories are refused (default: %(default)s)",
+        "--max-loras", type=_count, default=None, metavar="N",
+        help="lora memories (PEFT LoRA adapters) that may be loaded at once; N > 0 starts vLLM with multi-LoRA on "
+        "(enable_lora, max_loras N, max_cpu_loras 2N), which slows every batch, adapter or not (measured in README); "
+        "0: LoRA off, lora memories are refused. Default: 4 if a start-up memory (--memory, the demo memories, "
+        "or the memory root's persisted set) is a lora memory, else 0",
     )  # fmt: skip
     admin.add_argument(
         "--max-lora-rank", type=int, choices=LORA_RANKS, default=16, metavar="R",

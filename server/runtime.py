@@ -25,6 +25,8 @@ from server.serving import RequestLimits
 
 log = logging.getLogger("memserve")
 
+AUTO_MAX_LORAS = 4  # --max-loras when not given and a start-up memory is a lora memory
+
 
 @dataclass
 class ServeOptions:
@@ -43,7 +45,7 @@ class ServeOptions:
     admin_token: str | None = None
     admin_insecure_local: bool = False
     max_memories: int | None = None
-    max_loras: int = 0
+    max_loras: int | None = None  # None: AUTO_MAX_LORAS if a start-up memory is a lora memory, else 0
     max_lora_rank: int = 16
     memory_budget_bytes: int | None = None
     memory_kv_budget_bytes: int | None = None
@@ -119,7 +121,7 @@ async def run(opts: ServeOptions) -> int:
     base_config = json.loads((Path(model) / "config.json").read_text())
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
-        opts.memory_budget_bytes, opts.max_loras, opts.max_lora_rank,
+        opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store), opts.max_lora_rank,
     )  # fmt: skip
     max_loras, max_lora_rank = lora_limits(args)
     catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank)
@@ -169,6 +171,28 @@ async def run(opts: ServeOptions) -> int:
             for task in background:
                 task.cancel()
     return lifecycle.exit_code
+
+
+def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store) -> int:
+    """The operator's --max-loras, else LoRA on only if a memory the server starts with needs it.
+
+    vLLM's LoRA path slows every batch (README), so a server that serves only
+    decoder memories should not pay for it; LoRA cannot be turned on later.
+    """
+    if asked is not None:
+        return asked
+    from memories.kinds import kind_of
+
+    candidates = list(memory_specs)
+    if store is not None:
+        with contextlib.suppress(Exception):  # an unreadable store is reported by reconcile
+            candidates += [(name, str(store.resolve(want.path))) for name, want in store.desired().items()]
+    for name, path in candidates:
+        with contextlib.suppress(Exception):  # a bad memory is refused, with its reason, by validation
+            if kind_of(Path(path), name) == "lora":
+                log.info("LoRA on (--max-loras %d): start-up memory %s is a lora memory", AUTO_MAX_LORAS, name)
+                return AUTO_MAX_LORAS
+    return 0
 
 
 async def _reconcile_forever(catalog, interval: float) -> None:

@@ -154,6 +154,8 @@ def test_mixed_batch_equals_solo_runs_and_base_rows_are_plain_vllm(client, lora_
     base_rows = [s for (_, m), s in zip(jobs, solo) if m == "tiny-base"]
     for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=True), base_rows):
         assert tokens == plain["tokens"] and logprobs == plain["logprobs"]
+    for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=False), base_rows):  # and vLLM without LoRA
+        assert tokens == plain["tokens"] and logprobs == pytest.approx(plain["logprobs"], abs=1e-6)
 
 
 def test_hot_load_unload_with_drain_reload_and_persistence(client, lora_server, root, prompt_ids):
