@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-loras", type=_count, default=None, metavar="N",
         help="lora memories (PEFT LoRA adapters) that may be loaded at once; N > 0 starts vLLM with multi-LoRA on "
         "(enable_lora, max_loras N, max_cpu_loras 2N), which slows every batch, adapter or not (measured in README); "
-        "0: LoRA off, lora memories are refused. Default: 4 if a start-up memory (--memory, the demo memories, "
-        "or the memory root's persisted set) is a lora memory, else 0",
+        "0: LoRA off, lora memories are refused (default: 4 if a start-up memory, from --memory, the demo memories "
+        "or the memory root's persisted set, is a lora memory, else 0)",
     )  # fmt: skip
     admin.add_argument(
         "--max-lora-rank", type=int, choices=LORA_RANKS, default=16, metavar="R",
