@@ -213,3 +213,25 @@ def test_memory_weight_on_a_lora_load_and_the_lora_limit(lora_server):
         assert admin_load(lora_server, "bob", "bob").status_code == 201
     r = admin_load(lora_server, "carl", "ada")
     assert r.status_code == 409 and "--max-loras is 2" in r.json()["error"]["message"]
+
+
+def test_replace_swaps_the_adapter_for_new_requests(client, lora_server, prompt_ids):
+    if "bob" not in {m.id for m in client.models.list().data}:
+        assert admin_load(lora_server, "bob", "bob").status_code == 201
+    as_ada = complete(client, prompt_ids[1], model="ada")[0]
+    assert complete(client, prompt_ids[1], model="bob")[0] != as_ada
+    assert admin_load(lora_server, "bob", "ada", replace=True).status_code == 201
+    assert complete(client, prompt_ids[1], model="bob")[0] == as_ada
+
+
+def test_restart_restores_persisted_loras_and_turns_lora_on_for_them(lora_server, tiny, root, prompt_ids, tmp_path_factory):
+    """No --max-loras and no lora --memory: the persisted set alone needs LoRA, so the server turns it on."""
+    before = complete(OpenAI(base_url=lora_server.url + "/v1", api_key="-", max_retries=0), prompt_ids[0], model="bob")
+    lora_server.stop()
+    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512", "--memory-root", str(root), "--admin-token", TOKEN, *FP32]
+    with ServerProcess(args, tmp_path_factory.mktemp("lora-restart")).running() as again:
+        restored = OpenAI(base_url=again.url + "/v1", api_key="-", max_retries=0, timeout=120)
+        assert complete(restored, prompt_ids[0], model="bob") == before
+        limits = admin(again, "GET").json()["limits"]
+        assert (limits["max_loras"], limits["max_lora_rank"]) == (4, 16)
+        assert "LoRA on (--max-loras 4): start-up memory bob is a lora memory" in again.log_path.read_text()
