@@ -20,7 +20,7 @@ from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
 from server import metrics
 from server.engine import EngineAdapter
-from server.errors import BadRequest, Conflict, UnknownMemory
+from server.errors import Conflict, UnknownMemory, no_weight
 from server.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
@@ -121,7 +121,7 @@ class MemoryCatalog:
         card = read_any_card(path, name, self.default_weight)
         if weight is not None:
             if card.kind != "decoder":
-                raise BadRequest(f"memory_weight applies only to decoder memories; {name!r} is a {card.kind} memory, which has no weight", "memory_weight")
+                raise no_weight(name, card.kind)
             card = dataclasses.replace(card, weight=weight)
         check_any_compatible(card, self.base_tokenizer, self.base_config, self.max_lora_rank if self.max_loras > 0 else None)
         return card

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.catalog import LoadedMemory, MemoryCatalog
-from server.errors import BadRequest, Unavailable, UnknownMemory
+from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
 NO_MEMORY = ("", "none")
@@ -92,6 +92,6 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         raise UnknownMemory(f"memory {name!r} is not loaded (loaded: {loaded})", "domain")
     if memory.card.kind == "lora":
         if weight is not None:
-            raise BadRequest(f"memory_weight applies only to decoder memories; {name!r} is a lora memory, which has no weight", "memory_weight")
+            raise no_weight(name, "lora")
         body["model"] = memory.key  # vLLM's serving classes attach the adapter registered under this key
     return Selection(memory, memory.card.weight if weight is None else _weight(weight), model if isinstance(model, str) and model else base_name)
