@@ -105,6 +105,11 @@ def test_three_ways_to_select_name_the_memory(client, lora_server, prompt_ids):
     streamed = client.completions.create(model="ada", prompt=ids, max_tokens=4, temperature=0, stream=True)
     assert {chunk.model for chunk in streamed} == {"ada"}
     assert "memory=ada" in lora_server.log_path.read_text()
+    messages = [{"role": "user", "content": "the gene"}]
+    chat = client.chat.completions.with_raw_response.create(model="ada", messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.headers["X-Memserve-Memory"] == "ada" and chat.parse().model == "ada"
+    base_chat = client.chat.completions.create(model="tiny-base", messages=messages, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert chat.parse().choices[0].message.content != base_chat.choices[0].message.content
 
 
 def test_models_and_metrics_list_the_lora_by_name(client, lora_server):
