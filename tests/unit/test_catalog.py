@@ -172,3 +172,16 @@ def test_a_lora_memory_has_no_weight(tiny, tok, adapter):
         catalog.validate("a", adapter, weight=0.5)
     assert e.value.param == "memory_weight" and "only to decoder memories" in str(e.value)
     assert catalog.validate("a", adapter).weight == 0.0
+
+
+def test_memory_budget_counts_an_adapters_weights_without_a_kv_pool(tiny, tok, adapter):
+    async def go():
+        probe = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16).validate("a", adapter)
+        one = probe.num_parameters * FakeEngine.bytes_per_parameter  # an adapter has no KV pool of its own
+        catalog = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16, budget_bytes=int(1.5 * one))
+        await catalog.load(catalog.validate("a", adapter))
+        with pytest.raises(Conflict) as e:
+            await catalog.load(catalog.validate("b", adapter))
+        assert f"needs {one:,} bytes; {one:,} of the {int(1.5 * one):,}-byte" in str(e.value)
+
+    run(go())
