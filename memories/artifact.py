@@ -52,6 +52,11 @@ class MemoryCard:
     content_sha256: str = ""
     corpus: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    kind: str = "decoder"  # memory.json "kind" (memories/kinds.py)
+    rank: int = 0  # lora: the adapter's r
+    target_modules: tuple[str, ...] = ()  # lora: the base modules it adapts
+    generator: str | None = None  # lora written by the prompt-to-LoRA generator: its sha256
+    prompts: dict[str, Any] = field(default_factory=dict)  # ... and the prompts it read (count, sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +78,7 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _read_json(name: str, path: Path, what: str) -> dict[str, Any]:
+def read_json_object(name: str, path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -93,11 +98,15 @@ def _check_fraction(name: str, key: str, value: Any, lo: float, hi: float, lo_op
     return float(value)
 
 
+# the files that make a memory version: a decoder's config, a LoRA's adapter config, either's weights
+CONTENT_FILES = ("config.json", "adapter_config.json")
+
+
 def content_sha256(path: Path) -> str:
     """Hash of config and weight files: identifies a memory version across replicas."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.name == "config.json" or f.suffix == ".safetensors":
+        if f.name in CONTENT_FILES or f.suffix == ".safetensors":
             h.update(f.name.encode())
             h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
@@ -108,7 +117,7 @@ def read_card(path: str | os.PathLike, name: str, default_weight: float | None =
     root = Path(path)
     if not root.is_dir():
         raise ArtifactError(name, "not a directory", str(root))
-    config = _read_json(name, root / "config.json", "config.json")
+    config = read_json_object(name, root / "config.json", "config.json")
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -118,17 +127,13 @@ def read_card(path: str | os.PathLike, name: str, default_weight: float | None =
     weights = sorted(root.glob("*.safetensors"))
     if not weights:
         raise ArtifactError(name, "no weights", f"no *.safetensors file in {root}")
-    meta: dict[str, Any] = {}
-    if (root / MEMORY_JSON).exists():
-        meta = _read_json(name, root / MEMORY_JSON, MEMORY_JSON)
-        if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION:
-            raise ArtifactError(name, "unknown memory.json format", f"memory has {meta.get('format')!r}, server reads {FORMAT_VERSION}")
+    meta = read_memory_json(root, name)
     weight = meta.get("lambda", default_weight if default_weight is not None else 0.5)
     temperature = meta.get("temperature", 1.0)
     embeddings = meta.get("embeddings")
     if embeddings not in (None, "base"):
         raise ArtifactError(name, "unknown memory.json embeddings", f"memory has {embeddings!r}, server reads 'base' or no field")
-    shapes = _tensor_shapes(name, weights)
+    shapes = tensor_shapes(name, weights)
     stored = sorted(k for k in shapes if k.removeprefix("model.") in BASE_TENSORS)
     if embeddings == "base" and stored:
         raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))
@@ -152,7 +157,17 @@ def read_card(path: str | os.PathLike, name: str, default_weight: float | None =
     )
 
 
-def _tensor_shapes(name: str, weights: list[Path]) -> dict[str, list[int]]:
+def read_memory_json(root: Path, name: str) -> dict[str, Any]:
+    """``memory.json`` if the directory has one (``{}`` otherwise), its format checked."""
+    if not (root / MEMORY_JSON).exists():
+        return {}
+    meta = read_json_object(name, root / MEMORY_JSON, MEMORY_JSON)
+    if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ArtifactError(name, "unknown memory.json format", f"memory has {meta.get('format')!r}, server reads {FORMAT_VERSION}")
+    return meta
+
+
+def tensor_shapes(name: str, weights: list[Path]) -> dict[str, list[int]]:
     """Reads only the safetensors headers; a corrupt header is refused here."""
     from safetensors import safe_open
 
@@ -179,6 +194,20 @@ def check_compatible(card: MemoryCard, base_tokenizer, base_config: dict | None 
     A thin memory also needs ``base_config`` (the base's ``config.json``): it runs on
     the base's embedding and head, so its width and vocabulary must be the base's.
     """
+    check_tokenizer(card, base_tokenizer)
+    needed = len(base_tokenizer)
+    if card.vocab_size < needed:
+        raise ArtifactError(card.name, "vocabulary too small", f"memory vocab_size {card.vocab_size} < base tokenizer's {needed} tokens")
+    if card.embeddings == "base":
+        if base_config is None:
+            raise ArtifactError(card.name, "embeddings 'base' need the base's config", "no base config.json was given to check it against")
+        for key, mine in (("hidden_size", card.hidden_size), ("vocab_size", card.vocab_size)):
+            if mine != base_config.get(key):
+                raise ArtifactError(card.name, f"{key} differs from the base's", f"memory {key} {mine}, base {base_config.get(key)}; a memory with embeddings 'base' runs on the base's embedding and head")
+
+
+def check_tokenizer(card: MemoryCard, base_tokenizer) -> None:
+    """A shipped tokenizer, else memory.json's ``tokenizer_sha256``, must hash like the base's; neither: nothing to check."""
     base_sha = tokenizer_sha256(base_tokenizer)
     root = Path(card.path)
     if any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -194,15 +223,6 @@ def check_compatible(card: MemoryCard, base_tokenizer, base_config: dict | None 
         raise ArtifactError(
             card.name, "memory.json tokenizer_sha256 differs from the base's", f"memory {card.tokenizer_sha256[:16]}…, base {base_sha[:16]}…"
         )
-    needed = len(base_tokenizer)
-    if card.vocab_size < needed:
-        raise ArtifactError(card.name, "vocabulary too small", f"memory vocab_size {card.vocab_size} < base tokenizer's {needed} tokens")
-    if card.embeddings == "base":
-        if base_config is None:
-            raise ArtifactError(card.name, "embeddings 'base' need the base's config", "no base config.json was given to check it against")
-        for key, mine in (("hidden_size", card.hidden_size), ("vocab_size", card.vocab_size)):
-            if mine != base_config.get(key):
-                raise ArtifactError(card.name, f"{key} differs from the base's", f"memory {key} {mine}, base {base_config.get(key)}; a memory with embeddings 'base' runs on the base's embedding and head")
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

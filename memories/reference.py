@@ -21,10 +21,16 @@ class Continuation:
 
 
 class ReferenceFusion:
-    def __init__(self, base_dir: str, memory_dir: str | None):
+    """``lora_dir``: the base runs with that PEFT adapter applied by PEFT itself (the oracle for lora memories)."""
+
+    def __init__(self, base_dir: str, memory_dir: str | None, lora_dir: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        if lora_dir:
+            from peft import PeftModel
+
+            self.base = PeftModel.from_pretrained(self.base, lora_dir).eval()
         self.memory = AutoModelForCausalLM.from_pretrained(memory_dir, dtype=torch.float32).eval() if memory_dir else None
 
     @torch.inference_mode()

@@ -7,7 +7,6 @@ asked for ``--admin-insecure-local`` on a loopback-only server.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 
@@ -56,7 +55,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             "object": "list",
             "data": [m.describe() for m in catalog.all()],
             "problems": dict(catalog.problems),
-            "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes},
+            "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes, "max_loras": catalog.max_loras, "max_lora_rank": catalog.max_lora_rank},
         })  # fmt: skip
 
     @router.post("/memories", status_code=201)
@@ -68,8 +67,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
         if catalog.store is None:
             raise BadRequest("this server was started without --memory-root; admin loads are off", "path")
         path = catalog.store.resolve(req.path)
-        card = await asyncio.to_thread(catalog.validate, req.name, str(path), req.memory_weight)  # reads every weight file
-        loaded = await catalog.load(card, replace=req.replace, managed=True)
+        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace)
         return JSONResponse(loaded.describe(), status_code=201)
 
     @router.delete("/memories/{name}")

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memories.artifact import ArtifactError, MemoryCard, check_compatible, read_card
+from memories.artifact import ArtifactError, MemoryCard
+from memories.kinds import check_any_compatible, read_any_card
 from server import metrics
 from server.engine import EngineAdapter
-from server.errors import Conflict, UnknownMemory
+from server.errors import Conflict, UnknownMemory, no_weight
 from server.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
@@ -59,12 +60,15 @@ class LoadedMemory:
 
     def describe(self) -> dict:
         c = self.card
+        lora = c.kind == "lora"
         return {
             "name": c.name,
+            "kind": c.kind,
             "path": c.path,
             "status": "loaded",
-            "memory_weight": c.weight,
-            "temperature": c.temperature,
+            "memory_weight": None if lora else c.weight,
+            "temperature": None if lora else c.temperature,
+            **({"rank": c.rank, "target_modules": list(c.target_modules), "generator": c.generator, "prompts": c.prompts} if lora else {}),
             "domain": c.domain,
             "description": c.description,
             "architecture": c.architecture,
@@ -91,8 +95,12 @@ class MemoryCatalog:
         budget_bytes: int | None = None,
         store: MemoryStore | None = None,
         base_config: dict | None = None,
+        max_loras: int = 0,
+        max_lora_rank: int | None = None,
     ):
         self.engine = engine
+        self.max_loras = max_loras  # live lora memories; 0: LoRA is off in the engine
+        self.max_lora_rank = max_lora_rank
         self.base_tokenizer = base_tokenizer
         self.base_config = base_config  # the base's config.json, which thin memories are checked against
         self.default_weight = default_weight
@@ -109,21 +117,27 @@ class MemoryCatalog:
         self._background: set[asyncio.Task] = set()
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
-        """All checks that need no engine: metadata, weights header, tokenizer, vocab, a thin memory's width."""
-        card = read_card(path, name, self.default_weight)
+        """All checks that need no engine, by kind: metadata, weight headers, tokenizer, shapes against the base."""
+        card = read_any_card(path, name, self.default_weight)
         if weight is not None:
+            if card.kind != "decoder":
+                raise no_weight(name, card.kind)
             card = dataclasses.replace(card, weight=weight)
-        check_compatible(card, self.base_tokenizer, self.base_config)
+        check_any_compatible(card, self.base_tokenizer, self.base_config, self.max_lora_rank if self.max_loras > 0 else None)
         return card
 
     def _check_limits(self, card: MemoryCard) -> None:
         others = [m for n, m in self._memories.items() if n != card.name]
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
             raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
+        loras = sum(m.card.kind == "lora" for m in others)
+        if card.kind == "lora" and loras + 1 > self.max_loras:
+            raise Conflict(f"loading {card.name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
         if self.budget_bytes is not None:
-            # what each memory may grow to: weights in the engine's dtype plus its KV budget
+            # what each memory may grow to: weights in the engine's dtype, plus a decoder's KV budget
             def reserved(c: MemoryCard) -> int:
-                return c.num_parameters * self.engine.bytes_per_parameter + (self.engine.kv_budget_bytes or 0)
+                kv = 0 if c.kind == "lora" else (self.engine.kv_budget_bytes or 0)
+                return c.num_parameters * self.engine.bytes_per_parameter + kv
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)
             if used + need > self.budget_bytes:
@@ -131,6 +145,15 @@ class MemoryCatalog:
                     f"loading {card.name!r} needs {need:,} bytes; {used:,} of the {self.budget_bytes:,}-byte memory budget are in use",
                     "name",
                 )
+
+    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False) -> LoadedMemory:
+        """Check a memory directory of any kind, load it and add it to the persisted set: what an admin load does.
+
+        The one entry point for code in the server that writes a memory and then serves it
+        (e.g. a generated LoRA): ``path`` must already be inside the memory root.
+        """
+        card = await asyncio.to_thread(self.validate, name, path, weight)  # reads every weight file
+        return await self.load(card, replace=replace, managed=True)
 
     async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
         async with self._ops:
@@ -143,7 +166,11 @@ class MemoryCatalog:
         self._generation += 1
         key = f"{card.name}@{self._generation}"
         start = time.perf_counter()
-        info = await self.engine.load_memory(key, card.path)
+        if card.kind == "lora":
+            await self.engine.load_lora(key, card.path)
+            info = {"bytes": card.num_parameters * self.engine.bytes_per_parameter}
+        else:
+            info = await self.engine.load_memory(key, card.path)
         loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
         previous = self._memories.get(card.name)
         self._memories[card.name] = loaded
@@ -151,10 +178,13 @@ class MemoryCatalog:
         self._failed.pop(card.name, None)
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
+        if previous is not None and previous.card.kind != card.kind:
+            metrics.MEMORY_INFO.remove(card.name, previous.card.kind)
+        metrics.MEMORY_INFO.labels(card.name, card.kind).set(1)
         if previous is not None:
             self._spawn(self._retire(previous, timeout=None))
         if managed and persist and self.store is not None:
-            entry = DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight, card.content_sha256)
+            entry = DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight if card.kind == "decoder" else None, card.content_sha256)
             await asyncio.to_thread(self.store.put, entry)
         return loaded
 
@@ -177,6 +207,7 @@ class MemoryCatalog:
             raise UnknownMemory(f"memory {name!r} is not loaded", "name")
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.remove(name)
+        metrics.MEMORY_INFO.remove(name, loaded.card.kind)
         return loaded
 
     async def _retire(self, loaded: LoadedMemory, timeout: float | None) -> bool:
@@ -191,7 +222,10 @@ class MemoryCatalog:
                 await asyncio.wait_for(loaded.idle.wait(), 30)
             except asyncio.TimeoutError:  # rows still decoding keep their own reference; unloading is safe
                 log.warning("memory %s: %d requests did not end after eviction; unloading anyway", loaded.name, loaded.active)
-        await self.engine.unload_memory(loaded.key)
+        if loaded.card.kind == "lora":
+            await self.engine.unload_lora(loaded.key)
+        else:
+            await self.engine.unload_memory(loaded.key)
         log.info("memory %s (%s) unloaded, %s bytes freed", loaded.name, loaded.key, f"{loaded.device_bytes:,}")
         return drained
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 log = logging.getLogger("memserve")
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+
 
 def _memory_spec(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
@@ -25,6 +27,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -53,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--admin-token", help="bearer token for /admin routes (default: $MEMSERVE_ADMIN_TOKEN; without either the routes are off)")
     admin.add_argument("--admin-insecure-local", action="store_true", help="enable /admin without a token when listening on loopback only")
     admin.add_argument("--max-memories", type=int, default=None, help="refuse loads beyond this many memories (default: no limit)")
+    admin.add_argument(
+        "--max-loras", type=_count, default=None, metavar="N",
+        help="lora memories (PEFT LoRA adapters) that may be loaded at once; N > 0 starts vLLM with multi-LoRA on "
+        "(enable_lora, max_loras N, max_cpu_loras 2N), which slows every batch, adapter or not (measured in README); "
+        "0: LoRA off, lora memories are refused (default: 4 if a start-up memory, from --memory, the demo memories "
+        "or the memory root's persisted set, is a lora memory, else 0)",
+    )  # fmt: skip
+    admin.add_argument(
+        "--max-lora-rank", type=int, choices=LORA_RANKS, default=16, metavar="R",
+        help=f"highest LoRA rank (r) a lora memory may have; vLLM sizes its adapter slots by it. One of {', '.join(map(str, LORA_RANKS))} (default: %(default)s)",
+    )  # fmt: skip
     admin.add_argument(
         "--memory-budget-bytes", type=int, default=None,
         help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",

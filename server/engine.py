@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 from argparse import Namespace
@@ -53,8 +54,16 @@ def engine_args(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     memory_budget_bytes: int | None = None,
+    max_loras: int = 0,
+    max_lora_rank: int = 16,
 ) -> Namespace:
-    """Build the Namespace vLLM's own OpenAI server would build from its CLI."""
+    """Build the Namespace vLLM's own OpenAI server would build from its CLI.
+
+    ``max_loras`` > 0 turns vLLM's multi-LoRA on for lora memories. vLLM's CPU
+    cache of adapters (``max_cpu_loras``) gets twice that, so that a replaced
+    adapter can finish its requests beside its successor without either being
+    re-read from disk. LoRA flags after ``--`` come later and win.
+    """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -69,6 +78,8 @@ def engine_args(
     ]  # fmt: skip
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
+    if max_loras > 0:
+        argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", str(2 * max_loras)]
     user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
     if _on_cpu():
         argv += ["--enforce-eager", *apply_cpu_defaults(extra, tensor_parallel_size * pipeline_parallel_size)]
@@ -80,6 +91,13 @@ def engine_args(
         argv += ["--gpu-memory-utilization", f"{_utilization_leaving(memory_budget_bytes):.4f}"]
     parser = make_arg_parser(FlexibleArgumentParser(prog="memserve-engine"))
     return parser.parse_args(argv + extra)
+
+
+def lora_limits(args: Namespace) -> tuple[int, int | None]:
+    """(adapters that may be live, highest rank) as the engine will really run, pass-through flags included; (0, None): LoRA is off."""
+    if not getattr(args, "enable_lora", False):
+        return 0, None
+    return int(args.max_loras), int(args.max_lora_rank)
 
 
 def apply_cpu_defaults(extra: list[str], world_size: int) -> list[str]:
@@ -132,6 +150,11 @@ class EngineAdapter:
     def __init__(self, engine, kv_budget_bytes: int | None = None) -> None:
         self.engine = engine
         self.kv_budget_bytes = kv_budget_bytes
+        # LoRA adapters in the engine by versioned key. The runtime hands this very
+        # dict to vLLM's OpenAIServingModels as its ``lora_requests``, so its serving
+        # classes attach the adapter to a request whose ``model`` is the key.
+        self.loras: dict = {}
+        self._lora_ids = itertools.count(1)  # vLLM identifies adapters by int: never reuse one
 
     @property
     def bytes_per_parameter(self) -> int:
@@ -159,6 +182,25 @@ class EngineAdapter:
 
     async def unload_memory(self, key: str) -> None:
         await self.engine.collective_rpc("memserve_unload", args=(key,))
+
+    async def load_lora(self, key: str, path: str) -> None:
+        """Load the adapter into the engine now (not on its first request), so a bad one fails here, whole."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(lora_name=key, lora_int_id=next(self._lora_ids), lora_path=path)
+        try:
+            if not await self.engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not add LoRA adapter {key}")
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await self.engine.remove_lora(request.lora_int_id)
+            raise ArtifactError(key.split("@")[0], "vLLM refused the adapter", f"{type(e).__name__}: {e}") from None
+        self.loras[key] = request
+
+    async def unload_lora(self, key: str) -> None:
+        request = self.loras.pop(key, None)
+        if request is not None:
+            await self.engine.remove_lora(request.lora_int_id)
 
 
 def _load_error(error: dict) -> Exception:

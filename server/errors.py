@@ -69,6 +69,11 @@ class Unavailable(MemserveError):
         self.retry_after = retry_after
 
 
+def no_weight(name: str, kind: str) -> BadRequest:
+    """``memory_weight`` for a memory that is not mixed in (a lora memory): the same refusal on requests and admin loads."""
+    return BadRequest(f"memory_weight applies only to decoder memories; {name!r} is a {kind} memory, which has no weight", "memory_weight")
+
+
 ERROR_TYPES = {
     HTTPStatus.BAD_REQUEST: "BadRequestError",
     HTTPStatus.UNAUTHORIZED: "AuthenticationError",

@@ -14,6 +14,8 @@ REQUESTS = Counter("memserve_memory_requests", "Completion requests by selected 
 TOKENS = Counter("memserve_memory_tokens", "Tokens processed by selected memory", ["memory", "kind"])
 LOADED = Gauge("memserve_memories_loaded", "Memories currently loaded")
 DEVICE_BYTES = Gauge("memserve_memory_device_bytes", "Device bytes held by a memory", ["memory"])
+# 1 per loaded memory: join on ``memory`` to split the usage counters by kind (decoder, lora)
+MEMORY_INFO = Gauge("memserve_memory_info", "Loaded memories, by kind", ["memory", "memory_kind"])
 
 log = logging.getLogger("memserve.throughput")
 _generated: collections.Counter[str] = collections.Counter()  # completion tokens by memory, for the log line

@@ -20,9 +20,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from memories.artifact import ArtifactError
+from server.errors import MemserveError
 from server.serving import RequestLimits
 
 log = logging.getLogger("memserve")
+
+AUTO_MAX_LORAS = 4  # --max-loras when not given and a start-up memory is a lora memory
 
 
 @dataclass
@@ -42,6 +45,8 @@ class ServeOptions:
     admin_token: str | None = None
     admin_insecure_local: bool = False
     max_memories: int | None = None
+    max_loras: int | None = None  # None: AUTO_MAX_LORAS if a start-up memory is a lora memory, else 0
+    max_lora_rank: int = 16
     memory_budget_bytes: int | None = None
     memory_kv_budget_bytes: int | None = None
     reconcile_interval: float = 10.0
@@ -90,7 +95,7 @@ async def run(opts: ServeOptions) -> int:
     from server.store import MemoryStore
     from server.catalog import MemoryCatalog
     from server.prompt_logprobs import FusedPromptLogprobsClient
-    from server.engine import EngineAdapter, engine_args, start_engine
+    from server.engine import EngineAdapter, engine_args, lora_limits, start_engine
 
     from server.lifecycle import Lifecycle, loopback_hosts
     from server.metrics import log_throughput
@@ -114,7 +119,12 @@ async def run(opts: ServeOptions) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     store = MemoryStore(opts.memory_root) if opts.memory_root else None
     base_config = json.loads((Path(model) / "config.json").read_text())
-    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config)
+    args = engine_args(
+        model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
+        opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store), opts.max_lora_rank,
+    )  # fmt: skip
+    max_loras, max_lora_rank = lora_limits(args)
+    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank)
     catalog.unload_timeout = opts.unload_timeout
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))
@@ -123,13 +133,13 @@ async def run(opts: ServeOptions) -> int:
         return 2
     try:
         cards = [catalog.validate(name, path) for name, path in memory_specs]
-    except ArtifactError as e:
+    except (ArtifactError, MemserveError) as e:
         log.error("refusing to start: %s", e)
         return 2
-
-    args = engine_args(
-        model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size, opts.memory_budget_bytes
-    )
+    loras = [card.name for card in cards if card.kind == "lora"]
+    if len(loras) > max_loras:
+        log.error("refusing to start: %d lora memories (%s) but --max-loras is %d", len(loras), ", ".join(loras), max_loras)
+        return 2
     async with start_engine(args) as engine:
         catalog.engine = EngineAdapter(engine, opts.memory_kv_budget_bytes)
         for card in cards:
@@ -142,6 +152,7 @@ async def run(opts: ServeOptions) -> int:
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
+        app.state.openai_serving_models.lora_requests = catalog.engine.loras  # one dict: see EngineAdapter.loras
         fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size(), opts.max_scoring_tokens)
         app.state.openai_serving_completion.engine_client = fused_prompts
         app.state.openai_serving_chat.engine_client = fused_prompts
@@ -160,6 +171,28 @@ async def run(opts: ServeOptions) -> int:
             for task in background:
                 task.cancel()
     return lifecycle.exit_code
+
+
+def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store) -> int:
+    """The operator's --max-loras, else LoRA on only if a memory the server starts with needs it.
+
+    vLLM's LoRA path slows every batch (README), so a server that serves only
+    decoder memories should not pay for it; LoRA cannot be turned on later.
+    """
+    if asked is not None:
+        return asked
+    from memories.kinds import kind_of
+
+    candidates = list(memory_specs)
+    if store is not None:
+        with contextlib.suppress(Exception):  # an unreadable store is reported by reconcile
+            candidates += [(name, str(store.resolve(want.path))) for name, want in store.desired().items()]
+    for name, path in candidates:
+        with contextlib.suppress(Exception):  # a bad memory is refused, with its reason, by validation
+            if kind_of(Path(path), name) == "lora":
+                log.info("LoRA on (--max-loras %d): start-up memory %s is a lora memory", AUTO_MAX_LORAS, name)
+                return AUTO_MAX_LORAS
+    return 0
 
 
 async def _reconcile_forever(catalog, interval: float) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.catalog import LoadedMemory, MemoryCatalog
-from server.errors import BadRequest, Unavailable, UnknownMemory
+from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
 NO_MEMORY = ("", "none")
@@ -26,7 +26,9 @@ class Selection:
     model_id: str  # what responses report as "model": the id the client asked for
 
     def engine_args(self) -> dict[str, Any]:
-        """The ``vllm_xargs`` entries the fusion processor reads."""
+        """The ``vllm_xargs`` entries the fusion processor reads (none for a lora memory: vLLM applies it)."""
+        if self.memory.card.kind == "lora":
+            return {}
         return {
             "memserve_memory": self.memory.key,
             "memserve_weight": self.weight,
@@ -88,4 +90,8 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
     if memory is None:
         loaded = ", ".join(catalog.names()) or "none"
         raise UnknownMemory(f"memory {name!r} is not loaded (loaded: {loaded})", "domain")
+    if memory.card.kind == "lora":
+        if weight is not None:
+            raise no_weight(name, "lora")
+        body["model"] = memory.key  # vLLM's serving classes attach the adapter registered under this key
     return Selection(memory, memory.card.weight if weight is None else _weight(weight), model if isinstance(model, str) and model else base_name)

@@ -93,7 +93,7 @@ class CompletionsServing:
             return self._respond(result, request, None, raw_request.url.path, started, False)
 
         memory = selection.memory
-        request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()}
+        request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()} or None
         hide_usage = False
         if request.stream and not (request.stream_options and request.stream_options.include_usage):
             # usage is how we count the memory's tokens; the client did not ask for it
@@ -122,7 +122,7 @@ class CompletionsServing:
         n = max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
         if n > self.limits.max_n:
             raise BadRequest(f"n = {n} is above this server's limit of {self.limits.max_n} choices per request (--max-n)", "n")
-        if selection is not None and getattr(request, "prompt_embeds", None) is not None:
+        if selection is not None and selection.memory.card.kind == "decoder" and getattr(request, "prompt_embeds", None) is not None:
             raise BadRequest("prompt_embeds cannot be combined with a memory: the memory reads token ids", "prompt_embeds")
 
     def _respond(self, result, request, selection: Selection | None, route: str, started: float, hide_usage: bool) -> Response:
@@ -200,6 +200,8 @@ class ModelsServing:
 
     async def list(self) -> dict:
         models = await self.state.openai_serving_models.show_available_models()
+        # vLLM lists the adapters it holds under their engine keys; the catalog lists them by name below
+        models.data = [card for card in models.data if card.id not in self.state.openai_serving_models.lora_requests]
         for card in models.data:
             card.root = card.id  # vLLM puts the base's directory here; clients need no server paths
         for memory in self.catalog.all():

@@ -18,6 +18,10 @@ import torch
 from memories.artifact import ArtifactError
 from memories.decoder import MemoryDecoder
 from memories.fuse import memory_logprobs
+from server.lora_cpu import fix_cpu_lora_rows
+
+# rows without an adapter must not get the last LoRA slot's delta (server/lora_cpu.py)
+fix_cpu_lora_rows()
 
 log = logging.getLogger("memserve.worker")
 

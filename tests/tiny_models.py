@@ -130,3 +130,39 @@ def base_tensors_of(base: Path) -> dict:
     weights = load_file(str(base / "model.safetensors"))
     embed = weights["model.embed_tokens.weight"]
     return {"embed_tokens.weight": embed, "lm_head.weight": weights.get("lm_head.weight", embed)}
+
+
+LORA_TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
+
+
+def build_lora(out: Path, base: Path, rank: int = 8, seed: int = 0, targets=LORA_TARGETS, scale: float = 0.5, memory_json: dict | None = None) -> Path:
+    """A PEFT LoRA for ``base``, saved by PEFT itself; lora_B is random (PEFT starts it at zero), so the adapter changes outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * scale)
+    peft_model.save_pretrained(out)
+    if memory_json is not None:
+        (out / "memory.json").write_text(json.dumps({"format": 1, "kind": "lora", **memory_json}))
+    return out
+
+
+def edit_lora(src: Path, out: Path, edit) -> Path:
+    """A copy of an adapter whose tensors ``edit(dict)`` changed in place: artifacts that must be refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, out)
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return out

@@ -15,7 +15,7 @@ import pytest
 
 from bench.server_process import ROOT, ServerProcess, server_env
 from tests.conftest import FP32
-from tests.tiny_models import build_llama, build_tokenizer
+from tests.tiny_models import build_llama, build_lora, build_tokenizer
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,7 +31,8 @@ def root(tiny, tmp_path_factory):
 
 def start_admin_server(tiny, root, workdir, *extra):
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "1024"]
-    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "1", "--max-memories", "3", *extra, *FP32]
+    # LoRA off: this module serves decoder memories on vLLM without its LoRA path (tests/api/test_lora.py has it on)
+    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "1", "--max-memories", "3", "--max-loras", "0", *extra, *FP32]
     proc = ServerProcess(args, workdir)
     proc.wait_ready()
     return proc
@@ -201,6 +202,7 @@ def bad_artifacts(root, tiny, tmp_path_factory):
     other = build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=300)
     build_llama(root / "wrongtok", other, layers=1, seed=7, vocab_size=len(base_tok))
     build_llama(root / "smallvocab", base_tok, layers=1, seed=7, vocab_size=64, ship_tokenizer=False)
+    build_lora(root / "lora", tiny["base"])
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(tiny["alpha"], outside / "m")
     os.symlink(outside / "m", root / "escape")
@@ -218,6 +220,7 @@ def bad_artifacts(root, tiny, tmp_path_factory):
         ({"name": "x", "path": "badjson"}, 400, "memory.json is not valid JSON"),
         ({"name": "x", "path": "wrongtok"}, 400, "tokenizer differs"),
         ({"name": "x", "path": "smallvocab"}, 400, "vocabulary too small"),
+        ({"name": "x", "path": "lora"}, 400, "LoRA memories are disabled on this server: start it with --max-loras N"),
         ({"name": "bad name!", "path": "alpha"}, 400, "name"),
         ({"name": "none", "path": "alpha"}, 400, "name"),
         ({"name": "tiny-base", "path": "alpha"}, 400, "base model"),

@@ -39,3 +39,20 @@ def test_bad_cli_values(tiny, tmp_path):
     assert r.returncode == 2 and "expected NAME=DIR" in r.stderr
     r = start(tmp_path, "--model", str(tiny["base"]), "--default-memory-weight", "1.5")
     assert r.returncode == 2 and "must be in [0, 1]" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--max-loras", "0"], "memory 'ada': LoRA memories are disabled on this server: start it with --max-loras N"),
+        (["--max-loras", "1", "--max-lora-rank", "1"], "memory 'ada': rank above the server's limit: adapter r 8, server --max-lora-rank 1"),
+    ],
+)
+def test_lora_memory_refused_at_start_up(tiny, tmp_path, flags, message):
+    from tests.tiny_models import build_lora
+
+    lora = build_lora(tmp_path / "ada", tiny["base"], rank=8)
+    r = start(tmp_path, "--model", str(tiny["base"]), "--memory", f"ada={lora}", *flags)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Initializing a V1 LLM engine" not in r.stderr

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from server.catalog import MemoryCatalog
-from server.errors import Conflict, UnknownMemory
+from server.errors import BadRequest, Conflict, UnknownMemory
 
 
 class FakeEngine:
@@ -22,6 +22,12 @@ class FakeEngine:
 
     async def unload_memory(self, key):
         self.unloaded.append(key)
+
+    async def load_lora(self, key, path):
+        self.loaded.append(("lora", key))
+
+    async def unload_lora(self, key):
+        self.unloaded.append(("lora", key))
 
 
 def run(coro):
@@ -127,3 +133,55 @@ def test_a_failed_memory_is_not_re_read_until_it_changes(tiny, tok, tmp_path, mo
 
     run(go())
     assert len(reads) == 2 and "content changed on disk" in catalog.problems["m"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tmp_path_factory):
+    from tests.tiny_models import build_lora
+
+    return str(build_lora(tmp_path_factory.mktemp("lora") / "ad", tiny["base"], rank=8))
+
+
+def lora_catalog(tok, tiny, **kw):
+    import json
+
+    base_config = json.loads((tiny["base"] / "config.json").read_text())
+    return MemoryCatalog(FakeEngine(), tok, base_config=base_config, **kw)
+
+
+def test_lora_memories_go_to_the_engines_lora_calls_and_count_against_max_loras(tiny, tok, adapter):
+    async def go():
+        catalog = lora_catalog(tok, tiny, max_loras=1, max_lora_rank=16)
+        first = await catalog.load(catalog.validate("a", adapter))
+        assert first.device_bytes == first.card.num_parameters * 2 and first.describe()["kind"] == "lora"
+        await catalog.load(catalog.validate("d", str(tiny["alpha"])))  # decoder memories do not count
+        with pytest.raises(Conflict) as e:
+            await catalog.load(catalog.validate("b", adapter))
+        assert "would make 2 lora memories; --max-loras is 1" in str(e.value)
+        await catalog.load(catalog.validate("a", adapter), replace=True)  # a replacement is not one more
+        await catalog.unload("a")
+        assert catalog.engine.loaded == [("lora", "a@1"), "d@2", ("lora", "a@3")]
+        assert catalog.engine.unloaded == [("lora", "a@1"), ("lora", "a@3")]
+
+    run(go())
+
+
+def test_a_lora_memory_has_no_weight(tiny, tok, adapter):
+    catalog = lora_catalog(tok, tiny, max_loras=1, max_lora_rank=16)
+    with pytest.raises(BadRequest) as e:
+        catalog.validate("a", adapter, weight=0.5)
+    assert e.value.param == "memory_weight" and "only to decoder memories" in str(e.value)
+    assert catalog.validate("a", adapter).weight == 0.0
+
+
+def test_memory_budget_counts_an_adapters_weights_without_a_kv_pool(tiny, tok, adapter):
+    async def go():
+        probe = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16).validate("a", adapter)
+        one = probe.num_parameters * FakeEngine.bytes_per_parameter  # an adapter has no KV pool of its own
+        catalog = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16, budget_bytes=int(1.5 * one))
+        await catalog.load(catalog.validate("a", adapter))
+        with pytest.raises(Conflict) as e:
+            await catalog.load(catalog.validate("b", adapter))
+        assert f"needs {one:,} bytes; {one:,} of the {int(1.5 * one):,}-byte" in str(e.value)
+
+    run(go())

@@ -80,3 +80,17 @@ def test_memory_loaded_elsewhere_is_retryable():
     with pytest.raises(Unavailable) as e:
         select_memory({"domain": "chem"}, {}, Catalog("bio", desired=["chem"]), "base")
     assert e.value.retry_after == 3 and e.value.param == "domain"
+
+
+def test_a_lora_memory_reaches_vllm_as_the_model_and_has_no_weight():
+    cat = Catalog("bio")
+    cat._m["ada"] = LoadedMemory(MemoryCard(name="ada", path="/x", kind="lora", rank=8), key="ada@2")
+    for body, headers, asked in (({"model": "ada"}, {}, "ada"), ({"model": "base", "domain": "ada"}, {}, "base"), ({"model": "base"}, {"x-domain": "ada"}, "base")):
+        s = select_memory(body, headers, cat, "base")
+        assert body["model"] == "ada@2" and s.engine_args() == {}
+        assert s.model_id == asked  # what the response reports
+    with pytest.raises(BadRequest) as e:
+        select_memory({"model": "ada", "memory_weight": 0.5}, {}, cat, "base")
+    assert e.value.param == "memory_weight" and "only to decoder memories" in str(e.value)
+    decoder = {"model": "bio"}
+    assert select_memory(decoder, {}, cat, "base").engine_args()["memserve_memory"] == "bio@1" and decoder["model"] == "base"
