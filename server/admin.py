@@ -12,11 +12,12 @@ import time
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.auth import require_bearer
 from server.catalog import MemoryCatalog
-from server.errors import BadRequest
+from server.errors import BadRequest, no_weight
+from server.generation import MemoryGeneration
 from server.serving import read_json_object
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -26,9 +27,20 @@ class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="name requests use to select the memory")
-    path: str = Field(description="artifact directory, relative to or inside --memory-root")
+    path: str | None = Field(default=None, description="artifact directory, relative to or inside --memory-root")
+    prompts: list[str] | None = Field(
+        default=None,
+        description="instead of a path: unlabeled texts of the domain; the server's --generator turns them into a lora memory",
+    )  # fmt: skip
+    description: str = Field(default="", max_length=1000, description="with prompts: the generated memory's description")
     memory_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="λ; default: the memory's own")
     replace: bool = Field(default=False, description="swap a loaded memory of the same name")
+
+    @model_validator(mode="after")
+    def _path_or_prompts(self) -> "LoadRequest":
+        if (self.path is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'path' (an artifact directory) and 'prompts' (texts to generate a lora memory from)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -38,7 +50,7 @@ class LoadRequest(BaseModel):
         return v
 
 
-def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool) -> None:
+def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool, generation: MemoryGeneration | None = None) -> None:
     if token is None and not insecure_local:
         return  # routes absent: 404
     router = APIRouter(prefix="/admin")
@@ -56,6 +68,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             "data": [m.describe() for m in catalog.all()],
             "problems": dict(catalog.problems),
             "limits": {"max_memories": catalog.max_memories, "budget_bytes": catalog.budget_bytes, "max_loras": catalog.max_loras, "max_lora_rank": catalog.max_lora_rank},
+            "generator": generation.describe() if generation else None,
         })  # fmt: skip
 
     @router.post("/memories", status_code=201)
@@ -66,6 +79,13 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             raise BadRequest(f"{req.name!r} is the base model's id", "name")
         if catalog.store is None:
             raise BadRequest("this server was started without --memory-root; admin loads are off", "path")
+        if req.prompts is not None:
+            if generation is None:
+                raise BadRequest("this server has no generator (start it with --generator DIR and LoRA on); load a path instead", "prompts")
+            if req.memory_weight is not None:
+                raise no_weight(req.name, "lora")
+            card = await generation.create(req.name, req.prompts, replace=req.replace, description=req.description)
+            return JSONResponse(card, status_code=201)
         path = catalog.store.resolve(req.path)
         loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace)
         return JSONResponse(loaded.describe(), status_code=201)

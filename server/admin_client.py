@@ -16,13 +16,22 @@ def add_admin_client_commands(memory_commands) -> None:
         p.add_argument("--url", default=os.environ.get("MEMSERVE_URL", "http://127.0.0.1:8000"), help="server URL (default: $MEMSERVE_URL or %(default)s)")
         p.add_argument("--token", default=os.environ.get("MEMSERVE_ADMIN_TOKEN"), help="admin token (default: $MEMSERVE_ADMIN_TOKEN)")
 
-    load = memory_commands.add_parser("load", help="load (or replace) a memory on a running server")
+    load = memory_commands.add_parser(
+        "load", help="load (or replace) a memory on a running server",
+        description="Load an artifact directory, or (--prompts) have the server's generator make a lora memory from unlabeled texts and load it.",
+    )  # fmt: skip
     load.add_argument("name", help="name clients will select the memory by")
-    load.add_argument("path", help="artifact directory, relative to or inside the server's --memory-root")
-    load.add_argument("--memory-weight", type=float, default=None, help="λ (default: the memory's own)")
+    load.add_argument("path", nargs="?", help="artifact directory, relative to or inside the server's --memory-root (or give --prompts)")
+    load.add_argument(
+        "--prompts", metavar="FILE|DIR", default=None,
+        help="instead of a path: unlabeled texts of the domain (a file with one per line, JSONL with 'text', or a folder of .txt files); "
+        "the server (started with --generator) generates a lora memory from them",
+    )  # fmt: skip
+    load.add_argument("--description", default="", help="with --prompts: the generated memory's description")
+    load.add_argument("--memory-weight", type=float, default=None, help="λ for a decoder memory (default: the memory's own)")
     load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name (default: refuse with 409)")
     common(load)
-    load.set_defaults(func=lambda o: _call(o, "POST", "/admin/memories", {"name": o.name, "path": o.path, "memory_weight": o.memory_weight, "replace": o.replace}))
+    load.set_defaults(func=_load)
 
     unload = memory_commands.add_parser("unload", help="unload a memory from a running server")
     unload.add_argument("name", help="name of the loaded memory")
@@ -33,6 +42,23 @@ def add_admin_client_commands(memory_commands) -> None:
     listing = memory_commands.add_parser("list", help="list the memories loaded on a running server")
     common(listing)
     listing.set_defaults(func=lambda o: _call(o, "GET", "/admin/memories", None))
+
+
+def _load(opts: argparse.Namespace) -> int:
+    if (opts.path is None) == (opts.prompts is None):
+        print("give exactly one of PATH and --prompts", file=sys.stderr)
+        return 2
+    body = {"name": opts.name, "memory_weight": opts.memory_weight, "replace": opts.replace}
+    if opts.prompts is None:
+        return _call(opts, "POST", "/admin/memories", {**body, "path": opts.path})
+    from memories.lora.generate import PromptError, read_prompts
+
+    try:
+        prompts = read_prompts(opts.prompts)
+    except PromptError as e:
+        print(e, file=sys.stderr)
+        return 2
+    return _call(opts, "POST", "/admin/memories", {**body, "prompts": prompts, "description": opts.description})
 
 
 def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -> int:
@@ -59,7 +85,8 @@ def _call(opts: argparse.Namespace, method: str, path: str, body: dict | None) -
         return 1
     if method == "GET" and sys.stdout.isatty():
         for m in data["data"]:
-            print(f"{m['name']:<20} λ={m['memory_weight']:.2f} T={m['temperature']:.2f} params={m['num_parameters']:,} bytes={m['device_bytes']:,} requests={m['requests']} sha256={m['content_sha256'][:12]}")
+            mix = f"λ={m['memory_weight']:.2f} T={m['temperature']:.2f}" if m.get("memory_weight") is not None else f"rank={m.get('rank')}"
+            print(f"{m['name']:<20} {m.get('kind', 'decoder'):<8} {mix} params={m['num_parameters']:,} bytes={m['device_bytes']:,} requests={m['requests']} sha256={m['content_sha256'][:12]}")
         for name, why in data.get("problems", {}).items():
             print(f"{name:<20} NOT LOADED: {why}")
     else:

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"highest LoRA rank (r) a lora memory may have; vLLM sizes its adapter slots by it. One of {', '.join(map(str, LORA_RANKS))} (default: %(default)s)",
     )  # fmt: skip
     admin.add_argument(
+        "--generator", default=None, metavar="DIR",
+        help="prompt-to-LoRA generator (built by `memserve generator build|demo`): admin loads may then carry 'prompts' instead of "
+        "'path', and the server generates, checks and loads a lora memory from them, written under <memory-root>/generated/. "
+        "Needs --memory-root and the admin API; turns LoRA on (default: <cache>/generator when serving the embedded base "
+        "with both, else none)",
+    )  # fmt: skip
+    admin.add_argument(
         "--memory-budget-bytes", type=int, default=None,
         help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
     )  # fmt: skip

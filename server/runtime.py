@@ -47,6 +47,7 @@ class ServeOptions:
     max_memories: int | None = None
     max_loras: int | None = None  # None: AUTO_MAX_LORAS if a start-up memory is a lora memory, else 0
     max_lora_rank: int = 16
+    generator: str | None = None  # None: <cache>/generator when serving the embedded base and it exists
     memory_budget_bytes: int | None = None
     memory_kv_budget_bytes: int | None = None
     reconcile_interval: float = 10.0
@@ -119,11 +120,25 @@ async def run(opts: ServeOptions) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model)
     store = MemoryStore(opts.memory_root) if opts.memory_root else None
     base_config = json.loads((Path(model) / "config.json").read_text())
+    generator_dir = _generator_dir(opts, store)
+    if generator_dir is False:
+        return 2
+    asked_loras = opts.max_loras
+    if generator_dir and asked_loras is None:
+        asked_loras = AUTO_MAX_LORAS
+        log.info("LoRA on (--max-loras %d): the generator %s writes lora memories", AUTO_MAX_LORAS, generator_dir)
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
-        opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store), opts.max_lora_rank,
+        opts.memory_budget_bytes, _max_loras(asked_loras, memory_specs, store), opts.max_lora_rank,
     )  # fmt: skip
     max_loras, max_lora_rank = lora_limits(args)
+    generator = None
+    if generator_dir:
+        try:
+            generator = _load_generator(generator_dir, model, max_loras, max_lora_rank, base_config)
+        except ValueError as e:
+            log.error("refusing to start: %s", e)
+            return 2
     catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank)
     catalog.unload_timeout = opts.unload_timeout
     names = [name for name, _ in memory_specs]
@@ -148,7 +163,13 @@ async def run(opts: ServeOptions) -> int:
         await catalog.reconcile()  # restore the persisted set; problems are reported, not fatal
         lifecycle = Lifecycle(opts.shutdown_grace, loopback_hosts(opts.host, opts.port) if _is_loopback(opts.host) else None)
         app = create_app(engine, catalog, base_name, lifecycle, api_key=opts.api_key, limits=opts.limits())
-        install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local)
+        generation = None
+        if generator is not None:
+            from server.generation import MemoryGeneration
+
+            await asyncio.to_thread(generator.base)  # the encoder's weights load now, not in the first admin request
+            generation = MemoryGeneration(generator, catalog)
+        install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local, generation)
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
@@ -171,6 +192,39 @@ async def run(opts: ServeOptions) -> int:
             for task in background:
                 task.cancel()
     return lifecycle.exit_code
+
+
+def _generator_dir(opts: ServeOptions, store) -> Path | None | bool:
+    """The generator to serve admin generations with; False: a refusal was logged.
+
+    An explicit --generator needs somewhere to write (--memory-root) and someone to
+    ask (the admin API); the demo generator found in the cache is used only when both are there.
+    """
+    from server.generation import default_generator_dir
+
+    admin_on = opts.admin_token is not None or opts.admin_insecure_local
+    if opts.generator:
+        if store is None or not admin_on:
+            log.error("--generator needs --memory-root (where generated memories are written) and the admin API (--admin-token or --admin-insecure-local)")
+            return False
+        return Path(opts.generator)
+    found = default_generator_dir() if not opts.model and opts.max_loras != 0 else None
+    if found and store is not None and admin_on:
+        log.info("using the generator found in %s (admin loads may carry prompts)", found)
+        return found
+    return None
+
+
+def _load_generator(path: Path, model: str, max_loras: int, max_lora_rank: int, base_config: dict):
+    from memories.lora.generate import load_generator
+    from server.generation import check_generator
+
+    if max_loras == 0:
+        raise ValueError(f"--generator {path} writes lora memories, but --max-loras is 0")
+    generator = load_generator(path, base=model)  # GeneratorError (a ValueError) names what is wrong
+    check_generator(generator, max_lora_rank, base_config)
+    log.info("generator %s (%s) ready: up to %s prompts per memory", path, generator.sha256[:12], generator.config["limits"]["max_prompts"])
+    return generator
 
 
 def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store) -> int:
