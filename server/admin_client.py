@@ -25,9 +25,9 @@ def add_admin_client_commands(memory_commands) -> None:
     load.add_argument(
         "--prompts", metavar="FILE|DIR", default=None,
         help="instead of a path: unlabeled texts of the domain (a file with one per line, JSONL with 'text', or a folder of .txt files); "
-        "the server (started with --generator) generates a lora memory from them",
+        "the server (started with --generator) generates a lora memory from them (default: none, PATH is loaded)",
     )  # fmt: skip
-    load.add_argument("--description", default="", help="with --prompts: the generated memory's description")
+    load.add_argument("--description", default="", help="with --prompts: the generated memory's description (default: one naming the generator and prompt count)")
     load.add_argument("--memory-weight", type=float, default=None, help="λ for a decoder memory (default: the memory's own)")
     load.add_argument("--replace", action="store_true", help="swap a loaded memory of the same name (default: refuse with 409)")
     common(load)
