@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import shutil
 import time
 from pathlib import Path
 
 from server.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict
-
-log = logging.getLogger("memserve")
 
 GENERATED = "generated"
 
@@ -57,8 +54,7 @@ class MemoryGeneration:
                     await asyncio.to_thread(generate_memory, self.generator, prompts, name, target, None, description)
                 except PromptError as e:
                     raise BadRequest(str(e), "prompts") from None
-                made, seconds = True, time.perf_counter() - start
-                log.info("generated lora memory %s from %d prompts in %.2fs (%s)", name, len(prompts), seconds, target)
+                made, seconds = True, time.perf_counter() - start  # generate_memory logs it
         try:
             loaded = await self.catalog.load_dir(name, str(target), None, replace=replace)
         except BaseException:
