@@ -179,7 +179,8 @@ class Generator:
 
         prompts = validate_prompts(prompts, max_count=int(self.config["limits"]["max_prompts"]))
         with self.lock:
-            states = states_entering(self.base(), self.windows(prompts), self.first_layer)
+            # the same precision as the training prompts were encoded in
+            states = states_entering(self.base(), self.windows(prompts), self.first_layer, bf16=bool(self.config["encoder"].get("bf16", False)))
             z = self.decoder(self.input_norm(states).unsqueeze(0))[0]
         grid = self.standardiser.invert(z) * self.layout.mask()
         return untokenise(self.layout, grid)

@@ -228,7 +228,7 @@ def stage_generator(cfg: GeneratorBuildConfig, loras: dict[str, dict], encoded: 
             "base_identity": base_id,
             "tokenizer_sha256": tok_sha,
             "lora": {"rank": recipe.rank, "alpha": recipe.alpha, "modules": list(recipe.modules), "layer_ids": recipe.layer_ids(num_layers(base_model))},
-            "encoder": {"layer": recipe.layer_ids(num_layers(base_model))[0], "prompts": grecipe.prompts, "prompt_tokens": grecipe.prompt_tokens},
+            "encoder": {"layer": recipe.layer_ids(num_layers(base_model))[0], "prompts": grecipe.prompts, "prompt_tokens": grecipe.prompt_tokens, "bf16": cfg.bf16},
             "layout": layout.to_dict(),
             "hyperconv": rec["config"].to_dict(),
             "limits": {"max_prompts": cfg.max_prompts},
