@@ -67,6 +67,7 @@ def _add_build_options(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--generator-steps", type=int, default=d.generator_steps, help="training steps (default %(default)s)")
     g.add_argument("--generator-batch", type=int, default=d.generator_batch, help="(checkpoint, prompt batch) samples per step (default %(default)s)")
     g.add_argument("--generator-lr", type=float, default=d.generator_lr, help="AdamW peak learning rate, cosine decay (default %(default)s)")
+    g.add_argument("--targets-from", type=int, default=d.targets_from, help="train the generator on the checkpoints from this LoRA step on; 0: every kept one (default %(default)s)")
     g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="most prompts one generation accepts (default %(default)s)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="test tokens per held-out domain (default %(default)s)")

@@ -69,6 +69,7 @@ class GeneratorBuildConfig:
     generator_steps: int = 600
     generator_batch: int = 8
     generator_lr: float = 1e-3
+    targets_from: int = 0  # generator targets: checkpoints from this step on (0: every kept checkpoint)
     max_prompts: int = 128
     eval_prompts: int = 32  # train documents of a held-out domain given to the generator
     # runtime only
@@ -210,13 +211,19 @@ def stage_generator(cfg: GeneratorBuildConfig, loras: dict[str, dict], encoded: 
     from memories.lora.weights import tokenise
 
     recipe, grecipe = cfg.recipe(), cfg.generator_recipe()
-    fp = fingerprint(loras=[loras[s]["fingerprint"] for s in cfg.train_domains], encoded=[encoded[s]["fingerprint"] for s in cfg.train_domains], recipe=asdict(grecipe), max_prompts=cfg.max_prompts)
+    fp = fingerprint(
+        loras=[loras[s]["fingerprint"] for s in cfg.train_domains], encoded=[encoded[s]["fingerprint"] for s in cfg.train_domains],
+        recipe=asdict(grecipe), max_prompts=cfg.max_prompts, **({"targets_from": cfg.targets_from} if cfg.targets_from else {}),
+    )  # fmt: skip
 
     def produce(tmp: Path) -> dict:
         layout = _layout(cfg, base_model)
         collection = []
         for spec in cfg.train_domains:
             ckpts = load_file(str(cfg.root / "lora" / slug(spec) / "checkpoints.safetensors"))
+            steps = np.asarray(loras[spec]["steps"])
+            keep = torch.as_tensor(np.flatnonzero(steps >= cfg.targets_from)) if (steps >= cfg.targets_from).any() else torch.as_tensor([len(steps) - 1])
+            ckpts = {k: v[keep] for k, v in ckpts.items()}
             states, _ = _load_states(cfg, spec)
             collection.append({"grids": tokenise(layout, ckpts), "prompts": states})
         rec = train_generator(layout, collection, grecipe, progress=cfg.progress)
@@ -232,7 +239,7 @@ def stage_generator(cfg: GeneratorBuildConfig, loras: dict[str, dict], encoded: 
             "layout": layout.to_dict(),
             "hyperconv": rec["config"].to_dict(),
             "limits": {"max_prompts": cfg.max_prompts},
-            "training": {"domains": list(cfg.train_domains), "recipe": rec["recipe"], "lora_recipe": asdict(recipe), "checkpoints": sum(len(c["grids"]) for c in collection)},
+            "training": {"domains": list(cfg.train_domains), "recipe": rec["recipe"], "lora_recipe": asdict(recipe), "targets_from": cfg.targets_from, "checkpoints": sum(len(c["grids"]) for c in collection)},
         }
         sha = save_generator(tmp, config, rec["model"], rec["standardiser"], rec["input_norm"])
         (tmp / "loss_history.json").write_text(json.dumps(rec["history"]))
@@ -291,9 +298,9 @@ def stage_evaluate(cfg: GeneratorBuildConfig, generator: dict, loras: dict[str, 
                 raise StageError(f"held-out domain {spec!r}: test split shorter than --eval-window {cfg.eval_window}")
             states = states_entering(base_model, windows, first)
             prompts = json.loads((d / "prompts.json").read_text())[: cfg.eval_prompts]
-            t = time.time()
+            t, c = time.time(), time.process_time()
             adapter = gen.adapter(prompts)
-            gen_seconds = time.time() - t
+            gen_seconds, gen_cpu = time.time() - t, time.process_time() - c
             trained = lora_deltas(load_file(str(cfg.root / "lora" / slug(spec) / "adapter_model.safetensors")), recipe.scaling)
             ppl = {}
             for variant, deltas in (("base", None), ("mean", mean), ("generated", gen.deltas(adapter)), ("trained", trained)):
@@ -301,9 +308,13 @@ def stage_evaluate(cfg: GeneratorBuildConfig, generator: dict, loras: dict[str, 
                     ppl[variant] = round(top_perplexity(base_model, first, states, windows), 4)
             lrec = loras[spec]
             train_seconds = float(lrec["train_seconds"]) + float(lrec.get("encode_seconds") or 0.0)
+            # CPU seconds (all threads) are what an idle machine would need; on a shared one wall times swing with the neighbours
+            enc = require(cfg.root / "encode" / slug(spec), "encode stage", "`memserve generator build`")
+            train_cpu = float(lrec.get("cpu_seconds") or 0.0) + float(enc.get("cpu_seconds") or 0.0)
             rows.append({
                 "domain": spec, "test_tokens": int(windows.shape[0] * (windows.shape[1] - 1)), "prompts": len(prompts), "ppl": ppl,
                 "generate_seconds": round(gen_seconds, 3), "train_seconds": round(train_seconds, 2), "speedup": round(train_seconds / max(gen_seconds, 1e-9), 1),
+                "generate_cpu_seconds": round(gen_cpu, 3), "train_cpu_seconds": round(train_cpu, 2), "speedup_cpu": round(train_cpu / max(gen_cpu, 1e-9), 1),
             })  # fmt: skip
             log.info("held-out %s: ppl %s; generate %.2fs vs train %.1fs", spec, ppl, gen_seconds, train_seconds)
         setup = {
@@ -371,7 +382,7 @@ def _progress(cfg: GeneratorBuildConfig, items, desc: str):
 # --- demo -----------------------------------------------------------------------------------
 
 # Sized for the 2-core CPU machine class with the 135M default base (measured: see memories/README.md).
-DEMO_OPTIONS: dict = dict(lora_steps=16, lora_batch=2, lora_windows=24, checkpoint_from=6, generator_steps=500, eval_tokens=4096)
+DEMO_OPTIONS: dict = dict(lora_steps=16, lora_batch=2, lora_windows=24, checkpoint_from=6, targets_from=12, generator_steps=1000, eval_tokens=4096)
 
 
 def default_generator_dir() -> Path:
