@@ -287,6 +287,7 @@ def stage_evaluate(cfg: GeneratorBuildConfig, generator: dict, loras: dict[str, 
     def produce(tmp: Path) -> dict:
         gen = load_generator(cfg.root / "generator", base=cfg.base)
         gen._base = base_model  # the same frozen weights: no second copy in memory
+        gen.tokenizer()  # loaded once, as in a server that keeps the generator: not part of a generation's time
         finals = [lora_deltas(load_file(str(cfg.root / "lora" / slug(s) / "adapter_model.safetensors")), recipe.scaling) for s in cfg.train_domains]
         mean = {k: torch.stack([f[k] for f in finals]).mean(0) for k in finals[0]}
         first = gen.first_layer
