@@ -259,3 +259,13 @@ def test_bad_prompts_are_clear_errors(built, tmp_path):
 
     with pytest.raises(GeneratorError, match="do not match"):
         load_generator(broken)
+
+
+def test_subdomain_specs_are_checked():
+    from memories.corpus import CorpusError, load_corpus
+    from memories.lora.domains import DEFAULT_HELDOUT, DEFAULT_TRAIN, slug
+
+    with pytest.raises(CorpusError, match="sub-domains are"):
+        load_corpus("demo:arxiv/cs")
+    assert len(DEFAULT_TRAIN) >= 16 and len(DEFAULT_HELDOUT) >= 4 and not set(DEFAULT_TRAIN) & set(DEFAULT_HELDOUT)
+    assert len({slug(s) for s in DEFAULT_TRAIN + DEFAULT_HELDOUT}) == len(DEFAULT_TRAIN) + len(DEFAULT_HELDOUT)
