@@ -383,7 +383,7 @@ def _progress(cfg: GeneratorBuildConfig, items, desc: str):
 # --- demo -----------------------------------------------------------------------------------
 
 # Sized for the 2-core CPU machine class with the 135M default base (measured: see memories/README.md).
-DEMO_OPTIONS: dict = dict(lora_steps=16, lora_batch=2, lora_windows=24, checkpoint_from=6, targets_from=12, generator_steps=500, eval_tokens=4096)
+DEMO_OPTIONS: dict = dict(lora_steps=64, lora_batch=4, lora_windows=48, checkpoint_from=32, targets_from=48, generator_steps=500, eval_tokens=4096)
 
 
 def default_generator_dir() -> Path:
