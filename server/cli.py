@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(opts: argparse.Namespace) -> int:
-    from server.base_model import cache_dir
+    from memories.base_model import cache_dir
     from server.engine import prepare_environment
 
     prepare_environment(opts.workdir or cache_dir() / "run")

@@ -76,7 +76,7 @@ def check_generator(generator, max_lora_rank: int, base_config: dict) -> None:
 
 def default_generator_dir() -> Path | None:
     """``<cache>/generator`` (what ``memserve generator demo`` builds), if it exists."""
-    from server.base_model import cache_dir
+    from memories.base_model import cache_dir
 
     path = cache_dir() / "generator"
     return path if path.is_dir() else None

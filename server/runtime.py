@@ -72,7 +72,7 @@ def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
     """The embedded base, and with it every demo memory found in the cache."""
     if opts.model:
         return opts.model, opts.memories
-    from server.base_model import cache_dir, default_base
+    from memories.base_model import cache_dir, default_base
 
     model = str(default_base())
     memories = opts.memories

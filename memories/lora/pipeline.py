@@ -388,13 +388,13 @@ DEMO_OPTIONS: dict = dict(lora_steps=64, lora_batch=4, lora_windows=48, checkpoi
 
 def default_generator_dir() -> Path:
     """Where ``memserve generator demo`` puts the generator (``<MEMSERVE_CACHE>/generator``)."""
-    from server.base_model import cache_dir
+    from memories.base_model import cache_dir
 
     return cache_dir() / "generator"
 
 
 def demo(out: str | os.PathLike | None = None, work: str | os.PathLike | None = None, threads: int = 0, progress: bool = True, **overrides) -> Path | None:
-    from server.base_model import cache_dir, default_base
+    from memories.base_model import cache_dir, default_base
 
     cfg = GeneratorBuildConfig(
         base=str(default_base()), out=str(out or default_generator_dir()), work=str(work or cache_dir() / "work" / "generator"),

@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from server.base_model import convert_gguf
+from memories.base_model import convert_gguf
 
 
 def test_conversion_writes_bf16_weights_equal_to_the_rounded_dequantized_ones(tiny, tmp_path, monkeypatch):
