@@ -16,8 +16,6 @@ import asyncio
 import hashlib
 import shutil
 import time
-from pathlib import Path
-
 from server.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict
 
@@ -72,12 +70,3 @@ def check_generator(generator, max_lora_rank: int, base_config: dict) -> None:
     layers = [int(i) for i in generator.config["lora"].get("layer_ids", [])]
     if layers and max(layers) >= int(base_config.get("num_hidden_layers", 0)):
         raise ValueError(f"generator {generator.path} targets layer {max(layers)}; the base has {base_config.get('num_hidden_layers')} layers")
-
-
-def default_generator_dir() -> Path | None:
-    """``<cache>/generator`` (what ``memserve generator demo`` builds), if it exists."""
-    from memories.base_model import cache_dir
-
-    path = cache_dir() / "generator"
-    return path if path.is_dir() else None
-

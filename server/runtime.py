@@ -200,7 +200,7 @@ def _generator_dir(opts: ServeOptions, store) -> Path | None | bool:
     An explicit --generator needs somewhere to write (--memory-root) and someone to
     ask (the admin API); the demo generator found in the cache is used only when both are there.
     """
-    from server.generation import default_generator_dir
+    from memories.lora.pipeline import default_generator_dir
 
     admin_on = opts.admin_token is not None or opts.admin_insecure_local
     if opts.generator:
@@ -209,6 +209,7 @@ def _generator_dir(opts: ServeOptions, store) -> Path | None | bool:
             return False
         return Path(opts.generator)
     found = default_generator_dir() if not opts.model and opts.max_loras != 0 else None
+    found = found if found and found.is_dir() else None
     if found and store is not None and admin_on:
         log.info("using the generator found in %s (admin loads may carry prompts)", found)
         return found
