@@ -30,19 +30,19 @@ class MemoryGeneration:
 
     def describe(self) -> dict:
         """What admins see in ``GET /admin/memories``: which generator, and what it accepts."""
-        return {"generator": self.generator.sha256, "path": str(self.generator.path), "max_prompts": int(self.generator.config["limits"]["max_prompts"])}
+        return {"generator": self.generator.sha256, "path": str(self.generator.path), "max_prompts": self.generator.max_prompts}
 
     async def create(self, name: str, prompts: list[str], replace: bool = False, description: str = "") -> dict:
         """Generate, check, load and persist; the loaded memory's card plus ``generation_seconds``."""
-        from memories.lora.generate import PromptError, generate_memory, validate_prompts
+        from memories.lora.generate import PromptError, generate_memory, prompts_sha256, validate_prompts
 
         if self.catalog.get(name) is not None and not replace:  # before spending seconds of CPU on it
             raise Conflict(f"memory {name!r} is already loaded; pass replace=true to swap it", "name")
         try:
-            prompts = validate_prompts(prompts, max_count=int(self.generator.config["limits"]["max_prompts"]))
+            prompts = validate_prompts(prompts, max_count=self.generator.max_prompts)
         except PromptError as e:
             raise BadRequest(str(e), "prompts") from None
-        digest = hashlib.sha256("\x1e".join([self.generator.sha256, *prompts]).encode("utf-8")).hexdigest()
+        digest = hashlib.sha256(f"{self.generator.sha256}:{prompts_sha256(prompts)}".encode()).hexdigest()
         target = self.catalog.store.root / GENERATED / f"{name}-{digest[:16]}"
         made, seconds = False, 0.0
         async with self._one_at_a_time:

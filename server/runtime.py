@@ -123,13 +123,9 @@ async def run(opts: ServeOptions) -> int:
     generator_dir = _generator_dir(opts, store)
     if generator_dir is False:
         return 2
-    asked_loras = opts.max_loras
-    if generator_dir and asked_loras is None:
-        asked_loras = AUTO_MAX_LORAS
-        log.info("LoRA on (--max-loras %d): the generator %s writes lora memories", AUTO_MAX_LORAS, generator_dir)
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
-        opts.memory_budget_bytes, _max_loras(asked_loras, memory_specs, store), opts.max_lora_rank,
+        opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
     )  # fmt: skip
     max_loras, max_lora_rank = lora_limits(args)
     generator = None
@@ -224,18 +220,21 @@ def _load_generator(path: Path, model: str, max_loras: int, max_lora_rank: int, 
         raise ValueError(f"--generator {path} writes lora memories, but --max-loras is 0")
     generator = load_generator(path, base=model)  # GeneratorError (a ValueError) names what is wrong
     check_generator(generator, max_lora_rank, base_config)
-    log.info("generator %s (%s) ready: up to %s prompts per memory", path, generator.sha256[:12], generator.config["limits"]["max_prompts"])
+    log.info("generator %s (%s) ready: up to %s prompts per memory", path, generator.sha256[:12], generator.max_prompts)
     return generator
 
 
-def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store) -> int:
-    """The operator's --max-loras, else LoRA on only if a memory the server starts with needs it.
+def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store, generator: Path | None = None) -> int:
+    """The operator's --max-loras, else LoRA on only if a memory the server starts with, or the generator, needs it.
 
     vLLM's LoRA path slows every batch (README), so a server that serves only
     decoder memories should not pay for it; LoRA cannot be turned on later.
     """
     if asked is not None:
         return asked
+    if generator:
+        log.info("LoRA on (--max-loras %d): the generator %s writes lora memories", AUTO_MAX_LORAS, generator)
+        return AUTO_MAX_LORAS
     from memories.kinds import kind_of
 
     candidates = list(memory_specs)

@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memories.lora.artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from memories.lora.hyperconv import HyperConvConfig, HyperConvDecoder
+from memories.lora.topstack import cut_windows
 from memories.lora.train_generator import InputNorm
 from memories.lora.weights import Layout, Standardiser, lora_deltas, untokenise
 
@@ -40,8 +42,6 @@ log = logging.getLogger("memserve.generator")
 GENERATOR_JSON = "generator.json"
 GENERATOR_WEIGHTS = "generator.safetensors"
 GENERATOR_SHA = "generator.sha256"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Bounds on what one generation accepts (the server's admin API applies the same ones).
 MIN_PROMPTS = 1
@@ -112,6 +112,11 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def prompts_sha256(prompts: list[str]) -> str:
+    """Identity of a prompt set (memory.json ``prompts.sha256``): the prompts joined by U+001E."""
+    return hashlib.sha256("\x1e".join(prompts).encode("utf-8")).hexdigest()
+
+
 def file_sha256(*paths: Path) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -138,6 +143,11 @@ class Generator:
     @property
     def first_layer(self) -> int:
         return int(self.config["encoder"]["layer"])
+
+    @property
+    def max_prompts(self) -> int:
+        """Most prompts one generation accepts (fixed when the generator was built)."""
+        return int(self.config["limits"]["max_prompts"])
 
     @property
     def scaling(self) -> float:
@@ -167,8 +177,8 @@ class Generator:
             raise PromptError("the prompts tokenise to nothing")
         while len(stream) < T:  # a very short prompt set: repeat it to fill one window
             stream = stream + stream
-        n = len(stream) // T
-        windows = np.asarray(stream[: n * T], dtype=np.int64).reshape(n, T)
+        windows = cut_windows(np.asarray(stream), T)
+        n = len(windows)
         pick = np.arange(P) % n if n <= P else np.linspace(0, n - 1, P).round().astype(int)
         return windows[pick]
 
@@ -177,7 +187,7 @@ class Generator:
         """PEFT tensors (``lora_A`` [r, in], ``lora_B`` [out, r]) for the prompts."""
         from memories.lora.topstack import states_entering
 
-        prompts = validate_prompts(prompts, max_count=int(self.config["limits"]["max_prompts"]))
+        prompts = validate_prompts(prompts, max_count=self.max_prompts)
         with self.lock:
             # the same precision as the training prompts were encoded in
             states = states_entering(self.base(), self.windows(prompts), self.first_layer, bf16=bool(self.config["encoder"].get("bf16", False)))
@@ -291,9 +301,8 @@ def generate_memory(generator: Generator | str | os.PathLike, prompts: list[str]
     gen = generator if isinstance(generator, Generator) else load_generator(generator)
     if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
         raise PromptError(f"memory name {name!r}: give a non-empty name without '/' that does not start with '.'")
-    prompts = validate_prompts(prompts, max_count=int(gen.config["limits"]["max_prompts"]))
+    prompts = validate_prompts(prompts, max_count=gen.max_prompts)
     adapter = gen.adapter(prompts)
-    joined = "\x1e".join(prompts).encode("utf-8")
     card = {
         "format": 1,
         "kind": "lora",
@@ -306,7 +315,7 @@ def generate_memory(generator: Generator | str | os.PathLike, prompts: list[str]
         "lora_alpha": float(gen.config["lora"]["alpha"]),
         "target_modules": list(gen.config["lora"]["modules"]),
         "generator": gen.sha256,
-        "prompts": {"count": len(prompts), "sha256": hashlib.sha256(joined).hexdigest()},
+        "prompts": {"count": len(prompts), "sha256": prompts_sha256(prompts)},
     }
     write_adapter(gen, adapter, Path(path), card, overwrite=overwrite)
     seconds = round(time.time() - started, 3)

@@ -15,3 +15,10 @@ def test_lora_is_on_only_when_a_start_up_memory_needs_it(tiny, tmp_path):
     assert _max_loras(None, decoders, store) == 0
     store.put(DesiredMemory("ada", "ada", None, "x"))
     assert _max_loras(None, decoders, store) == AUTO_MAX_LORAS  # a persisted lora memory will be restored
+
+
+def test_a_generator_turns_lora_on_unless_the_operator_says_otherwise(tiny, tmp_path):
+    decoders = [("alpha", str(tiny["alpha"]))]
+    assert _max_loras(None, decoders, None, tmp_path / "generator") == AUTO_MAX_LORAS
+    assert _max_loras(0, decoders, None, tmp_path / "generator") == 0
+    assert _max_loras(2, decoders, None, tmp_path / "generator") == 2
