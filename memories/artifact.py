@@ -57,6 +57,7 @@ class MemoryCard:
     target_modules: tuple[str, ...] = ()  # lora: the base modules it adapts
     generator: str | None = None  # lora written by the prompt-to-LoRA generator: its sha256
     prompts: dict[str, Any] = field(default_factory=dict)  # ... and the prompts it read (count, sha256)
+    connections: tuple[tuple[int, int], ...] = ()  # calm: (augment layer, base layer) pairs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

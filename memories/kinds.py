@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 from memories.artifact import ArtifactError, MemoryCard, check_compatible, read_card, read_memory_json
+from memories.calm.artifact import check_calm_compatible, read_calm_card
 from memories.lora.artifact import check_lora_compatible, is_lora_dir, read_lora_card
 
-KINDS = ("decoder", "lora")
-PLANNED = ("calm",)
+KINDS = ("decoder", "lora", "calm")
+PLANNED: tuple[str, ...] = ()
 
 
 def kind_of(root: Path, name: str) -> str:
@@ -33,8 +34,11 @@ def read_any_card(path: str | os.PathLike, name: str, default_weight: float | No
     root = Path(path)
     if not root.is_dir():
         raise ArtifactError(name, "not a directory", str(root))
-    if kind_of(root, name) == "lora":
+    kind = kind_of(root, name)
+    if kind == "lora":
         return read_lora_card(root, name)
+    if kind == "calm":
+        return read_calm_card(root, name)
     return read_card(root, name, default_weight)
 
 
@@ -42,5 +46,7 @@ def check_any_compatible(card: MemoryCard, base_tokenizer, base_config: dict | N
     """The kind's checks against the base (``max_lora_rank`` None: LoRA memories are off)."""
     if card.kind == "lora":
         check_lora_compatible(card, base_tokenizer, base_config, max_lora_rank)
+    elif card.kind == "calm":
+        check_calm_compatible(card, base_tokenizer, base_config)
     else:
         check_compatible(card, base_tokenizer, base_config)

@@ -166,3 +166,30 @@ def edit_lora(src: Path, out: Path, edit) -> Path:
     edit(tensors)
     save_file(tensors, str(weights), metadata={"format": "pt"})
     return out
+
+
+def build_calm(out: Path, base: Path, augment: Path, connections: list[tuple[int, int]], heads: int = 2, seed: int = 0, gate: float = 0.5, name: str | None = None) -> Path:
+    """A calm memory with a random composition whose gates are open, so that it changes the base's outputs."""
+    import shutil
+
+    import torch
+
+    from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, Composition, CompositionSpec
+
+    base_cfg = json.loads((base / "config.json").read_text())
+    aug_cfg = json.loads((augment / "config.json").read_text())
+    spec = CompositionSpec(tuple(connections), aug_cfg["hidden_size"], base_cfg["hidden_size"], heads)
+    torch.manual_seed(seed)
+    comp = Composition(spec)
+    with torch.no_grad():
+        for c in comp.connections:
+            c.gate.fill_(gate)
+            for lin in (c.q, c.k, c.v, c.o, c.proj):
+                lin.weight.mul_(4.0)  # default init is too timid to move a random base's greedy tokens
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(augment, out / AUGMENT_DIR, dirs_exist_ok=True)
+    (out / AUGMENT_DIR / "memory.json").unlink(missing_ok=True)
+    comp.save(out / COMPOSITION_FILE)
+    card = {"format": 1, "kind": "calm", "name": name or out.name, "base_model": "tiny", **spec.card_fields()}
+    (out / "memory.json").write_text(json.dumps(card))
+    return out
