@@ -16,14 +16,11 @@ from memories.calm.artifact import check_calm_compatible, read_calm_card
 from memories.lora.artifact import check_lora_compatible, is_lora_dir, read_lora_card
 
 KINDS = ("decoder", "lora", "calm")
-PLANNED: tuple[str, ...] = ()
 
 
 def kind_of(root: Path, name: str) -> str:
     meta = read_memory_json(root, name)
     kind = meta.get("kind", "lora" if not meta and is_lora_dir(root) else "decoder")
-    if kind in PLANNED:
-        raise ArtifactError(name, f"memory kind {kind!r} is not supported yet", f"this server serves kinds: {', '.join(KINDS)}")
     if kind not in KINDS:
         raise ArtifactError(name, "unknown memory.json kind", f"memory has {kind!r}, this server serves kinds: {', '.join(KINDS)}")
     return kind

@@ -58,7 +58,7 @@ def test_decoder_memories_keep_their_kind(tiny, base_tok, base_config):
     assert check(tiny["alpha"], base_tok, base_config).kind == "decoder"
 
 
-@pytest.mark.parametrize("kind,check_name", [("calm", "memory kind 'calm' is not supported yet"), ("prefix", "unknown memory.json kind")])
+@pytest.mark.parametrize("kind,check_name", [("calm", "memory.json calm fields missing or malformed"), ("prefix", "unknown memory.json kind")])
 def test_other_kinds_are_refused(lora, tmp_path, base_tok, base_config, kind, check_name):
     d = shutil.copytree(lora, tmp_path / kind)
     (d / "memory.json").write_text(json.dumps({"kind": kind}))
