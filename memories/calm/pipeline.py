@@ -162,14 +162,30 @@ def check_inputs(cfg: ComposeConfig):
         raise ComposeInputError(f"--augment {cfg.augment!r}: {e.check}: {e.detail}") from None
     if card.vocab_size < len(tok):
         raise ComposeInputError(f"--augment {cfg.augment!r}: vocab_size {card.vocab_size} is smaller than the base tokenizer's {len(tok)} tokens")
-    if cfg.decoder_memory and not Path(cfg.decoder_memory).is_dir():
-        raise ComposeInputError(f"--decoder-memory {cfg.decoder_memory!r} is not a directory")
+    if cfg.decoder_memory:
+        check_decoder_memory(cfg, tok)
     for key in ("epochs", "batch", "context", "stride"):
         if getattr(cfg, key) < 1:
             raise ComposeInputError(f"--{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.stride > cfg.context:
         raise ComposeInputError(f"--stride {cfg.stride} must not exceed --context {cfg.context}")
     return spec, tok
+
+
+def check_decoder_memory(cfg: ComposeConfig, tok) -> None:
+    """``--decoder-memory`` must be a decoder memory the server would fuse into this base."""
+    from memories.artifact import ArtifactError, check_compatible, read_card, read_memory_json
+
+    path = Path(cfg.decoder_memory)
+    if not path.is_dir():
+        raise ComposeInputError(f"--decoder-memory {cfg.decoder_memory!r} is not a directory")
+    try:
+        kind = read_memory_json(path, path.name).get("kind", "decoder")
+        if kind != "decoder":
+            raise ComposeInputError(f"--decoder-memory {cfg.decoder_memory!r} is a {kind} memory; only a decoder memory has a fused perplexity to compare")
+        check_compatible(read_card(path, path.name), tok, _config(cfg.base, "--base"))
+    except ArtifactError as e:
+        raise ComposeInputError(f"--decoder-memory {cfg.decoder_memory!r}: {e.check}: {e.detail}") from None
 
 
 class Models:

@@ -212,6 +212,7 @@ def test_killed_training_resumes_from_its_checkpoint(models, tmp_path, monkeypat
         ({"--connections": "3"}, "--connections 3: must be in 1..2"),
         ({"--augment": "missing"}, "not a directory"),
         ({"--heads": "3"}, "--heads 3"),
+        ({"--decoder-memory": "stranger"}, "--decoder-memory"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(models, tmp_path, capsys, change, words):
@@ -219,7 +220,7 @@ def test_bad_input_exits_2_with_a_clear_message(models, tmp_path, capsys, change
 
     args = _args(models, tmp_path)
     for flag, value in change.items():
-        value = str(models["root"] / value) if flag == "--augment" else value
+        value = str(models["root"] / value) if flag in ("--augment", "--decoder-memory") else value
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
