@@ -65,7 +65,8 @@ class ComposeConfig:
     heads: int = 0  # 0: the base's attention heads
     # training
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
+    gate_lr: float = 0.1  # the gates' own rate (memories.calm.train.parameter_groups says why; measured in memories/README.md)
     batch: int = 4
     warmup: float = 0.05
     weight_decay: float = 0.0
@@ -250,7 +251,7 @@ def load_split(cfg: ComposeConfig, split: str) -> tuple[np.ndarray, np.ndarray |
 
 
 def _train_options(cfg: ComposeConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("context", "stride", "epochs", "lr", "batch", "warmup", "weight_decay", "seed")}
+    return {k: getattr(cfg, k) for k in ("context", "stride", "epochs", "lr", "gate_lr", "batch", "warmup", "weight_decay", "seed")}
 
 
 def stage_train(cfg: ComposeConfig, models: Models | None = None, spec=None) -> dict:
@@ -273,7 +274,7 @@ def stage_train(cfg: ComposeConfig, models: Models | None = None, spec=None) -> 
         composition = Composition(spec)
         started = time.time()
         rec = train_composition(
-            m.base, m.augment, composition, train, epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, warmup=cfg.warmup,
+            m.base, m.augment, composition, train, epochs=cfg.epochs, lr=cfg.lr, gate_lr=cfg.gate_lr, batch=cfg.batch, warmup=cfg.warmup,
             weight_decay=cfg.weight_decay, seed=cfg.seed, checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every,
             validation=validation, progress=cfg.progress,
         )  # fmt: skip
@@ -360,6 +361,7 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
         "epochs": cfg.epochs,
         "steps": train["steps"],
         "lr": cfg.lr,
+        "gate_lr": cfg.gate_lr,
         "batch": cfg.batch,
         "context": cfg.context,
         "stride": cfg.stride,
