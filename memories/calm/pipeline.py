@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memories.corpus import SPLITS
 from memories.pipeline import BuildConfig, base_identity, set_threads
 from memories.stage import StageError, fingerprint, require, run_stage
 
@@ -383,15 +382,19 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
 # --- the whole command --------------------------------------------------------------------
 
 
-def compose(cfg: ComposeConfig) -> Path | None:
-    """Run every stage (skipping up-to-date ones); return OUT/NAME (None when ``stop_after`` stopped it)."""
+def compose(cfg: ComposeConfig, models: Models | None = None) -> Path | None:
+    """Run every stage (skipping up-to-date ones); return OUT/NAME (None when ``stop_after`` stopped it).
+
+    ``models``: a ``Models(cfg, base=..., augment=...)`` holding models already in memory (default: loaded from
+    ``cfg.base`` / ``cfg.augment`` when a stage has work to do).
+    """
     from memories.artifact import write_json_atomic
 
     set_threads(cfg.threads)
     spec, _ = check_inputs(cfg)
     started = time.time()
     timings: dict[str, float] = {}
-    models = Models(cfg)  # loaded by the first stage that has work to do, then shared
+    models = models or Models(cfg)  # loaded by the first stage that has work to do, then shared
 
     def step(name, fn):
         t = time.time()
@@ -417,6 +420,6 @@ def compose(cfg: ComposeConfig) -> Path | None:
 
 
 __all__ = [
-    "ComposeConfig", "ComposeInputError", "Models", "STAGES", "SPLITS", "check_inputs", "composition_spec", "compose",
+    "ComposeConfig", "ComposeInputError", "Models", "STAGES", "check_inputs", "check_decoder_memory", "composition_spec", "compose",
     "load_split", "load_trained", "stage_corpus", "stage_train", "stage_evaluate", "stage_package",
 ]  # fmt: skip
