@@ -79,7 +79,7 @@ def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
     memories = opts.memories
     if not memories:
         demo_root = cache_dir() / "memories"
-        found = sorted(p for p in demo_root.glob("*") if (p / "config.json").exists()) if demo_root.is_dir() else []
+        found = sorted(p for p in demo_root.glob("*") if (p / "config.json").exists() or (p / "memory.json").exists()) if demo_root.is_dir() else []
         memories = [(p.name, str(p)) for p in found]
         if memories:
             log.info("loading the demo memories found in %s: %s", demo_root, ", ".join(n for n, _ in memories))
