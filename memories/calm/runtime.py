@@ -86,17 +86,28 @@ class CalmMemory:
             if start < row.length:
                 self.augment.truncate(row.slot, start)
                 row.length = start
-        states = self.augment.advance_layers([r.slot for r in rows], tokens, self.tapped)
-        for row, row_states in zip(rows, states):  # row_states [len(tapped), M, augment_width]
-            n = row_states.shape[1]
-            for c, ((a, _), conn) in enumerate(zip(self.spec.connections, self.composition.connections)):
-                k, v = conn.keys_values(row_states[self.tapped.index(a)])  # [heads, M, head_dim]
-                if len(row.keys) <= c:
-                    row.keys.append(k.new_empty(k.shape[0], 0, k.shape[2]))
-                    row.values.append(v.new_empty(v.shape[0], 0, v.shape[2]))
-                row.keys[c] = _append(row.keys[c], row.length, k)
-                row.values[c] = _append(row.values[c], row.length, v)
-            row.length += n
+        states = self.augment.advance_layers([r.slot for r in rows], tokens, self.tapped)  # per row [len(tapped), M, augment_width]
+        single = [i for i, t in enumerate(tokens) if len(t) == 1]
+        for c, ((a, _), conn) in enumerate(zip(self.spec.connections, self.composition.connections)):
+            tap = self.tapped.index(a)
+            if single:  # decoding rows: one projection for all of them
+                k, v = conn.keys_values(torch.stack([states[i][tap] for i in single]))  # [R, heads, 1, head_dim]
+                for j, i in enumerate(single):
+                    self._store(rows[i], c, k[j], v[j])
+            for i, t in enumerate(tokens):
+                if len(t) > 1:
+                    self._store(rows[i], c, *conn.keys_values(states[i][tap]))
+        for row, t in zip(rows, tokens):
+            row.length += len(t)
+
+    @staticmethod
+    def _store(row: CalmRow, c: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write connection ``c``'s keys and values ``[heads, M, head_dim]`` for the row's next M positions."""
+        if len(row.keys) <= c:
+            row.keys.append(k.new_zeros(k.shape[0], 0, k.shape[2]))
+            row.values.append(v.new_zeros(v.shape[0], 0, v.shape[2]))
+        row.keys[c] = _append(row.keys[c], row.length, k)
+        row.values[c] = _append(row.values[c], row.length, v)
 
     @torch.inference_mode()
     def attend(self, layer: int, hidden: torch.Tensor, rows: list[CalmRow], counts: list[int]) -> torch.Tensor | None:
