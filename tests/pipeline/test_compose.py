@@ -291,3 +291,20 @@ def test_prompt_completion_compose_counts_only_answers_end_to_end(models, tmp_pa
     _, mask = load_split(cfg, "test")
     assert meta["corpus"]["scored"] == "completion" and meta["metrics"]["completion_only"] is True
     assert meta["metrics"]["test_positions"] == int(mask[1:].sum()) < meta["corpus"]["splits"]["test"]["tokens"] // 2
+
+
+def test_packaged_memory_is_the_evaluated_composition(composed_memory, models):
+    """Loaded back with the serving oracle's loader, the artifact scores the test split as reported."""
+    from transformers import AutoModelForCausalLM
+
+    from memories.calm.hf import composed, load_calm
+    from memories.evaluate import model_logprobs
+    from memories.perplexity import perplexity
+
+    artifact, out = composed_memory
+    augment, composition = load_calm(artifact)
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    test = np.load(out / "work" / "calm-test" / "corpus" / "test.npy")
+    with composed(base, augment, composition):
+        ppl = perplexity(model_logprobs(base, test, CONTEXT, STRIDE, "test", progress=False)[1.0])
+    assert ppl == pytest.approx(json.loads((artifact / "memory.json").read_text())["metrics"]["test_ppl_composition"], rel=1e-6)
