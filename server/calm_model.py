@@ -32,7 +32,6 @@ from server.worker import REGISTRY
 log = logging.getLogger("memserve.calm")
 
 ARCHITECTURE = "MemserveCalmLlamaForCausalLM"
-PROCESSOR = "server.calm_model:CalmRowsProcessor"
 ARG = "memserve_calm"  # SamplingParams.extra_args key naming the calm memory (versioned key)
 
 

@@ -60,14 +60,14 @@ class LoadedMemory:
 
     def describe(self) -> dict:
         c = self.card
-        lora = c.kind != "decoder"  # only decoder memories are mixed in, with a weight and temperature
+        mixed = c.kind == "decoder"  # only decoder memories are mixed in, with a weight and a temperature
         return {
             "name": c.name,
             "kind": c.kind,
             "path": c.path,
             "status": "loaded",
-            "memory_weight": None if lora else c.weight,
-            "temperature": None if lora else c.temperature,
+            "memory_weight": c.weight if mixed else None,
+            "temperature": c.temperature if mixed else None,
             **({"rank": c.rank, "target_modules": list(c.target_modules), "generator": c.generator, "prompts": c.prompts} if c.kind == "lora" else {}),
             **({"connections": [list(x) for x in c.connections]} if c.kind == "calm" else {}),
             "domain": c.domain,
