@@ -18,7 +18,22 @@ def flops_per_token(config_dir: str | Path) -> float:
     return 2.0 * (layers * per_layer + h * vocab)
 
 
+def memory_flops_per_token(memory_dir: str | Path) -> float:
+    """A memory's own FLOPs per token: a decoder memory's forward, or a calm memory's augmenting model
+    without its output head (never applied) plus its composition (every parameter once per token)."""
+    memory_dir = Path(memory_dir)
+    card = memory_dir / "memory.json"
+    meta = json.loads(card.read_text()) if card.exists() else {}
+    if meta.get("kind") != "calm":
+        return flops_per_token(memory_dir)
+    augment = memory_dir / "augment"
+    c = json.loads((augment / "config.json").read_text())
+    d_a, d_b = meta["augment_width"], meta["base_width"]
+    composition = len(meta["connections"]) * (d_a * d_b + 4 * d_b * d_b)
+    return flops_per_token(augment) - 2.0 * c["hidden_size"] * c["vocab_size"] + 2.0 * composition
+
+
 def compute_bound(base_dir: str | Path, memory_dir: str | Path) -> float:
-    """Best possible fused ÷ base throughput: base FLOPs ÷ (base + memory FLOPs)."""
+    """Best possible memory ÷ base throughput: base FLOPs ÷ (base + memory FLOPs)."""
     base = flops_per_token(base_dir)
-    return base / (base + flops_per_token(memory_dir))
+    return base / (base + memory_flops_per_token(memory_dir))

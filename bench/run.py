@@ -53,7 +53,7 @@ def _scenario_list(text: str) -> list[str]:
 def add_bench_command(commands) -> None:
     p = commands.add_parser("bench", help="measure fused vs base throughput against the compute bound", description=__doc__)
     p.add_argument("--model", help="base directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--memory", help="memory directory (default: a memory of --memory-layers layers initialised from the base)")
+    p.add_argument("--memory", help="memory directory, a decoder or calm memory (default: a decoder memory of --memory-layers layers initialised from the base)")
     p.add_argument("--memory-layers", type=int, default=6, help="depth of the default memory (default: %(default)s)")
     p.add_argument("--thin", action="store_true", help="the default memory is thin: it runs on the base's embedding and head, shared by all memories in a step")
     p.add_argument("--streams", type=_int_list, default="1,8,32", metavar="N[,N...]", help="concurrent stream counts, each measured in turn (default: %(default)s)")
@@ -159,7 +159,10 @@ def main(opts: argparse.Namespace) -> int:
     finally:
         server.stop()
     engine = setup["engine"]
-    if not opts.no_reference:
+    calm = (memory / "memory.json").exists() and json.loads((memory / "memory.json").read_text()).get("kind") == "calm"
+    if calm and not opts.no_reference:
+        log.info("no reference loop for a calm memory (the loop fuses a decoder memory)")
+    if not opts.no_reference and not calm:
         dtype = engine["dtype"] if engine["dtype"] in DTYPES else "float32"
         engine["reference"] = {"dtype": dtype, "threads": engine["worker_threads"]}
         for n in opts.streams:

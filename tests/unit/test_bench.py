@@ -58,3 +58,19 @@ def test_thin_default_memory_is_a_valid_thin_artifact(tmp_path, monkeypatch, tin
     check_compatible(card, AutoTokenizer.from_pretrained(tiny["tokenizer"]), json.loads((tiny["base"] / "config.json").read_text()))
     with safe_open(str(next(memory.glob("*.safetensors"))), "pt") as f:
         assert not any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in f.keys())
+
+
+def test_a_calm_memory_costs_its_augmenting_layers_and_composition_not_its_head(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    from bench.flops import compute_bound, flops_per_token, memory_flops_per_token
+    from tests.tiny_models import build_calm, build_llama
+
+    augment = build_llama(tmp_path / "aug", AutoTokenizer.from_pretrained(tiny["tokenizer"]), layers=2, seed=3)
+    calm = build_calm(tmp_path / "cal", tiny["base"], augment, [(0, 0), (1, 1)])
+    head = 2.0 * 128 * 320
+    composition = 2.0 * 2 * (128 * 128 + 4 * 128 * 128)
+    assert memory_flops_per_token(calm) == flops_per_token(augment) - head + composition
+    assert memory_flops_per_token(tiny["alpha"]) == flops_per_token(tiny["alpha"])  # a decoder memory: its whole forward
+    base = flops_per_token(tiny["base"])
+    assert compute_bound(tiny["base"], calm) == base / (base + memory_flops_per_token(calm))
