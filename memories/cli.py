@@ -145,6 +145,9 @@ def add_memory_commands(subparsers) -> None:
     from memories.lora.cli import add_generate_command
 
     add_generate_command(subparsers)
+    from memories.calm.augment import add_augment_command
+
+    add_augment_command(subparsers)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,242 @@
+"""The key-value demo of CALM (arXiv 2401.02412, §4.1) at the default base's scale.
+
+The paper's augmenting model memorises "key = value" strings for random keys;
+the composition is then trained on a task over 20 % of the keys and tested on
+the other 80 %, which neither model can solve alone: the base does not know
+the values, the augmenting model never saw the task. Here:
+
+- ``make_facts``: random 5-letter keys (strings no model can know) with values
+  drawn from ``VALUES``, 64 words that are one token each in the SmolLM2
+  tokenizer, deterministic from a seed. One-token values make exact match the
+  greedy choice of one token, so the demo measures whether the fact is routed
+  from m_A into the base, not whether a 135 M base can also chain digits.
+- ``split_keys``: a disjoint 20 / 80 split of the keys, deterministic from the seed.
+- ``fact_examples``: m_A's memorisation data, " KEY = VALUE." facts packed into
+  sequences, the loss on the value token only; every key, many shuffled packings.
+- ``task_records``: the task, a question format m_A never saw
+  ("Question: what is the value of KEY?\\nAnswer:" → " VALUE", and two other
+  phrasings), as prompt/completion JSONL records for ``memserve memory compose``.
+- ``exact_match``: greedy exact-match accuracy of any forward (base, m_A, or the
+  base inside ``memories.calm.hf.composed``) on such records.
+
+Every key is written with a space before it (" qzvkt"), in facts and in
+questions, so its tokens are the same in both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from memories.calm.augment import IGNORE
+
+log = logging.getLogger("memserve.memory")
+
+# 64 words that the SmolLM2 tokenizer encodes, with a leading space, as one token each.
+VALUES = (
+    "red blue green black white brown pink gold silver grey cat dog horse cow sheep goat lion tiger bear wolf fox bird "
+    "fish frog duck owl apple pear plum grape lemon bread rice milk salt sugar tea wine beer stone sand rock iron glass "
+    "paper wood tree rose leaf river lake sea hill moon star sun rain snow wind fire ice box cup bell"
+).split()
+TEMPLATES = (
+    "Question: what is the value of {key}?\nAnswer:",
+    "What value does {key} have?\nThe value is",
+    "Look up {key}.\nResult:",
+)
+FACT = " {key} = {value}."  # the only format m_A ever sees
+
+
+def make_facts(n_keys: int, seed: int = 0, key_length: int = 5) -> dict[str, str]:
+    """``n_keys`` random lowercase keys → values from ``VALUES``, the same for the same seed."""
+    rng = random.Random(f"keys-{seed}")
+    facts: dict[str, str] = {}
+    while len(facts) < n_keys:
+        key = "".join(rng.choice(string.ascii_lowercase) for _ in range(key_length))
+        if key not in facts:
+            facts[key] = rng.choice(VALUES)
+    return facts
+
+
+def split_keys(keys: Sequence[str], train_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint (train, test) keys: a seeded shuffle, the first ``train_fraction`` for training."""
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train fraction must be in (0, 1), got {train_fraction}")
+    order = sorted(keys)
+    random.Random(f"split-{seed}").shuffle(order)
+    n = max(1, round(len(order) * train_fraction))
+    return order[:n], order[n:]
+
+
+def fact_examples(tokenizer, facts: dict[str, str], packings: int, per_sequence: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """m_A's memorisation data: ``packings`` shuffled passes over every fact, ``per_sequence`` facts a sequence.
+
+    Labels are ``IGNORE`` except at the value token of each fact (the key is random:
+    there is nothing to learn in predicting it).
+    """
+    pieces = {}
+    for key, value in facts.items():
+        head = tokenizer(FACT.split(" =")[0].format(key=key), add_special_tokens=False)["input_ids"]
+        eq = tokenizer(" =", add_special_tokens=False)["input_ids"]
+        val = tokenizer(f" {value}", add_special_tokens=False)["input_ids"]
+        end = tokenizer(".", add_special_tokens=False)["input_ids"]
+        pieces[key] = (head + eq, val, end)
+    rng = random.Random(f"pack-{seed}")
+    out = []
+    keys = list(facts)
+    for _ in range(packings):
+        rng.shuffle(keys)
+        for s in range(0, len(keys), per_sequence):
+            ids, labels = [], []
+            for key in keys[s : s + per_sequence]:
+                prefix, val, end = pieces[key]
+                ids += prefix + val + end
+                labels += [IGNORE] * len(prefix) + val + [IGNORE] * len(end)
+            # labels[t] is the target for position t: shift by one
+            ids_t = torch.tensor(ids, dtype=torch.long)
+            tgt = torch.tensor(labels[1:] + [IGNORE], dtype=torch.long)
+            out.append((ids_t, tgt))
+    return out
+
+
+def task_records(facts: dict[str, str], keys: Iterable[str], templates: Sequence[str] = TEMPLATES) -> list[dict]:
+    """Prompt/completion records of the task for ``keys``, one per key and template."""
+    return [{"prompt": t.format(key=k), "completion": f" {facts[k]}", "key": k, "template": i} for k in keys for i, t in enumerate(templates)]
+
+
+def fact_records(facts: dict[str, str], keys: Iterable[str]) -> list[dict]:
+    """The memorised format as records (" KEY =" → " VALUE"): m_A's recall of its own facts."""
+    return [{"prompt": FACT.split(" =")[0].format(key=k) + " =", "completion": f" {facts[k]}", "key": k, "template": "fact"} for k in keys]
+
+
+def write_jsonl(records: Iterable[dict], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@torch.inference_mode()
+def greedy(forward: Callable[[torch.Tensor], torch.Tensor], ids: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``ids``; ``forward`` maps ``[1, T]`` ids to ``[1, T, V]`` logits."""
+    ids = list(ids)
+    out = []
+    for _ in range(n):
+        logits = forward(torch.tensor([ids], dtype=torch.long))
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+    return out
+
+
+def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, records: Sequence[dict], progress: bool = False, desc: str = "exact match") -> dict:
+    """Share of records whose greedy continuation is exactly the completion's tokens.
+
+    The prompt and the completion are tokenized separately (as the compose pipeline
+    trains them); as many tokens are generated as the completion has.
+    """
+    from tqdm import tqdm
+
+    hits, rows = 0, []
+    for r in tqdm(records, desc=desc, unit="q", disable=not progress):
+        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        want = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        got = greedy(forward, prompt, len(want))
+        ok = got == want
+        hits += ok
+        rows.append({"key": r.get("key"), "template": r.get("template"), "want": r["completion"], "got": tokenizer.decode(got), "ok": ok})
+    return {"accuracy": hits / len(records) if records else 0.0, "correct": hits, "total": len(records), "rows": rows}
+
+
+def model_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda ids: model(input_ids=ids).logits
+
+
+# --- memorisation: m_A learns every fact ------------------------------------------------------
+
+
+@dataclass
+class KeyValueConfig:
+    base: str
+    out: str  # m_A's HF directory
+    keys: int = 500
+    seed: int = 0
+    layers: int = 6  # m_A = the base's first K layers, as `memserve memory augment` builds it
+    packings: int = 40  # shuffled passes over every fact
+    per_sequence: int = 32
+    lr: float = 2e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    checkpoint_every: int = 100
+    threads: int = 0
+    progress: bool = True
+
+    def fingerprint_fields(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("out", "threads", "progress", "checkpoint_every")}
+
+
+def memorise(cfg: KeyValueConfig) -> Path:
+    """Build m_A for the key-value demo: the base's first K layers trained on every fact (atomic, resumable)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from memories.artifact import write_json_atomic
+    from memories.calm.augment import AUGMENT_JSON, copy_tokenizer, init_augment, train_lm
+    from memories.pipeline import base_identity, set_threads
+    from memories.stage import fingerprint, run_stage
+
+    set_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(cfg.base)
+    fp = fingerprint(base_identity=base_identity(cfg.base), values=VALUES, fact=FACT, **cfg.fingerprint_fields())
+    work = out.parent / f".{out.name}.work" / fp[:16]
+
+    def produce(tmp: Path) -> dict:
+        started = time.time()
+        facts = make_facts(cfg.keys, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = init_augment(cfg.base, cfg.layers)
+        examples = fact_examples(tok, facts, cfg.packings, cfg.per_sequence, cfg.seed)
+        rec = train_lm(model, examples, work, epochs=1, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress, desc=f"m_A memorises {cfg.keys} facts")
+        recall = exact_match(model_forward(model), tok, fact_records(facts, facts), cfg.progress, "m_A recalls its facts")
+        log.info("key-value m_A: recalls %.1f %% of its %d facts (\" KEY =\" → value)", 100 * recall["accuracy"], len(facts))
+        model.save_pretrained(tmp, safe_serialization=True)
+        copy_tokenizer(cfg.base, tmp)
+        losses = rec.pop("losses")
+        report = {
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("threads", "progress")},
+            "train": {**rec, "first_loss": sum(losses[:10]) / max(1, len(losses[:10])), "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses},
+            "fact_recall": {k: recall[k] for k in ("accuracy", "correct", "total")},
+            "seconds": round(time.time() - started, 1),
+        }
+        write_json_atomic(tmp / AUGMENT_JSON, report)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        return {"fact_recall": recall["accuracy"], "seconds": report["seconds"]}
+
+    run_stage("keyvalue-augment", out, fp, produce)
+    shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)
+    return out
+
+
+def write_task(facts: dict[str, str], out: Path, train_fraction: float = 0.2, seed: int = 0) -> dict:
+    """``train.jsonl`` (the task over the training keys, for ``memory compose``) and ``test.jsonl`` (held-out keys)."""
+    train_keys, test_keys = split_keys(list(facts), train_fraction, seed)
+    out = Path(out)
+    write_jsonl(task_records(facts, train_keys), out / "train.jsonl")
+    write_jsonl(task_records(facts, test_keys), out / "test.jsonl")
+    (out / "keys.json").write_text(json.dumps({"train": train_keys, "test": test_keys, "facts": facts}, indent=1))
+    return {"train_keys": len(train_keys), "test_keys": len(test_keys), "train": str(out / "train.jsonl"), "test": str(out / "test.jsonl")}
