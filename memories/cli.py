@@ -1,4 +1,4 @@
-"""``memserve memory ...`` sub-commands: build, its stages one by one, demo, and generate (a lora memory from prompts).
+"""``memserve memory ...`` sub-commands: build, its stages one by one, compose (a calm memory), demo, and generate (a lora memory from prompts).
 
 ``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
 parser; every sub-command sets ``func`` (taking the argparse Namespace).
@@ -129,13 +129,16 @@ HELP = {
 
 
 def add_memory_commands(subparsers) -> None:
-    """Attach ``build``, the stage commands and ``demo`` to ``memserve memory``."""
+    """Attach ``build``, the stage commands, ``compose``, ``demo`` and ``generate`` to ``memserve memory``."""
     for name, text in HELP.items():
         p = subparsers.add_parser(name, help=text, description=text)
         _add_build_options(p)
         if name == "datastore":
             p.add_argument("--shard", dest="shard_spec", type=_shard, default=None, help="build shard i of n (e.g. 0/4); default: the single shard 0/1")
         p.set_defaults(func=_run(name))
+    from memories.calm.cli import add_compose_command
+
+    add_compose_command(subparsers)
     p = subparsers.add_parser("demo", help="build the biomed, finance and law demo memories for the default base")
     p.add_argument("--out", default=None, help="output folder (default: <cache>/memories, where `memserve serve` looks)")
     p.add_argument("--domains", default="biomed,finance,law", help="comma-separated subset (default %(default)s)")
