@@ -149,8 +149,10 @@ def add_memory_commands(subparsers) -> None:
 
     add_generate_command(subparsers)
     from memories.calm.augment import add_augment_command
+    from memories.calm.demo import add_calm_demo_command
 
     add_augment_command(subparsers)
+    add_calm_demo_command(subparsers)
 
 
 def main(argv=None) -> int:

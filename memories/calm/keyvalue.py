@@ -128,19 +128,26 @@ def write_jsonl(records: Iterable[dict], path: Path) -> Path:
 
 
 @torch.inference_mode()
-def greedy(forward: Callable[[torch.Tensor], torch.Tensor], ids: list[int], n: int) -> list[int]:
-    """``n`` greedy tokens after ``ids``; ``forward`` maps ``[1, T]`` ids to ``[1, T, V]`` logits."""
-    ids = list(ids)
-    out = []
+def greedy(forward: Callable[[torch.Tensor], torch.Tensor], prompts: Sequence[list[int]], n: int, pad_id: int = 0) -> list[list[int]]:
+    """``n`` greedy tokens after each prompt; ``forward`` maps ``[B, T]`` ids to ``[B, T, V]`` logits.
+
+    Prompts of different lengths are right-padded into one batch: every model here
+    is causal (the composition's cross-attention too), so padding after a
+    sequence never changes the logits at its own positions.
+    """
+    seqs = [list(p) for p in prompts]
     for _ in range(n):
-        logits = forward(torch.tensor([ids], dtype=torch.long))
-        nxt = int(logits[0, -1].argmax())
-        out.append(nxt)
-        ids.append(nxt)
-    return out
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        logits = forward(ids)
+        for i, s in enumerate(seqs):
+            s.append(int(logits[i, len(s) - 1].argmax()))
+    return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
-def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, records: Sequence[dict], progress: bool = False, desc: str = "exact match") -> dict:
+def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, records: Sequence[dict], progress: bool = False, desc: str = "exact match", batch: int = 64) -> dict:
     """Share of records whose greedy continuation is exactly the completion's tokens.
 
     The prompt and the completion are tokenized separately (as the compose pipeline
@@ -149,13 +156,16 @@ def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, reco
     from tqdm import tqdm
 
     hits, rows = 0, []
-    for r in tqdm(records, desc=desc, unit="q", disable=not progress):
-        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        want = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
-        got = greedy(forward, prompt, len(want))
-        ok = got == want
-        hits += ok
-        rows.append({"key": r.get("key"), "template": r.get("template"), "want": r["completion"], "got": tokenizer.decode(got), "ok": ok})
+    for s in tqdm(range(0, len(records), batch), desc=desc, unit="batch", disable=not progress):
+        part = records[s : s + batch]
+        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in part]
+        wants = [tokenizer(r["completion"], add_special_tokens=False)["input_ids"] for r in part]
+        gots = greedy(forward, prompts, max(len(w) for w in wants))
+        for r, want, got in zip(part, wants, gots):
+            got = got[: len(want)]
+            ok = got == want
+            hits += ok
+            rows.append({"key": r.get("key"), "template": r.get("template"), "want": r["completion"], "got": tokenizer.decode(got), "ok": ok})
     return {"accuracy": hits / len(records) if records else 0.0, "correct": hits, "total": len(records), "rows": rows}
 
 
@@ -173,7 +183,7 @@ class KeyValueConfig:
     keys: int = 500
     seed: int = 0
     layers: int = 6  # m_A = the base's first K layers, as `memserve memory augment` builds it
-    packings: int = 40  # shuffled passes over every fact
+    packings: int = 12  # shuffled passes over every fact (recall reached 98.5 % at 12 in a trial)
     per_sequence: int = 32
     lr: float = 2e-3
     warmup: float = 0.05

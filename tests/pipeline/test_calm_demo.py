@@ -175,8 +175,9 @@ class _CharTok:
 
 def test_exact_match_needs_every_completion_token():
     def copy_first(ids):  # greedy always repeats the prompt's first token
-        logits = torch.zeros(1, ids.shape[1], 200)
-        logits[0, :, ids[0, 0]] = 1.0
+        logits = torch.zeros(ids.shape[0], ids.shape[1], 200)
+        for i in range(ids.shape[0]):
+            logits[i, :, ids[i, 0]] = 1.0
         return logits
 
     records = [
@@ -185,7 +186,20 @@ def test_exact_match_needs_every_completion_token():
         {"prompt": "abc", "completion": "b"},  # wrong
         {"prompt": "qrs", "completion": "q"},  # right
     ]
-    r = exact_match(copy_first, _CharTok(), records)
+    r = exact_match(copy_first, _CharTok(), records, batch=3)  # two batches, prompts padded
     assert r["correct"] == 2 and r["total"] == 4 and r["accuracy"] == 0.5
     assert [row["ok"] for row in r["rows"]] == [True, False, False, True]
     assert r["rows"][1]["got"] == "xx"
+    assert exact_match(copy_first, _CharTok(), records, batch=1)["rows"] == r["rows"]
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from memories.calm.keyvalue import greedy, model_forward
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
+    together = greedy(model_forward(model), prompts, 3)
+    assert together == [greedy(model_forward(model), [p], 3)[0] for p in prompts]
+    assert all(len(g) == 3 for g in together)
