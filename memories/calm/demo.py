@@ -101,7 +101,7 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
 
     def composed_forward(ids):
         with composed(base_model, augment, composition):
-            return base_model(input_ids=ids).logits
+            return base_model(input_ids=ids, logits_to_keep=1).logits
 
     systems = {"base alone": model_forward(base_model), "m_A alone": model_forward(augment), "composition": composed_forward}
     table: dict[str, dict] = {}

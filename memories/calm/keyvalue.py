@@ -128,26 +128,27 @@ def write_jsonl(records: Iterable[dict], path: Path) -> Path:
 
 
 @torch.inference_mode()
-def greedy(forward: Callable[[torch.Tensor], torch.Tensor], prompts: Sequence[list[int]], n: int, pad_id: int = 0) -> list[list[int]]:
-    """``n`` greedy tokens after each prompt; ``forward`` maps ``[B, T]`` ids to ``[B, T, V]`` logits.
+def greedy(forward: Callable[[torch.Tensor], torch.Tensor], prompts: Sequence[list[int]], n: int) -> list[list[int]]:
+    """``n`` greedy tokens after each prompt; ``forward`` maps ``[B, T]`` ids to logits whose last position is the next token's.
 
-    Prompts of different lengths are right-padded into one batch: every model here
-    is causal (the composition's cross-attention too), so padding after a
-    sequence never changes the logits at its own positions.
+    Prompts of equal length go through together (no padding, so nothing but the
+    prompt itself can reach a logit); the answers come back in the prompts' order.
     """
-    seqs = [list(p) for p in prompts]
-    for _ in range(n):
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-        logits = forward(ids)
-        for i, s in enumerate(seqs):
-            s.append(int(logits[i, len(s) - 1].argmax()))
-    return [s[len(p) :] for s, p in zip(seqs, prompts)]
+    out: list[list[int]] = [[] for _ in prompts]
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for rows in groups.values():
+        ids = torch.tensor([list(prompts[i]) for i in rows], dtype=torch.long)
+        for _ in range(n):
+            nxt = forward(ids)[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+        for j, i in enumerate(rows):
+            out[i] = ids[j, len(prompts[i]) :].tolist()
+    return out
 
 
-def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, records: Sequence[dict], progress: bool = False, desc: str = "exact match", batch: int = 64) -> dict:
+def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, records: Sequence[dict], progress: bool = False, desc: str = "exact match", batch: int = 256) -> dict:
     """Share of records whose greedy continuation is exactly the completion's tokens.
 
     The prompt and the completion are tokenized separately (as the compose pipeline
@@ -157,7 +158,7 @@ def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, reco
 
     hits, rows = 0, []
     for s in tqdm(range(0, len(records), batch), desc=desc, unit="batch", disable=not progress):
-        part = records[s : s + batch]
+        part = records[s : s + batch]  # greedy() batches the equal-length prompts among them
         prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in part]
         wants = [tokenizer(r["completion"], add_special_tokens=False)["input_ids"] for r in part]
         gots = greedy(forward, prompts, max(len(w) for w in wants))
@@ -170,7 +171,8 @@ def exact_match(forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, reco
 
 
 def model_forward(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda ids: model(input_ids=ids).logits
+    """Logits of the last position only (the head on one position per row)."""
+    return lambda ids: model(input_ids=ids, logits_to_keep=1).logits
 
 
 # --- memorisation: m_A learns every fact ------------------------------------------------------

@@ -186,7 +186,7 @@ def test_exact_match_needs_every_completion_token():
         {"prompt": "abc", "completion": "b"},  # wrong
         {"prompt": "qrs", "completion": "q"},  # right
     ]
-    r = exact_match(copy_first, _CharTok(), records, batch=3)  # two batches, prompts padded
+    r = exact_match(copy_first, _CharTok(), records, batch=3)  # two batches
     assert r["correct"] == 2 and r["total"] == 4 and r["accuracy"] == 0.5
     assert [row["ok"] for row in r["rows"]] == [True, False, False, True]
     assert r["rows"][1]["got"] == "xx"
