@@ -30,10 +30,9 @@ PARTS = ("law", "keyvalue")
 LAW_AUGMENT = dict(layers=6, max_tokens=150_000, eval_tokens=5_000, context=512, stride=512, epochs=1, lr=1e-3)
 # The composition: the law decoder memory's own training slice and test positions (40 k / 5 k tokens, windows of 512).
 LAW_COMPOSE = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, epochs=1, batch=1, lr=1e-3, connections=4)
-# Key-value: 500 keys, 20 % for training the composition. Windows of 64 tokens scoring their last 32, so every
-# answer sees its whole question (≤ 20 tokens); records are short, so many epochs cost little.
+# Key-value: 500 keys, 20 % for training the composition (300 records: 100 keys × 3 phrasings).
 KV_KEYS, KV_TRAIN_FRACTION, KV_SEED = 500, 0.2, 0
-KV_COMPOSE = dict(context=64, stride=32, epochs=8, batch=4, lr=1e-3, connections=4)
+KV_COMPOSE = dict(connections=4, epochs=10, lr=1e-3, batch=8)  # one record per row: memories.calm.keyvalue.compose_records
 
 
 def _flags(d: dict) -> str:
@@ -74,8 +73,7 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     from memories.calm.augment import read_report
     from memories.calm.composition import COMPOSITION_FILE, Composition, CompositionSpec
     from memories.calm.hf import composed
-    from memories.calm.keyvalue import KeyValueConfig, exact_match, fact_records, make_facts, memorise, model_forward, split_keys, task_records, write_task
-    from memories.calm.pipeline import ComposeConfig, compose
+    from memories.calm.keyvalue import KeyValueConfig, compose_records, exact_match, fact_records, make_facts, memorise, model_forward, split_keys, task_records, write_task
     from memories.pipeline import set_threads
 
     started = time.time()
@@ -86,8 +84,8 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     t_aug = time.time()
     facts = make_facts(KV_KEYS, KV_SEED)
     task = write_task(facts, kv, KV_TRAIN_FRACTION, KV_SEED)
-    cfg = ComposeConfig(base=base, augment=str(augment_dir), corpus=task["train"], name="kv-calm", out=str(root), domain="keyvalue", threads=threads, progress=progress, **KV_COMPOSE)
-    path = compose(cfg)
+    train_keys, test_keys = split_keys(list(facts), KV_TRAIN_FRACTION, KV_SEED)
+    path = compose_records(base, str(augment_dir), task_records(facts, train_keys), root, "keyvalue-calm", threads=threads, progress=progress, **KV_COMPOSE)
     t_compose = time.time()
 
     set_threads(threads)
@@ -95,8 +93,7 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()  # noqa: E731
     base_model, augment = load(base), load(augment_dir)
     card = json.loads((path / "memory.json").read_text())
-    composition = Composition.load(path / COMPOSITION_FILE, CompositionSpec.from_card("kv-calm", card), "kv-calm").eval()
-    train_keys, test_keys = split_keys(list(facts), KV_TRAIN_FRACTION, KV_SEED)
+    composition = Composition.load(path / COMPOSITION_FILE, CompositionSpec.from_card("keyvalue-calm", card), "keyvalue-calm").eval()
     sets = {"held-out keys": task_records(facts, test_keys), "training keys": task_records(facts, train_keys)}
 
     def composed_forward(ids):
@@ -116,14 +113,14 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
         recall = exact_match(model_forward(augment), tok, fact_records(facts, test_keys), progress, "m_A on its own format")
     result = {
         "keys": KV_KEYS, "train_keys": len(train_keys), "test_keys": len(test_keys),
-        "augment": {"path": str(augment_dir), **read_report(augment_dir)["fact_recall"], "held_out_fact_recall": recall["accuracy"], "seconds": read_report(augment_dir)["seconds"]},
+        "augment": {"path": str(augment_dir), **read_report(augment_dir)["fact_recall"], "held_out_fact_recall": recall["accuracy"], "seconds": read_report(augment_dir)["seconds"], "cpu_seconds": json.loads((augment_dir / "stage.json").read_text()).get("cpu_seconds")},
         "memory": str(path),
         "compose_metrics": card["metrics"],
         "exact_match": table,
         "examples": examples,
         "commands": [
             "python -m memories.calm.demo --parts keyvalue  (memorisation: memories.calm.keyvalue.memorise, " + json.dumps({k: getattr(mcfg, k) for k in ("keys", "layers", "packings", "per_sequence", "lr")}) + ")",
-            f"memserve memory compose --base {base} --augment {augment_dir} --corpus {task['train']} --name kv-calm --out {root} {_flags(KV_COMPOSE)} --threads {threads}",
+            f"(composition: memories.calm.keyvalue.compose_records on {task['train']}, one record per row, {json.dumps(KV_COMPOSE)})",
         ],
         "wall_seconds_this_run": {"augment": round(t_aug - started, 1), "compose": round(t_compose - t_aug, 1), "exact_match": round(time.time() - t_compose, 1)},
     }  # fmt: skip
@@ -166,7 +163,7 @@ def markdown(root: Path) -> str:
         lines += [
             "",
             f"m_A recalls {100 * a['accuracy']:.1f} % of all {a['total']} facts in its own format (\" KEY =\" → value). "
-            f"Chance is 1/64 = 1.6 %. m_A build {a['seconds']:.0f} s, composition {r['compose_metrics']['compose_seconds']:.0f} s.",
+            f"Chance is 1/64 = 1.6 %. m_A build {a['seconds']:.0f} s wall ({a.get('cpu_seconds', 0):.0f} s CPU); composition training {r['compose_metrics']['seconds']:.0f} s wall ({r['compose_metrics']['cpu_seconds']:.0f} s CPU), {r['compose_metrics']['steps']} steps.",
             "",
             "```",
             *r["commands"],

@@ -252,3 +252,70 @@ def write_task(facts: dict[str, str], out: Path, train_fraction: float = 0.2, se
     write_jsonl(task_records(facts, test_keys), out / "test.jsonl")
     (out / "keys.json").write_text(json.dumps({"train": train_keys, "test": test_keys, "facts": facts}, indent=1))
     return {"train_keys": len(train_keys), "test_keys": len(test_keys), "train": str(out / "train.jsonl"), "test": str(out / "test.jsonl")}
+
+
+# --- the composition, one record per training row -------------------------------------------------
+
+
+def record_sequences(tokenizer, records: Sequence[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Each record as prompt ids + completion ids + EOS (tokenized apart, as ``memories.calm.corpus`` does), and its
+    target mask (1 on the completion's tokens only)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    seqs, masks = [], []
+    for r in records:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        seqs.append(p + c + eos)
+        masks.append([0] * len(p) + [1] * len(c) + [0] * len(eos))
+    return seqs, masks
+
+
+def compose_records(base: str, augment: str, records: Sequence[dict], out: Path, name: str, *, connections: int = 4, epochs: int = 8, lr: float = 1e-3, batch: int = 8, seed: int = 0, threads: int = 0, progress: bool = True, metrics: dict | None = None) -> Path:
+    """Train a composition on task records, one record per row, with the compose pipeline's own parts; package it as ``out/name``.
+
+    ``memserve memory compose`` cuts a prompt/completion corpus into windows of a
+    concatenated stream, so a window holds several records. The cross-attention
+    has no positions: from an answer, the m_A states of earlier records' keys look
+    like its own, and which value to copy is ambiguous (measured: the validation
+    loss stays at ln 64, chance, memories/README.md "calm demo"). Here every record
+    is its own right-padded row (``memories.calm.train.windows_from_sequences``),
+    trained by ``memories.calm.train.train_composition`` and packaged by
+    ``memories.calm.package.package_calm`` with the server's checks. Resumable:
+    the training checkpoints and the finished composition are ``memories.stage`` outputs
+    under ``out/work/name``.
+    """
+    from memories.calm.composition import COMPOSITION_FILE, Composition
+    from memories.calm.package import package_calm
+    from memories.calm.pipeline import ComposeConfig, Models, check_inputs
+    from memories.calm.train import train_composition, windows_from_sequences
+    from memories.pipeline import base_identity, set_threads
+    from memories.stage import fingerprint, run_stage
+
+    set_threads(threads)
+    out = Path(out)
+    cfg = ComposeConfig(base=base, augment=augment, corpus="(records)", name=name, out=str(out), connections=connections, epochs=epochs, lr=lr, batch=batch, seed=seed, threads=threads, progress=progress)
+    spec, tok = check_inputs(cfg)
+    seqs, masks = record_sequences(tok, records)
+    opts = dict(connections=connections, epochs=epochs, lr=lr, batch=batch, seed=seed, warmup=cfg.warmup, weight_decay=cfg.weight_decay)
+    fp = fingerprint(base=base_identity(base), augment=base_identity(augment), records=[[s, m] for s, m in zip(seqs, masks)], spec=spec.card_fields(), **opts)
+    train_dir = cfg.work / "train"
+
+    def produce(tmp: Path) -> dict:
+        models = Models(cfg)
+        windows = windows_from_sequences(seqs, masks, pad_id=tok.eos_token_id or 0)
+        torch.manual_seed(seed)
+        composition = Composition(spec)
+        started = time.time()
+        rec = train_composition(models.base, models.augment, composition, windows, epochs=epochs, lr=lr, batch=batch, warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=seed, checkpoint_dir=cfg.work / "train-checkpoints" / fp[:16], checkpoint_every=cfg.checkpoint_every, progress=progress)
+        composition.save(tmp / COMPOSITION_FILE)
+        (tmp / "train_log.json").write_text(json.dumps({"steps": rec["history"]}, indent=1))
+        losses = [h["loss"] for h in rec["history"]]
+        return {"steps": rec["steps"], "rows": rec["windows"], "positions": rec["positions"], "train_seconds": round(time.time() - started, 1), "parameters": composition.num_parameters(), "first_loss": sum(losses[:10]) / len(losses[:10]), "last_loss": sum(losses[-10:]) / len(losses[-10:])}
+
+    rec = run_stage("train", train_dir, fp, produce)
+    import shutil
+
+    shutil.rmtree(cfg.work / "train-checkpoints", ignore_errors=True)
+    card_metrics = {**{k: rec.get(k) for k in ("steps", "rows", "positions", "train_seconds", "parameters", "first_loss", "last_loss")}, "epochs": epochs, "lr": lr, "batch": batch, "cpu_seconds": rec.get("cpu_seconds"), "seconds": rec.get("seconds"), **(metrics or {})}
+    summary = {"spec": "key-value task records (memories.calm.keyvalue)", "description": "prompt/completion records, one per training row; only completion tokens scored", "documents": len(records), "scored": "completion"}
+    return package_calm(out / name, name=name, domain=name, description=f"calm memory: {Path(augment).name} composed into {Path(base).name} on {len(records)} key-value task records", base=base, augment=augment, base_tokenizer=tok, spec=spec, composition_file=train_dir / COMPOSITION_FILE, corpus_summary=summary, metrics=card_metrics)
