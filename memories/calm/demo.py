@@ -33,6 +33,10 @@ LAW_COMPOSE = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512
 # Key-value: 500 keys, 20 % for training the composition (300 records: 100 keys × 3 phrasings).
 KV_KEYS, KV_TRAIN_FRACTION, KV_SEED = 500, 0.2, 0
 KV_COMPOSE = dict(connections=4, epochs=10, lr=1e-3, batch=8)  # one record per row: memories.calm.keyvalue.compose_records
+# The second composition reads m_A's last layer only (where a probe finds the value: memories/README.md), into two late
+# base layers, with weight decay: fewer ways to memorise the training keys from their token features.
+KV_COMPOSE_LAST = dict(connections=[(5, 23), (5, 27)], epochs=10, lr=1e-3, batch=8, weight_decay=0.1)
+KV_VARIANTS = {"composition (4 connections, m_A layers 0/2/3/5 → base 5/11/17/23)": ("keyvalue-calm", KV_COMPOSE), "composition (m_A's last layer → base 23 and 27, weight decay 0.1)": ("keyvalue-calm-last", KV_COMPOSE_LAST)}
 
 
 def _flags(d: dict) -> str:
@@ -51,7 +55,11 @@ def law(root: Path, base: str, decoder_memory: str | None, threads: int = 1, pro
     cfg = ComposeConfig(base=base, augment=str(augment_dir), corpus="demo:law", name="law-calm", out=str(root), domain="law", decoder_memory=decoder_memory, threads=threads, progress=progress, **LAW_COMPOSE)
     path = compose(cfg)
     metrics = json.loads((path / "memory.json").read_text())["metrics"]
+    cpu = {name: json.loads((cfg.work / name / "stage.json").read_text()).get("cpu_seconds") for name in ("corpus", "train", "evaluate")}
+    cpu["augment"] = json.loads((augment_dir / "stage.json").read_text()).get("cpu_seconds")
     result = {
+        "cpu_seconds": cpu,
+        "validation_ppl_augment": aug["perplexity"]["augment"]["validation"],
         "augment": {"path": str(augment_dir), "test_ppl": aug["perplexity"]["augment"]["test"], "test_ppl_untrained_cut": aug["perplexity"]["cut_untrained"]["test"], "train_tokens": aug["train"]["tokens"], "steps": aug["train"]["steps"], "seconds": aug["seconds"], "first_loss": aug["train"]["first_loss"], "last_loss": aug["train"]["last_loss"]},
         "memory": str(path),
         "metrics": metrics,
@@ -85,22 +93,27 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     facts = make_facts(KV_KEYS, KV_SEED)
     task = write_task(facts, kv, KV_TRAIN_FRACTION, KV_SEED)
     train_keys, test_keys = split_keys(list(facts), KV_TRAIN_FRACTION, KV_SEED)
-    path = compose_records(base, str(augment_dir), task_records(facts, train_keys), root, "keyvalue-calm", threads=threads, progress=progress, **KV_COMPOSE)
+    paths = {label: compose_records(base, str(augment_dir), task_records(facts, train_keys), root, name, threads=threads, progress=progress, **opts) for label, (name, opts) in KV_VARIANTS.items()}
     t_compose = time.time()
 
     set_threads(threads)
     tok = AutoTokenizer.from_pretrained(base)
     load = lambda p: AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32).eval()  # noqa: E731
     base_model, augment = load(base), load(augment_dir)
-    card = json.loads((path / "memory.json").read_text())
-    composition = Composition.load(path / COMPOSITION_FILE, CompositionSpec.from_card("keyvalue-calm", card), "keyvalue-calm").eval()
+    cards = {label: json.loads((p / "memory.json").read_text()) for label, p in paths.items()}
     sets = {"held-out keys": task_records(facts, test_keys), "training keys": task_records(facts, train_keys)}
 
-    def composed_forward(ids):
-        with composed(base_model, augment, composition):
-            return base_model(input_ids=ids, logits_to_keep=1).logits
+    def composed_forward(composition):
+        def forward(ids):
+            with composed(base_model, augment, composition):
+                return base_model(input_ids=ids, logits_to_keep=1).logits
 
-    systems = {"base alone": model_forward(base_model), "m_A alone": model_forward(augment), "composition": composed_forward}
+        return forward
+
+    systems = {"base alone": model_forward(base_model), "m_A alone": model_forward(augment)}
+    for label, p in paths.items():
+        comp = Composition.load(p / COMPOSITION_FILE, CompositionSpec.from_card(p.name, cards[label]), p.name).eval()
+        systems[label] = composed_forward(comp)
     table: dict[str, dict] = {}
     examples: dict[str, list] = {}
     with torch.inference_mode():
@@ -114,13 +127,13 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     result = {
         "keys": KV_KEYS, "train_keys": len(train_keys), "test_keys": len(test_keys),
         "augment": {"path": str(augment_dir), **read_report(augment_dir)["fact_recall"], "held_out_fact_recall": recall["accuracy"], "seconds": read_report(augment_dir)["seconds"], "cpu_seconds": json.loads((augment_dir / "stage.json").read_text()).get("cpu_seconds")},
-        "memory": str(path),
-        "compose_metrics": card["metrics"],
+        "memories": {label: str(p) for label, p in paths.items()},
+        "compose_metrics": {label: c["metrics"] for label, c in cards.items()},
         "exact_match": table,
         "examples": examples,
         "commands": [
             "python -m memories.calm.demo --parts keyvalue  (memorisation: memories.calm.keyvalue.memorise, " + json.dumps({k: getattr(mcfg, k) for k in ("keys", "layers", "packings", "per_sequence", "lr")}) + ")",
-            f"(composition: memories.calm.keyvalue.compose_records on {task['train']}, one record per row, {json.dumps(KV_COMPOSE)})",
+            *(f"(composition {name}: memories.calm.keyvalue.compose_records on {task['train']}, one record per row, {json.dumps(opts)})" for name, opts in KV_VARIANTS.values()),
         ],
         "wall_seconds_this_run": {"augment": round(t_aug - started, 1), "compose": round(t_compose - t_aug, 1), "exact_match": round(time.time() - t_compose, 1)},
     }  # fmt: skip
@@ -146,7 +159,20 @@ def markdown(root: Path) -> str:
         ]
         if "test_ppl_decoder_memory" in m:
             lines.append(f"| base + decoder memory `{m['decoder_memory']}` (λ {m['decoder_lambda']}, T {m['decoder_temperature']}) | {m['test_ppl_decoder_memory']:.2f} |")
-        lines += ["", f"m_A build {a['seconds']:.0f} s, composition {m['compose_seconds']:.0f} s (of which training {m['train_seconds']:.0f} s).", "", "```", *r["commands"], "```", ""]
+        cpu = r.get("cpu_seconds", {})
+        lines += [
+            "",
+            f"Validation loss (nats/token, validation split): base {m['validation_loss_base']:.4f}, composition {m['validation_loss_composition']:.4f}; "
+            f"m_A's validation perplexity {r.get('validation_ppl_augment', float('nan')):.1f}.",
+            f"m_A build {a['seconds']:.0f} s wall ({cpu.get('augment') or 0:.0f} s CPU); composition {m['compose_seconds']:.0f} s wall "
+            f"(training {m['train_seconds']:.0f} s wall, {cpu.get('train') or 0:.0f} s CPU; evaluation {cpu.get('evaluate') or 0:.0f} s CPU). "
+            "CPU seconds are this process's own (1 thread): what an idle core would take; wall time includes waiting for a shared CPU.",
+            "",
+            "```",
+            *r["commands"],
+            "```",
+            "",
+        ]
     if (root / "keyvalue.json").exists():
         r = json.loads((root / "keyvalue.json").read_text())
         t = r["exact_match"]
@@ -163,7 +189,9 @@ def markdown(root: Path) -> str:
         lines += [
             "",
             f"m_A recalls {100 * a['accuracy']:.1f} % of all {a['total']} facts in its own format (\" KEY =\" → value). "
-            f"Chance is 1/64 = 1.6 %. m_A build {a['seconds']:.0f} s wall ({a.get('cpu_seconds', 0):.0f} s CPU); composition training {r['compose_metrics']['seconds']:.0f} s wall ({r['compose_metrics']['cpu_seconds']:.0f} s CPU), {r['compose_metrics']['steps']} steps.",
+            f"Chance is 1/64 = 1.6 %. m_A build {a['seconds']:.0f} s wall ({a.get('cpu_seconds', 0):.0f} s CPU); composition training "
+            + "; ".join(f"{m['seconds']:.0f} s wall ({m['cpu_seconds']:.0f} s CPU, {m['steps']} steps)" for m in r["compose_metrics"].values())
+            + f"; exact-match evaluation {r['wall_seconds_this_run']['exact_match']:.0f} s wall.",
             "",
             "```",
             *r["commands"],

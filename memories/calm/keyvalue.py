@@ -270,7 +270,7 @@ def record_sequences(tokenizer, records: Sequence[dict]) -> tuple[list[list[int]
     return seqs, masks
 
 
-def compose_records(base: str, augment: str, records: Sequence[dict], out: Path, name: str, *, connections: int = 4, epochs: int = 8, lr: float = 1e-3, batch: int = 8, seed: int = 0, threads: int = 0, progress: bool = True, metrics: dict | None = None) -> Path:
+def compose_records(base: str, augment: str, records: Sequence[dict], out: Path, name: str, *, connections: int | Sequence[Sequence[int]] = 4, epochs: int = 8, lr: float = 1e-3, batch: int = 8, weight_decay: float = 0.0, seed: int = 0, threads: int = 0, progress: bool = True, metrics: dict | None = None) -> Path:
     """Train a composition on task records, one record per row, with the compose pipeline's own parts; package it as ``out/name``.
 
     ``memserve memory compose`` cuts a prompt/completion corpus into windows of a
@@ -280,7 +280,9 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
     loss stays at ln 64, chance, memories/README.md "calm demo"). Here every record
     is its own right-padded row (``memories.calm.train.windows_from_sequences``),
     trained by ``memories.calm.train.train_composition`` and packaged by
-    ``memories.calm.package.package_calm`` with the server's checks. Resumable:
+    ``memories.calm.package.package_calm`` with the server's checks.
+    ``connections``: a number (spread as ``memory compose`` spreads them) or explicit
+    ``[(augment_layer, base_layer), ...]`` pairs. Resumable:
     the training checkpoints and the finished composition are ``memories.stage`` outputs
     under ``out/work/name``.
     """
@@ -293,10 +295,18 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
 
     set_threads(threads)
     out = Path(out)
-    cfg = ComposeConfig(base=base, augment=augment, corpus="(records)", name=name, out=str(out), connections=connections, epochs=epochs, lr=lr, batch=batch, seed=seed, threads=threads, progress=progress)
+    pairs = None if isinstance(connections, int) else [tuple(int(x) for x in c) for c in connections]
+    cfg = ComposeConfig(base=base, augment=augment, corpus="(records)", name=name, out=str(out), connections=len(pairs) if pairs else connections, epochs=epochs, lr=lr, batch=batch, weight_decay=weight_decay, seed=seed, threads=threads, progress=progress)
     spec, tok = check_inputs(cfg)
+    if pairs:
+        from dataclasses import replace
+
+        from memories.calm.composition import check_layers
+
+        spec = replace(spec, connections=tuple(pairs))
+        check_layers(name, spec, int(json.loads((Path(augment) / "config.json").read_text())["num_hidden_layers"]), int(json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]))
     seqs, masks = record_sequences(tok, records)
-    opts = dict(connections=connections, epochs=epochs, lr=lr, batch=batch, seed=seed, warmup=cfg.warmup, weight_decay=cfg.weight_decay)
+    opts = dict(connections=pairs or connections, epochs=epochs, lr=lr, batch=batch, seed=seed, warmup=cfg.warmup, weight_decay=cfg.weight_decay)
     fp = fingerprint(base=base_identity(base), augment=base_identity(augment), records=[[s, m] for s, m in zip(seqs, masks)], spec=spec.card_fields(), **opts)
     train_dir = cfg.work / "train"
 
