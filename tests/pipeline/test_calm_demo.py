@@ -203,3 +203,25 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny):
     together = greedy(model_forward(model), prompts, 3)
     assert together == [greedy(model_forward(model), [p], 3)[0] for p in prompts]
     assert all(len(g) == 3 for g in together)
+
+
+def test_compose_records_trains_one_record_per_row_and_packages_a_calm_memory(tiny):
+    from memories.calm.composition import COMPOSITION_FILE, Composition, CompositionSpec
+    from memories.calm.keyvalue import compose_records, record_sequences
+
+    augment = tiny["root"] / "cut"
+    if not augment.exists():
+        init_augment(tiny["base"], 2).save_pretrained(augment)
+        from memories.calm.augment import copy_tokenizer
+
+        copy_tokenizer(tiny["base"], augment)
+    records = [{"prompt": "the cell", "completion": " gene"}, {"prompt": "the court law", "completion": " contract party"}]
+    seqs, masks = record_sequences(tiny["tok"], records)
+    assert [len(s) for s in seqs] == [len(m) for m in masks]
+    for r, s, m in zip(records, seqs, masks):  # the completion's tokens are the only targets, EOS ends each row
+        assert tiny["tok"].decode([t for t, k in zip(s, m) if k]) == r["completion"] and s[-1] == tiny["tok"].eos_token_id and m[-1] == 0
+    out = compose_records(str(tiny["base"]), str(augment), records, tiny["root"] / "kv", "kv", connections=[(1, 2)], epochs=1, batch=2, threads=1, progress=False)
+    card = json.loads((out / "memory.json").read_text())
+    assert card["kind"] == "calm" and card["connections"] == [[1, 2]] and card["metrics"]["steps"] == 1 and card["metrics"]["rows"] == 2
+    comp = Composition.load(out / COMPOSITION_FILE, CompositionSpec.from_card("kv", card), "kv")
+    assert comp.connections[0].gate.abs().item() > 0  # one step moved the zero-initialised gate
