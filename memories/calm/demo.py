@@ -22,6 +22,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 log = logging.getLogger("memserve.memory")
 
@@ -74,7 +75,7 @@ def law(root: Path, base: str, decoder_memory: str | None, threads: int = 1, pro
     return result
 
 
-def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> dict:
+def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True, keys: int = KV_KEYS, variants: Sequence[str] | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,13 +88,13 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
     started = time.time()
     kv = root / "keyvalue"
     augment_dir = root / "kv-augment"
-    mcfg = KeyValueConfig(base=base, out=str(augment_dir), keys=KV_KEYS, seed=KV_SEED, threads=threads, progress=progress)
+    mcfg = KeyValueConfig(base=base, out=str(augment_dir), keys=keys, seed=KV_SEED, threads=threads, progress=progress)
     memorise(mcfg)
     t_aug = time.time()
-    facts = make_facts(KV_KEYS, KV_SEED)
+    facts = make_facts(keys, KV_SEED)
     task = write_task(facts, kv, KV_TRAIN_FRACTION, KV_SEED)
     train_keys, test_keys = split_keys(list(facts), KV_TRAIN_FRACTION, KV_SEED)
-    paths = {label: compose_records(base, str(augment_dir), task_records(facts, train_keys), root, name, threads=threads, progress=progress, **opts) for label, (name, opts) in KV_VARIANTS.items()}
+    paths = {label: compose_records(base, str(augment_dir), task_records(facts, train_keys), root, name, threads=threads, progress=progress, **opts) for label, (name, opts) in KV_VARIANTS.items() if variants is None or name in variants}
     t_compose = time.time()
 
     set_threads(threads)
@@ -125,7 +126,7 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True) -> 
                 examples[f"{sname} / {setname}"] = r["rows"][:6]
         recall = exact_match(model_forward(augment), tok, fact_records(facts, test_keys), progress, "m_A on its own format")
     result = {
-        "keys": KV_KEYS, "train_keys": len(train_keys), "test_keys": len(test_keys),
+        "keys": keys, "train_keys": len(train_keys), "test_keys": len(test_keys),
         "augment": {"path": str(augment_dir), **read_report(augment_dir)["fact_recall"], "held_out_fact_recall": recall["accuracy"], "seconds": read_report(augment_dir)["seconds"], "cpu_seconds": json.loads((augment_dir / "stage.json").read_text()).get("cpu_seconds")},
         "memories": {label: str(p) for label, p in paths.items()},
         "compose_metrics": {label: c["metrics"] for label, c in cards.items()},
@@ -201,7 +202,7 @@ def markdown(root: Path) -> str:
     return "\n".join(lines)
 
 
-def run(out: str | Path | None = None, parts=PARTS, base: str | None = None, decoder_memory: str | None = "", threads: int = 1, progress: bool = True) -> Path:
+def run(out: str | Path | None = None, parts=PARTS, base: str | None = None, decoder_memory: str | None = "", threads: int = 1, progress: bool = True, kv_keys: int = KV_KEYS, kv_variants: Sequence[str] | None = None) -> Path:
     from memories.base_model import cache_dir, default_base
 
     root = Path(out) if out else cache_dir() / "calm-demo"
@@ -215,7 +216,7 @@ def run(out: str | Path | None = None, parts=PARTS, base: str | None = None, dec
         if part == "law":
             law(root, base, decoder_memory, threads, progress)
         elif part == "keyvalue":
-            keyvalue(root, base, threads, progress)
+            keyvalue(root, base, threads, progress, kv_keys, kv_variants)
         else:
             raise ValueError(f"unknown part {part!r}: choose from {', '.join(PARTS)}")
         log.info("calm demo %s done in %.0f s", part, time.time() - t)
@@ -229,13 +230,15 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of the demos (default %(default)s)")
     p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct, converted into <cache>/base)")
     p.add_argument("--decoder-memory", default="", help="decoder memory for the law table (default: <cache>/memories/law when it exists; 'none' for no decoder row)")
+    p.add_argument("--kv-keys", type=int, default=KV_KEYS, help="keys of the key-value demo, 20 %% of them for training (default %(default)s)")
+    p.add_argument("--kv-variants", default=",".join(name for name, _ in KV_VARIANTS.values()), help="key-value compositions to train and score (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _run_args(args: argparse.Namespace) -> int:
     dm = None if args.decoder_memory == "none" else args.decoder_memory
-    md = run(args.out, tuple(p for p in args.parts.split(",") if p), args.base, dm, args.threads, not args.no_progress)
+    md = run(args.out, tuple(p for p in args.parts.split(",") if p), args.base, dm, args.threads, not args.no_progress, args.kv_keys, tuple(v for v in args.kv_variants.split(",") if v))
     print(md.read_text())
     print(f"tables written to {md}")
     return 0
