@@ -327,6 +327,30 @@ class MemoryDecoder:
         return out
 
     @torch.inference_mode()
+    def advance_layers(self, slots: list[int], tokens: list[list[int]], layers: list[int]) -> list[torch.Tensor]:
+        """Append ``tokens[i]`` to sequence ``slots[i]``; return, per row, the stream after each of ``layers`` at every new token ``[len(layers), len(tokens[i]), H]``.
+
+        For a model read at inner layers rather than at its head (a calm
+        memory's augmenting model). Batched like :meth:`advance`.
+        """
+        if not all(tokens):
+            raise ValueError("advance_layers() needs at least one new token per row")
+        out: list[torch.Tensor] = [torch.empty(0)] * len(slots)
+        single = [i for i, t in enumerate(tokens) if len(t) == 1]
+        if single:
+            taps = self._step([slots[i] for i in single], [tokens[i] for i in single], layers)
+            for j, i in enumerate(single):
+                out[i] = taps[:, j]
+        for i, t in enumerate(tokens):
+            if len(t) > 1:
+                out[i] = self._step([slots[i]], [t], layers)[:, 0]
+        return out
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget a sequence's tokens from ``length`` on (vLLM recomputes them)."""
+        self._lengths[slot] = min(length, self._lengths[slot])
+
+    @torch.inference_mode()
     def compute(self, tokens: list[int]) -> torch.Tensor:
         """The final hidden state after ``tokens`` (``[H]``) in a cache of their own, for a row the pool has no slot for."""
         return self._scratch(tokens)[0, -1]
@@ -352,16 +376,18 @@ class MemoryDecoder:
         """Next-token logits (fp32) from final hidden states."""
         return F.linear(hidden, self.head_weight).float()
 
-    def _step(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
+    def _step(self, slots: list[int], tokens: list[list[int]], layers: list[int] | None = None) -> torch.Tensor:
+        """The final hidden state after each row ``[B, H]``; with ``layers``, the stream after those layers instead ``[L, B, M, H]``."""
         n_new = len(tokens[0])
         starts = [self._lengths[s] for s in slots]
         self._reserve(max(starts) + n_new)
-        hidden = self._forward(self._k, self._v, slots, starts, tokens)
+        taps: dict[int, torch.Tensor] | None = None if layers is None else {}
+        hidden = self._forward(self._k, self._v, slots, starts, tokens, taps)
         self._clock += 1
         for s in slots:
             self._lengths[s] += n_new
             self._last_used[s] = self._clock
-        return hidden[:, -1]
+        return hidden[:, -1] if taps is None else torch.stack([taps[i] for i in layers])
 
     def _scratch(self, tokens: list[int]) -> torch.Tensor:
         c = self.cfg
@@ -370,8 +396,13 @@ class MemoryDecoder:
         v = torch.empty(shape, device=self.device, dtype=self.dtype)
         return self._forward(k, v, [0], [0], [tokens])
 
-    def _forward(self, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: list[int], starts: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Final hidden states ``[B, M, H]`` of the new tokens, their keys and values written to the cache."""
+    def _forward(
+        self, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: list[int], starts: list[int], tokens: list[list[int]], taps: dict[int, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, M, H]`` of the new tokens, their keys and values written to the cache.
+
+        ``taps``: filled with the stream after every layer ``[B, M, H]``, by layer index.
+        """
         c, w = self.cfg, self.w
         n_new = len(tokens[0])
         assert n_new == 1 or len(slots) == 1
@@ -410,6 +441,8 @@ class MemoryDecoder:
             h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
             gate = F.linear(h, w[p + "mlp.gate_proj.weight"])
             x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
+            if taps is not None:
+                taps[i] = x
         return _rms_norm(x, w["norm.weight"], c.rms_eps)
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

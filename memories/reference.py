@@ -21,9 +21,13 @@ class Continuation:
 
 
 class ReferenceFusion:
-    """``lora_dir``: the base runs with that PEFT adapter applied by PEFT itself (the oracle for lora memories)."""
+    """``lora_dir``: the base runs with that PEFT adapter applied by PEFT itself (the oracle for lora memories).
 
-    def __init__(self, base_dir: str, memory_dir: str | None, lora_dir: str | None = None):
+    ``calm_dir``: the base runs composed with that calm memory through hooks on
+    both transformers models (``memories.calm.hf``; the oracle for calm memories).
+    """
+
+    def __init__(self, base_dir: str, memory_dir: str | None, lora_dir: str | None = None, calm_dir: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -32,11 +36,31 @@ class ReferenceFusion:
 
             self.base = PeftModel.from_pretrained(self.base, lora_dir).eval()
         self.memory = AutoModelForCausalLM.from_pretrained(memory_dir, dtype=torch.float32).eval() if memory_dir else None
+        self.calm = None
+        if calm_dir:
+            from memories.calm.hf import load_calm
+
+            self.calm = load_calm(calm_dir)
+
+    def base_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The base's logits ``[B, T, V]`` (composed with the calm memory, if any)."""
+        if self.calm is None:
+            return self.base(ids).logits
+        from memories.calm.hf import composed
+
+        with composed(self.base, *self.calm):
+            return self.base(ids).logits
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: list[int]) -> list[float]:
+        """Log-probability of each prompt token after the ones before it (the base alone, or composed)."""
+        logp = torch.log_softmax(self.base_logits(torch.tensor([prompt]))[0, :-1].float(), -1)
+        return logp.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
 
     @torch.inference_mode()
     def next_logprobs(self, context: list[int], weight: float, temperature: float = 1.0) -> torch.Tensor:
         ids = torch.tensor([context])
-        base_logits = self.base(ids).logits[0, -1]
+        base_logits = self.base_logits(ids)[0, -1]
         if self.memory is None:
             return torch.log_softmax(base_logits.float(), -1)
         return fuse(base_logits, self.memory(ids).logits[0, -1], weight, temperature)

@@ -60,7 +60,7 @@ class LoadedMemory:
 
     def describe(self) -> dict:
         c = self.card
-        lora = c.kind == "lora"
+        lora = c.kind != "decoder"  # only decoder memories are mixed in, with a weight and temperature
         return {
             "name": c.name,
             "kind": c.kind,
@@ -68,7 +68,8 @@ class LoadedMemory:
             "status": "loaded",
             "memory_weight": None if lora else c.weight,
             "temperature": None if lora else c.temperature,
-            **({"rank": c.rank, "target_modules": list(c.target_modules), "generator": c.generator, "prompts": c.prompts} if lora else {}),
+            **({"rank": c.rank, "target_modules": list(c.target_modules), "generator": c.generator, "prompts": c.prompts} if c.kind == "lora" else {}),
+            **({"connections": [list(x) for x in c.connections]} if c.kind == "calm" else {}),
             "domain": c.domain,
             "description": c.description,
             "architecture": c.architecture,
@@ -97,8 +98,10 @@ class MemoryCatalog:
         base_config: dict | None = None,
         max_loras: int = 0,
         max_lora_rank: int | None = None,
+        calm: bool = False,
     ):
         self.engine = engine
+        self.calm = calm  # the engine serves the calm model (server/calm_model.py)
         self.max_loras = max_loras  # live lora memories; 0: LoRA is off in the engine
         self.max_lora_rank = max_lora_rank
         self.base_tokenizer = base_tokenizer
@@ -123,6 +126,8 @@ class MemoryCatalog:
             if card.kind != "decoder":
                 raise no_weight(name, card.kind)
             card = dataclasses.replace(card, weight=weight)
+        if card.kind == "calm" and not self.calm:
+            raise ArtifactError(name, "calm memories are disabled on this server", "start it with --calm on (it needs a Llama base)")
         check_any_compatible(card, self.base_tokenizer, self.base_config, self.max_lora_rank if self.max_loras > 0 else None)
         return card
 

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"highest LoRA rank (r) a lora memory may have; vLLM sizes its adapter slots by it. One of {', '.join(map(str, LORA_RANKS))} (default: %(default)s)",
     )  # fmt: skip
     admin.add_argument(
+        "--calm", choices=("auto", "on", "off"), default="auto",
+        help="serve the base through memserve's calm model, which calm memories need (a Llama base; the model runs eagerly). "
+        "auto: on for a Llama base on CPU, where it costs nothing while no calm memory runs, and elsewhere only when a "
+        "start-up memory is a calm memory; off: calm memories are refused (default: %(default)s)",
+    )  # fmt: skip
+    admin.add_argument(
         "--generator", default=None, metavar="DIR",
         help="prompt-to-LoRA generator (built by `memserve generator build|demo`): admin loads may then carry 'prompts' instead of "
         "'path', and the server generates, checks and loads a lora memory from them, written under <memory-root>/generated/. "

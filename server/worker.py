@@ -15,8 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from pathlib import Path
+
 from memories.artifact import ArtifactError
+from memories.calm.runtime import CalmMemory
 from memories.decoder import MemoryDecoder
+from memories.kinds import kind_of
 from memories.fuse import memory_logprobs
 from server.lora_cpu import fix_cpu_lora_rows
 
@@ -31,16 +35,16 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._memories: dict[str, MemoryDecoder] = {}
+        self._memories: dict[str, MemoryDecoder | CalmMemory] = {}
 
-    def get(self, key: str) -> MemoryDecoder | None:
+    def get(self, key: str) -> MemoryDecoder | CalmMemory | None:
         return self._memories.get(key)
 
-    def add(self, key: str, decoder: MemoryDecoder) -> None:
+    def add(self, key: str, memory: MemoryDecoder | CalmMemory) -> None:
         with self._lock:
-            self._memories[key] = decoder
+            self._memories[key] = memory
 
-    def pop(self, key: str) -> MemoryDecoder | None:
+    def pop(self, key: str) -> MemoryDecoder | CalmMemory | None:
         with self._lock:
             return self._memories.pop(key, None)
 
@@ -66,7 +70,12 @@ class MemoryWorkerExtension:
         # the memory runs in the engine's dtype: what vLLM chose for the base
         # (bf16 on CPUs with bf16 units, --dtype to override) suits it too
         dtype = getattr(getattr(runner, "model_config", None), "dtype", torch.float32)
-        max_len = getattr(getattr(runner, "model_config", None), "max_model_len", 2048)
+        model_config = getattr(runner, "model_config", None)
+        max_len = getattr(model_config, "max_model_len", 2048)
+        if kind_of(Path(path), key) == "calm":
+            base_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", None)
+            _LOADING[key] = _LOADER.submit(CalmMemory, path, name=key, device=device, dtype=dtype, max_len=max_len, base_layers=base_layers)
+            return
         _LOADING[key] = _LOADER.submit(
             MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len, base_tensors=base_tensors(runner)
         )
@@ -109,8 +118,8 @@ class MemoryWorkerExtension:
         A position where the memory's distribution is not finite is None: the base alone answers there.
         """
         decoder = REGISTRY.get(key)
-        if decoder is None:
-            raise KeyError(f"memory {key} is not loaded in this worker")
+        if not isinstance(decoder, MemoryDecoder):
+            raise KeyError(f"decoder memory {key} is not loaded in this worker")
         out: list[list[float] | None] = [[]]  # the first token has no logprob
         if len(prompt) < 2:
             return out

@@ -50,6 +50,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (only the composition learns; both models are frozen)")
     g.add_argument("--epochs", type=_positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate, linear warm-up then cosine decay (default %(default)s)")
+    g.add_argument("--gate-lr", type=float, default=d.gate_lr, help="peak learning rate of the gates, same schedule; Adam moves each parameter by about its rate per step, and a gate's range (0..1) is far wider than a matrix entry's, so a larger rate opens the gates sooner (default %(default)s)")
     g.add_argument("--batch", type=_positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the projection matrices (default %(default)s)")

@@ -130,13 +130,17 @@ def plot(r: dict, path: Path) -> None:
     losses = [h["loss"] for h in r.get("training", {}).get("history", [])]
     if steps:
         left.plot(steps, losses, lw=0.8, alpha=0.5, label="batch loss")
-        k = max(1, len(losses) // 20)
-        if len(losses) >= k:
+        k = max(2, len(losses) // 10)
+        if len(losses) >= 2 * k:
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
-            left.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+            left.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k} steps")
+        val = r["training"].get("validation") or []
+        epochs = max(1, max(h["epoch"] for h in r["training"]["history"]))
+        per_epoch = len(steps) / epochs
+        left.plot([v["epoch"] * per_epoch for v in val], [v["loss"] for v in val], "o--", color="tab:red", label="validation (step 0: the base)")
         left.legend(fontsize=8)
     left.set_xlabel("step")
-    left.set_ylabel("training loss (nats/token)")
+    left.set_ylabel("loss (nats/token)")
     left.set_title("composition training")
     names = [k for k in SYSTEMS if k in r["test"]]
     bars = right.bar(range(len(names)), [r["test"][k] for k in names], color=["gray", "tab:orange", "tab:blue", "tab:green"][: len(names)])

@@ -78,3 +78,19 @@ def composed(base, augment, composition: Composition) -> Iterator[None]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def load_calm(path, dtype=torch.float32):
+    """A calm memory's augmenting model (transformers) and composition, for evaluation and the test oracle."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from memories.artifact import MEMORY_JSON
+    from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, CompositionSpec
+
+    path = Path(path)
+    spec = CompositionSpec.from_card(path.name, json.loads((path / MEMORY_JSON).read_text()))
+    augment = AutoModelForCausalLM.from_pretrained(path / AUGMENT_DIR, dtype=dtype).eval()
+    return augment, Composition.load(path / COMPOSITION_FILE, spec, path.name).to(dtype).eval()

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memories.corpus import SPLITS
 from memories.pipeline import BuildConfig, base_identity, set_threads
 from memories.stage import StageError, fingerprint, require, run_stage
 
@@ -65,7 +64,8 @@ class ComposeConfig:
     heads: int = 0  # 0: the base's attention heads
     # training
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-3
+    gate_lr: float = 0.1  # the gates' own rate (memories.calm.train.parameter_groups says why; measured in memories/README.md)
     batch: int = 4
     warmup: float = 0.05
     weight_decay: float = 0.0
@@ -250,7 +250,7 @@ def load_split(cfg: ComposeConfig, split: str) -> tuple[np.ndarray, np.ndarray |
 
 
 def _train_options(cfg: ComposeConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("context", "stride", "epochs", "lr", "batch", "warmup", "weight_decay", "seed")}
+    return {k: getattr(cfg, k) for k in ("context", "stride", "epochs", "lr", "gate_lr", "batch", "warmup", "weight_decay", "seed")}
 
 
 def stage_train(cfg: ComposeConfig, models: Models | None = None, spec=None) -> dict:
@@ -273,7 +273,7 @@ def stage_train(cfg: ComposeConfig, models: Models | None = None, spec=None) -> 
         composition = Composition(spec)
         started = time.time()
         rec = train_composition(
-            m.base, m.augment, composition, train, epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, warmup=cfg.warmup,
+            m.base, m.augment, composition, train, epochs=cfg.epochs, lr=cfg.lr, gate_lr=cfg.gate_lr, batch=cfg.batch, warmup=cfg.warmup,
             weight_decay=cfg.weight_decay, seed=cfg.seed, checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every,
             validation=validation, progress=cfg.progress,
         )  # fmt: skip
@@ -360,6 +360,7 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
         "epochs": cfg.epochs,
         "steps": train["steps"],
         "lr": cfg.lr,
+        "gate_lr": cfg.gate_lr,
         "batch": cfg.batch,
         "context": cfg.context,
         "stride": cfg.stride,
@@ -381,15 +382,19 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
 # --- the whole command --------------------------------------------------------------------
 
 
-def compose(cfg: ComposeConfig) -> Path | None:
-    """Run every stage (skipping up-to-date ones); return OUT/NAME (None when ``stop_after`` stopped it)."""
+def compose(cfg: ComposeConfig, models: Models | None = None) -> Path | None:
+    """Run every stage (skipping up-to-date ones); return OUT/NAME (None when ``stop_after`` stopped it).
+
+    ``models``: a ``Models(cfg, base=..., augment=...)`` holding models already in memory (default: loaded from
+    ``cfg.base`` / ``cfg.augment`` when a stage has work to do).
+    """
     from memories.artifact import write_json_atomic
 
     set_threads(cfg.threads)
     spec, _ = check_inputs(cfg)
     started = time.time()
     timings: dict[str, float] = {}
-    models = Models(cfg)  # loaded by the first stage that has work to do, then shared
+    models = models or Models(cfg)  # loaded by the first stage that has work to do, then shared
 
     def step(name, fn):
         t = time.time()
@@ -415,6 +420,6 @@ def compose(cfg: ComposeConfig) -> Path | None:
 
 
 __all__ = [
-    "ComposeConfig", "ComposeInputError", "Models", "STAGES", "SPLITS", "check_inputs", "composition_spec", "compose",
+    "ComposeConfig", "ComposeInputError", "Models", "STAGES", "check_inputs", "check_decoder_memory", "composition_spec", "compose",
     "load_split", "load_trained", "stage_corpus", "stage_train", "stage_evaluate", "stage_package",
 ]  # fmt: skip

@@ -128,6 +128,26 @@ def lr_factor(total_steps: int, warmup: float):
     return factor
 
 
+def parameter_groups(composition: Composition, lr: float, gate_lr: float | None, weight_decay: float) -> list[dict]:
+    """Projection matrices (with weight decay), norm scales, and the gates (at ``gate_lr``; None: ``lr``).
+
+    Adam moves every parameter by about its learning rate per step whatever its
+    scale: the matrices' entries start near 1/sqrt(width), but a gate's useful
+    range is 0..1, so at one shared rate the gates open last and a short run
+    barely changes the base. A larger ``gate_lr`` lets them open at the pace the
+    matrices learn.
+    """
+    named = list(composition.named_parameters())
+    gates = [p for n, p in named if n.endswith("gate")]
+    matrices = [p for n, p in named if p.ndim >= 2]
+    scales = [p for n, p in named if p.ndim < 2 and not n.endswith("gate")]
+    return [
+        {"params": matrices, "weight_decay": weight_decay, "lr": lr},
+        {"params": scales, "weight_decay": 0.0, "lr": lr},
+        {"params": gates, "weight_decay": 0.0, "lr": gate_lr if gate_lr is not None else lr},
+    ]
+
+
 def freeze(*models) -> None:
     """The base and the augmenting model never change: no gradients for their weights, eval mode (no dropout)."""
     for m in models:
@@ -142,7 +162,8 @@ def train_composition(
     windows: TrainingWindows,
     *,
     epochs: int = 1,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
+    gate_lr: float | None = 0.1,
     batch: int = 4,
     warmup: float = 0.05,
     weight_decay: float = 0.0,
@@ -166,9 +187,7 @@ def train_composition(
     torch.manual_seed(seed)
     steps_per_epoch = math.ceil(len(windows) / batch)
     total = steps_per_epoch * epochs
-    decay = [p for p in composition.parameters() if p.ndim >= 2]
-    no_decay = [p for p in composition.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(parameter_groups(composition, lr, gate_lr, weight_decay), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(total, warmup))
     history: list[dict] = []
     val_log: list[dict] = []

@@ -1,8 +1,8 @@
 """A memory under chunked prefill: the base computes a long prompt in 32-token chunks, the memory alongside.
 
 The memory must end up where one pass over the prompt leaves it, so the fused
-greedy tokens and logprobs equal the oracle's, also while other rows decode in
-the same batches.
+(or, for a calm memory, composed) greedy tokens and logprobs equal the
+oracle's, also while other rows decode in the same batches.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from openai import OpenAI
 from bench.server_process import ServerProcess
 from memories.reference import ReferenceFusion
 from tests.conftest import FP32
+from tests.tiny_models import build_calm, build_llama
 
 MAX_TOKENS = 12
 LONG = [(7 * i + 3) % 300 + 10 for i in range(100)]  # 100 tokens: four chunks of at most 32
@@ -21,9 +22,18 @@ STREAMED = 150  # long enough to be still decoding while the long prompt is pref
 
 
 @pytest.fixture(scope="module")
-def chunked(tiny, tmp_path_factory):
+def calm_dir(tiny, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("chunked-calm")
+    augment = build_llama(root / "aug", AutoTokenizer.from_pretrained(tiny["tokenizer"]), layers=2, seed=41)
+    return build_calm(root / "cal", tiny["base"], augment, [(1, 0), (0, 1)], seed=4)
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny, calm_dir, tmp_path_factory):
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
-    args += ["--memory", f"alpha={tiny['alpha']}", *FP32]
+    args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"cal={calm_dir}", *FP32]
     args += ["--enable-chunked-prefill", "--max-num-batched-tokens", "32", "--max-num-seqs", "4"]
     with ServerProcess(args, tmp_path_factory.mktemp("chunked")).running() as proc:
         yield proc
@@ -61,3 +71,20 @@ def test_chunked_prompt_beside_a_decoding_memory_row(chunked, tiny):
     expected = ref.greedy(LONG, MAX_TOKENS, 0.5)
     assert tokens == expected.tokens
     assert logprobs == pytest.approx(expected.logprobs, abs=1e-3)
+
+
+def test_chunked_prompt_of_a_calm_row_beside_a_decoding_calm_row(chunked, tiny, calm_dir):
+    """The augmenting model reads the long prompt chunk by chunk, as vLLM computes it, while another calm row decodes."""
+    client = OpenAI(base_url=chunked.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    ref = ReferenceFusion(str(tiny["base"]), None, calm_dir=str(calm_dir))
+    stream = client.completions.create(model="cal", prompt=SHORT, max_tokens=STREAMED, temperature=0, stream=True, extra_body={"return_token_ids": True, "ignore_eos": True})
+    chunks = iter(stream)
+    streamed = list(next(chunks).choices[0].token_ids)
+    r = client.completions.create(model="cal", prompt=LONG, max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body={"return_token_ids": True, "ignore_eos": True})
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed += list(choice.token_ids or [])
+    expected = ref.greedy(LONG, MAX_TOKENS, 0.0)
+    assert list(r.choices[0].token_ids) == expected.tokens
+    assert list(r.choices[0].logprobs.token_logprobs) == pytest.approx(expected.logprobs, abs=1e-3)
+    assert streamed[:40] == ref.greedy(SHORT, 40, 0.0).tokens

@@ -272,3 +272,39 @@ def test_in_memory_sequences_train_and_padding_changes_nothing(models):
     assert padded.ids.shape[1] > alone.ids.shape[1] and padded.weights[0].sum() == len(seqs[0]) - 1
     with torch.no_grad(), composed(base, augment, comp):
         assert batch_loss(base, padded, [0], "cpu")[0].item() == pytest.approx(batch_loss(base, alone, [0], "cpu")[0].item(), rel=1e-5)
+
+
+def test_prompt_completion_compose_counts_only_answers_end_to_end(models, tmp_path):
+    from memories.calm.pipeline import ComposeConfig, compose, load_split
+
+    path = tmp_path / "qa.jsonl"
+    with open(path, "w") as f:
+        for i in range(120):
+            words = corpus(1, seed=100 + i)[0].split()
+            f.write(json.dumps({"prompt": " ".join(words[:-2]), "completion": " " + " ".join(words[-2:])}) + "\n")
+    cfg = ComposeConfig(
+        base=str(models["base"]), augment=str(models["augment"]), corpus=str(path), name="qa", out=str(tmp_path), connections=1,
+        eval_tokens=400, max_tokens=1500, validation_fraction=0.15, test_fraction=0.15, context=CONTEXT, stride=STRIDE, threads=1, progress=False,
+    )  # fmt: skip
+    artifact = compose(cfg)
+    meta = json.loads((artifact / "memory.json").read_text())
+    _, mask = load_split(cfg, "test")
+    assert meta["corpus"]["scored"] == "completion" and meta["metrics"]["completion_only"] is True
+    assert meta["metrics"]["test_positions"] == int(mask[1:].sum()) < meta["corpus"]["splits"]["test"]["tokens"] // 2
+
+
+def test_packaged_memory_is_the_evaluated_composition(composed_memory, models):
+    """Loaded back with the serving oracle's loader, the artifact scores the test split as reported."""
+    from transformers import AutoModelForCausalLM
+
+    from memories.calm.hf import composed, load_calm
+    from memories.evaluate import model_logprobs
+    from memories.perplexity import perplexity
+
+    artifact, out = composed_memory
+    augment, composition = load_calm(artifact)
+    base = AutoModelForCausalLM.from_pretrained(models["base"]).eval()
+    test = np.load(out / "work" / "calm-test" / "corpus" / "test.npy")
+    with composed(base, augment, composition):
+        ppl = perplexity(model_logprobs(base, test, CONTEXT, STRIDE, "test", progress=False)[1.0])
+    assert ppl == pytest.approx(json.loads((artifact / "memory.json").read_text())["metrics"]["test_ppl_composition"], rel=1e-6)

@@ -1,11 +1,15 @@
-"""What ``enable_lora`` costs requests that use no adapter: base-only greedy decode, LoRA off vs on.
+"""What an engine option costs requests that do not use it: base-only greedy decode, option off vs on.
+
+``--option lora``: vLLM's ``enable_lora``, as ``--max-loras N`` turns it on.
+``--option calm``: memserve's calm model (server/calm_model.py) with its rows
+processor, as ``--calm on`` serves the base.
 
 Two engines, one per process (vLLM runs one per process), started side by
 side and timed in alternating rounds, so that other jobs on a shared machine
 slow both alike; medians are reported. Both decode the same prompts, so the
-script also reports whether enabling LoRA changes the base's tokens or logprobs.
+script also reports whether the option changes the base's tokens or logprobs.
 
-    python -m bench.lora_cost MODEL_DIR [--streams 8] [--tokens 64] [--rounds 6]
+    python -m bench.option_cost MODEL_DIR [--option lora|calm] [--streams 8] [--tokens 64] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ import sys
 import time
 
 
-def _child(model: str, streams: int, tokens: int, lora: bool, rank: int, max_loras: int) -> None:
+def _child(model: str, streams: int, tokens: int, option: str | None, rank: int, max_loras: int) -> None:
     """Start an engine, then run one timed round per line read on stdin."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    extra = dict(enable_lora=True, max_lora_rank=rank, max_loras=max_loras, max_cpu_loras=max_loras) if lora else {}
-    if lora:  # as memserve's workers run it
+    extra = {}
+    if option == "lora":  # as memserve's workers run it
         from server.lora_cpu import fix_cpu_lora_rows
 
         fix_cpu_lora_rows()
+        extra = dict(enable_lora=True, max_lora_rank=rank, max_loras=max_loras, max_cpu_loras=max_loras)
+    elif option == "calm":
+        from server.calm_model import ARCHITECTURE, CalmRowsProcessor, register
+
+        register()
+        extra = dict(hf_overrides={"architectures": [ARCHITECTURE]}, logits_processors=[CalmRowsProcessor])
     llm = LLM(model=model, enforce_eager=True, dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 30, **extra)
     prompts = [TokensPrompt(prompt_token_ids=[1 + (7 * i + 3 * j) % 200 for j in range(16)]) for i in range(streams)]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
@@ -53,6 +63,7 @@ def _read(proc, prefix: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
+    p.add_argument("--option", choices=["lora", "calm"], default="lora")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6)
@@ -61,7 +72,7 @@ def main() -> None:
     p.add_argument("--child", choices=["off", "on"])
     a = p.parse_args()
     if a.child:
-        return _child(a.model, a.streams, a.tokens, a.child == "on", a.max_lora_rank, a.max_loras)
+        return _child(a.model, a.streams, a.tokens, a.option if a.child == "on" else None, a.max_lora_rank, a.max_loras)
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) <= 4:  # as memserve serve does on small machines (server/cpu_defaults.py)
@@ -69,7 +80,7 @@ def main() -> None:
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     procs = {}
     for mode in ("off", "on"):
-        cmd = [sys.executable, "-m", "bench.lora_cost", a.model, "--child", mode, "--streams", str(a.streams), "--tokens", str(a.tokens), "--max-lora-rank", str(a.max_lora_rank), "--max-loras", str(a.max_loras)]
+        cmd = [sys.executable, "-m", "bench.option_cost", a.model, "--option", a.option, "--child", mode, "--streams", str(a.streams), "--tokens", str(a.tokens), "--max-lora-rank", str(a.max_lora_rank), "--max-loras", str(a.max_loras)]
         procs[mode] = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _read(procs[mode], "READY")  # one start at a time: they would slow each other's start
     runs = {"off": [], "on": []}
@@ -87,11 +98,11 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[mode])
 
     print(json.dumps({
-        "streams": a.streams, "tokens": a.tokens, "rounds": a.rounds, "max_lora_rank": a.max_lora_rank, "max_loras": a.max_loras,
-        "tokens_per_s_lora_off": [round(r["tokens_per_s"], 1) for r in runs["off"]],
-        "tokens_per_s_lora_on": [round(r["tokens_per_s"], 1) for r in runs["on"]],
-        "cpu_ms_per_token_lora_off": [round(r["cpu_ms_per_token"], 2) for r in runs["off"]],
-        "cpu_ms_per_token_lora_on": [round(r["cpu_ms_per_token"], 2) for r in runs["on"]],
+        "option": a.option, "streams": a.streams, "tokens": a.tokens, "rounds": a.rounds, "max_lora_rank": a.max_lora_rank, "max_loras": a.max_loras,
+        "tokens_per_s_off": [round(r["tokens_per_s"], 1) for r in runs["off"]],
+        "tokens_per_s_on": [round(r["tokens_per_s"], 1) for r in runs["on"]],
+        "cpu_ms_per_token_off": [round(r["cpu_ms_per_token"], 2) for r in runs["off"]],
+        "cpu_ms_per_token_on": [round(r["cpu_ms_per_token"], 2) for r in runs["on"]],
         "median_tokens_per_s_ratio_on_over_off": round(median("on", "tokens_per_s") / median("off", "tokens_per_s"), 3),
         "median_cpu_per_token_ratio_on_over_off": round(median("on", "cpu_ms_per_token") / median("off", "cpu_ms_per_token"), 3),
         "base_tokens_identical": all(x["tokens"] == y["tokens"] for x, y in zip(off, on)),
