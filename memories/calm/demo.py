@@ -30,13 +30,13 @@ PARTS = ("law", "keyvalue")
 # m_A for law: K = 6 layers (why: memories/README.md, "calm demo"); 150 k tokens = 293 windows of 512, one epoch.
 LAW_AUGMENT = dict(layers=6, max_tokens=150_000, eval_tokens=5_000, context=512, stride=512, epochs=1, lr=1e-3)
 # The composition: the law decoder memory's own training slice and test positions (40 k / 5 k tokens, windows of 512).
-LAW_COMPOSE = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, epochs=1, batch=1, lr=1e-3, connections=4)
+LAW_COMPOSE = dict(max_tokens=40_000, eval_tokens=5_000, context=512, stride=512, epochs=1, batch=1, lr=1e-3, gate_lr=0.1, connections=4)
 # Key-value: 500 keys, 20 % for training the composition (300 records: 100 keys × 3 phrasings).
 KV_KEYS, KV_TRAIN_FRACTION, KV_SEED = 500, 0.2, 0
-KV_COMPOSE = dict(connections=4, epochs=10, lr=1e-3, batch=8)  # one record per row: memories.calm.keyvalue.compose_records
+KV_COMPOSE = dict(connections=4, epochs=10, lr=1e-3, gate_lr=None, batch=8)  # one record per row: memories.calm.keyvalue.compose_records
 # The second composition reads m_A's last layer only (where a probe finds the value: memories/README.md), into two late
 # base layers, with weight decay: fewer ways to memorise the training keys from their token features.
-KV_COMPOSE_LAST = dict(connections=[(5, 23), (5, 27)], epochs=10, lr=1e-3, batch=8, weight_decay=0.1)
+KV_COMPOSE_LAST = dict(connections=[(5, 23), (5, 27)], epochs=10, lr=1e-3, gate_lr=None, batch=8, weight_decay=0.1)
 KV_VARIANTS = {"composition (4 connections, m_A layers 0/2/3/5 → base 5/11/17/23)": ("keyvalue-calm", KV_COMPOSE), "composition (m_A's last layer → base 23 and 27, weight decay 0.1)": ("keyvalue-calm-last", KV_COMPOSE_LAST)}
 
 

@@ -270,7 +270,7 @@ def record_sequences(tokenizer, records: Sequence[dict]) -> tuple[list[list[int]
     return seqs, masks
 
 
-def compose_records(base: str, augment: str, records: Sequence[dict], out: Path, name: str, *, connections: int | Sequence[Sequence[int]] = 4, epochs: int = 8, lr: float = 1e-3, batch: int = 8, weight_decay: float = 0.0, seed: int = 0, threads: int = 0, progress: bool = True, metrics: dict | None = None) -> Path:
+def compose_records(base: str, augment: str, records: Sequence[dict], out: Path, name: str, *, connections: int | Sequence[Sequence[int]] = 4, epochs: int = 8, lr: float = 1e-3, gate_lr: float | None = None, batch: int = 8, weight_decay: float = 0.0, seed: int = 0, threads: int = 0, progress: bool = True, metrics: dict | None = None) -> Path:
     """Train a composition on task records, one record per row, with the compose pipeline's own parts; package it as ``out/name``.
 
     ``memserve memory compose`` cuts a prompt/completion corpus into windows of a
@@ -282,7 +282,8 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
     trained by ``memories.calm.train.train_composition`` and packaged by
     ``memories.calm.package.package_calm`` with the server's checks.
     ``connections``: a number (spread as ``memory compose`` spreads them) or explicit
-    ``[(augment_layer, base_layer), ...]`` pairs. Resumable:
+    ``[(augment_layer, base_layer), ...]`` pairs; ``gate_lr``: the gates' own learning
+    rate (None: ``lr``, as every measured key-value run). Resumable:
     the training checkpoints and the finished composition are ``memories.stage`` outputs
     under ``out/work/name``.
     """
@@ -306,7 +307,7 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
         spec = replace(spec, connections=tuple(pairs))
         check_layers(name, spec, int(json.loads((Path(augment) / "config.json").read_text())["num_hidden_layers"]), int(json.loads((Path(base) / "config.json").read_text())["num_hidden_layers"]))
     seqs, masks = record_sequences(tok, records)
-    opts = dict(connections=pairs or connections, epochs=epochs, lr=lr, batch=batch, seed=seed, warmup=cfg.warmup, weight_decay=cfg.weight_decay)
+    opts = dict(connections=pairs or connections, epochs=epochs, lr=lr, batch=batch, seed=seed, warmup=cfg.warmup, weight_decay=cfg.weight_decay, **({"gate_lr": gate_lr} if gate_lr is not None else {}))
     fp = fingerprint(base=base_identity(base), augment=base_identity(augment), records=[[s, m] for s, m in zip(seqs, masks)], spec=spec.card_fields(), **opts)
     train_dir = cfg.work / "train"
 
@@ -316,7 +317,7 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
         torch.manual_seed(seed)
         composition = Composition(spec)
         started = time.time()
-        rec = train_composition(models.base, models.augment, composition, windows, epochs=epochs, lr=lr, batch=batch, warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=seed, checkpoint_dir=cfg.work / "train-checkpoints" / fp[:16], checkpoint_every=cfg.checkpoint_every, progress=progress)
+        rec = train_composition(models.base, models.augment, composition, windows, epochs=epochs, lr=lr, gate_lr=gate_lr, batch=batch, warmup=cfg.warmup, weight_decay=cfg.weight_decay, seed=seed, checkpoint_dir=cfg.work / "train-checkpoints" / fp[:16], checkpoint_every=cfg.checkpoint_every, progress=progress)
         composition.save(tmp / COMPOSITION_FILE)
         (tmp / "train_log.json").write_text(json.dumps({"steps": rec["history"]}, indent=1))
         losses = [h["loss"] for h in rec["history"]]
@@ -326,6 +327,6 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
     import shutil
 
     shutil.rmtree(cfg.work / "train-checkpoints", ignore_errors=True)
-    card_metrics = {**{k: rec.get(k) for k in ("steps", "rows", "positions", "train_seconds", "parameters", "first_loss", "last_loss")}, "epochs": epochs, "lr": lr, "batch": batch, "cpu_seconds": rec.get("cpu_seconds"), "seconds": rec.get("seconds"), **(metrics or {})}
+    card_metrics = {**{k: rec.get(k) for k in ("steps", "rows", "positions", "train_seconds", "parameters", "first_loss", "last_loss")}, "epochs": epochs, "lr": lr, "gate_lr": gate_lr, "batch": batch, "cpu_seconds": rec.get("cpu_seconds"), "seconds": rec.get("seconds"), **(metrics or {})}
     summary = {"spec": "key-value task records (memories.calm.keyvalue)", "description": "prompt/completion records, one per training row; only completion tokens scored", "documents": len(records), "scored": "completion"}
     return package_calm(out / name, name=name, domain=name, description=f"calm memory: {Path(augment).name} composed into {Path(base).name} on {len(records)} key-value task records", base=base, augment=augment, base_tokenizer=tok, spec=spec, composition_file=train_dir / COMPOSITION_FILE, corpus_summary=summary, metrics=card_metrics)
