@@ -37,7 +37,13 @@ KV_COMPOSE = dict(connections=4, epochs=10, lr=1e-3, gate_lr=None, batch=8)  # o
 # The second composition reads m_A's last layer only (where a probe finds the value: memories/README.md), into two late
 # base layers, with weight decay: fewer ways to memorise the training keys from their token features.
 KV_COMPOSE_LAST = dict(connections=[(5, 23), (5, 27)], epochs=10, lr=1e-3, gate_lr=None, batch=8, weight_decay=0.1)
-KV_VARIANTS = {"composition (4 connections, m_A layers 0/2/3/5 → base 5/11/17/23)": ("keyvalue-calm", KV_COMPOSE), "composition (m_A's last layer → base 23 and 27, weight decay 0.1)": ("keyvalue-calm-last", KV_COMPOSE_LAST)}
+# The third: the compose pipeline's gates' own rate (--gate-lr 0.1), measured to open the gates sooner on law.
+KV_COMPOSE_GATES = dict(KV_COMPOSE, gate_lr=0.1)
+KV_VARIANTS = {
+    "composition (4 connections, m_A layers 0/2/3/5 → base 5/11/17/23)": ("keyvalue-calm", KV_COMPOSE),
+    "composition (m_A's last layer → base 23 and 27, weight decay 0.1)": ("keyvalue-calm-last", KV_COMPOSE_LAST),
+    "composition (4 connections, gates at rate 0.1)": ("keyvalue-calm-gates", KV_COMPOSE_GATES),
+}
 
 
 def _flags(d: dict) -> str:
