@@ -6,8 +6,9 @@
   base, m_A, the composition and the base + the law decoder memory, on the
   decoder memory's own test positions.
 - **keyvalue**: m_A memorises 500 random "KEY = VALUE" facts
-  (``memories.calm.keyvalue``); the composition is trained on a question
-  format over 20 % of the keys and tested, by greedy exact match, on the other 80 %.
+  (``memories.calm.keyvalue``); compositions (``KV_VARIANTS``, one record per
+  training row) are trained on a question format over 20 % of the keys and
+  tested, by greedy exact match, on the other 80 %.
 
 Everything goes under ``<MEMSERVE_CACHE>/calm-demo`` unless ``--out`` says
 otherwise; every step is a resumable stage, so a re-run reuses what is done.
