@@ -148,6 +148,11 @@ def add_memory_commands(subparsers) -> None:
     from memories.lora.cli import add_generate_command
 
     add_generate_command(subparsers)
+    from memories.calm.augment import add_augment_command
+    from memories.calm.demo import add_calm_demo_command
+
+    add_augment_command(subparsers)
+    add_calm_demo_command(subparsers)
 
 
 def main(argv=None) -> int:
