@@ -105,7 +105,8 @@ def memory_loss(logits: torch.Tensor, labels: torch.Tensor, target_ids: torch.Te
     return beta * kl + (1 - beta) * ce, kl.item(), ce.item()
 
 
-def _schedule(total_steps: int, warmup: float):
+def lr_schedule(total_steps: int, warmup: float):
+    """Linear warm-up over a ``warmup`` fraction of the steps, then cosine decay to a tenth (every trainer here uses it)."""
     warm = max(1, int(total_steps * warmup))
 
     def factor(step: int) -> float:
@@ -183,7 +184,7 @@ def train_memory(base_dir, tokens: np.ndarray, target_ids, target_probs, out: Pa
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, warmup))
     history: list[dict] = []
     start_epoch = 0
     ckpt_dir.mkdir(parents=True, exist_ok=True)

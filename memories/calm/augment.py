@@ -154,14 +154,14 @@ def train_lm(model, examples: Sequence[tuple[torch.Tensor, torch.Tensor]], ckpt_
     """
     from tqdm import tqdm
 
-    from memories.train import _schedule
+    from memories.train import lr_schedule
 
     steps_per_epoch = math.ceil(len(examples) / accumulate)
     total = steps_per_epoch * epochs
     decay = [p for p in model.parameters() if p.ndim >= 2 and p.requires_grad]
     no_decay = [p for p in model.parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, warmup))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = ckpt_dir / "last.pt"
     step, losses = 0, []

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from memories.calm.composition import Composition
 from memories.calm.hf import composed
+from memories.train import lr_schedule
 from memories.windows import iter_windows
 
 log = logging.getLogger("memserve.compose")
@@ -115,19 +116,6 @@ def composed_loss(base, augment, composition: Composition, windows: TrainingWind
     return total / max(count, 1.0)
 
 
-def lr_factor(total_steps: int, warmup: float):
-    """Linear warm-up over a ``warmup`` fraction of the steps, then cosine decay to a tenth."""
-    warm = max(1, int(total_steps * warmup))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = (step - warm) / max(1, total_steps - warm)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def parameter_groups(composition: Composition, lr: float, gate_lr: float | None, weight_decay: float) -> list[dict]:
     """Projection matrices (with weight decay), norm scales, and the gates (at ``gate_lr``; None: ``lr``).
 
@@ -188,7 +176,7 @@ def train_composition(
     steps_per_epoch = math.ceil(len(windows) / batch)
     total = steps_per_epoch * epochs
     opt = torch.optim.AdamW(parameter_groups(composition, lr, gate_lr, weight_decay), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(total, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, warmup))
     history: list[dict] = []
     val_log: list[dict] = []
     step = 0
