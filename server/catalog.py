@@ -141,7 +141,7 @@ class MemoryCatalog:
         if self.budget_bytes is not None:
             # what each memory may grow to: weights in the engine's dtype, plus a decoder's KV budget
             def reserved(c: MemoryCard) -> int:
-                kv = 0 if c.kind == "lora" else (self.engine.kv_budget_bytes or 0)
+                kv = (self.engine.kv_budget_bytes or 0) if c.kind == "decoder" else 0  # only decoder pools are budgeted
                 return c.num_parameters * self.engine.bytes_per_parameter + kv
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)

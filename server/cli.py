@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     admin.add_argument(
         "--memory-kv-budget", dest="memory_kv_budget_bytes", type=int, default=None, metavar="BYTES",
-        help="KV pool size per memory; beyond it the least recently used sequence is evicted and recomputed (default: grows as needed)",
+        help="KV pool size per decoder memory; beyond it the least recently used sequence is evicted and recomputed. "
+        "A calm memory's augmenting model keeps every running row's cache and frees it when the row leaves (default: grows as needed)",
     )  # fmt: skip
     admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set; 0: only at start and on admin calls (default: %(default)s)")
     admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error (default: %(default)s)")
