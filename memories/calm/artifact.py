@@ -41,7 +41,7 @@ def read_calm_card(root: Path, name: str) -> MemoryCard:
         vocab_size=augment.vocab_size,
         num_parameters=augment.num_parameters + sum(math.prod(s) for s in composition.values()),
         hidden_size=spec.base_width,
-        content_sha256=_content_sha256(root),
+        content_sha256=_content_sha256(root, augment.content_sha256),
         corpus=meta.get("corpus") or {},
         metrics=meta.get("metrics") or {},
         connections=spec.connections,
@@ -60,18 +60,17 @@ def check_calm_compatible(card: MemoryCard, base_tokenizer, base_config: dict | 
     spec = CompositionSpec.from_card(name, read_memory_json(root, name))
     if spec.base_width != base_config.get("hidden_size"):
         raise ArtifactError(name, "base width differs from memory.json", f"memory.json base_width {spec.base_width}, base hidden_size {base_config.get('hidden_size')}")
-    augment_card = read_card(root / AUGMENT_DIR, name)
     augment_layers = int(json.loads((root / AUGMENT_DIR / "config.json").read_text()).get("num_hidden_layers", 0))
     check_layers(name, spec, augment_layers, int(base_config["num_hidden_layers"]))
     # the augmenting model reads the base's token ids: its vocabulary must mean the same
     check_tokenizer(MemoryCard(name=name, path=str(root / AUGMENT_DIR), tokenizer_sha256=card.tokenizer_sha256), base_tokenizer)
-    if augment_card.vocab_size < len(base_tokenizer):
-        raise ArtifactError(name, "augment vocabulary too small", f"augment vocab_size {augment_card.vocab_size} < base tokenizer's {len(base_tokenizer)} tokens")
+    if card.vocab_size < len(base_tokenizer):  # the card's vocabulary is the augmenting model's (read_calm_card)
+        raise ArtifactError(name, "augment vocabulary too small", f"augment vocab_size {card.vocab_size} < base tokenizer's {len(base_tokenizer)} tokens")
 
 
-def _content_sha256(root: Path) -> str:
-    """Identifies a version across replicas: the composition and the augmenting model."""
+def _content_sha256(root: Path, augment_sha256: str) -> str:
+    """Identifies a version across replicas: the composition and the augmenting model (whose hash its card already holds)."""
     h = hashlib.sha256()
-    for part in (content_sha256(root), content_sha256(root / AUGMENT_DIR), (root / MEMORY_JSON).read_bytes()):
+    for part in (content_sha256(root), augment_sha256, (root / MEMORY_JSON).read_bytes()):
         h.update(part.encode() if isinstance(part, str) else hashlib.sha256(part).digest())
     return h.hexdigest()
