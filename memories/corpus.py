@@ -32,7 +32,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 SPLITS = ("train", "validation", "test")
 DEMO_DOMAINS = ("biomed", "finance", "law")
@@ -148,21 +148,26 @@ def _load_text_file(spec: str, path: Path) -> Corpus:
     return Corpus(spec, f"blank-line separated documents from {path}", _file_identity([path]), docs)
 
 
-def _load_jsonl(spec: str, path: Path, field: str) -> Corpus:
-    docs = []
+def read_jsonl(spec: str, path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) for every non-blank line; a line that is not JSON is a CorpusError naming it."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise CorpusError(f"corpus {spec!r} line {n} is not valid JSON: {e}") from None
-            if not isinstance(record, dict) or field not in record:
-                raise CorpusError(f"corpus {spec!r} line {n} has no field {field!r} (choose one with --text-field)")
-            if not isinstance(record[field], str):
-                raise CorpusError(f"corpus {spec!r} line {n}: field {field!r} is not a string")
-            docs.append(Document(f"{path.name}:{n}", record[field]))
+
+
+def _load_jsonl(spec: str, path: Path, field: str) -> Corpus:
+    docs = []
+    for n, record in read_jsonl(spec, path):
+        if not isinstance(record, dict) or field not in record:
+            raise CorpusError(f"corpus {spec!r} line {n} has no field {field!r} (choose one with --text-field)")
+        if not isinstance(record[field], str):
+            raise CorpusError(f"corpus {spec!r} line {n}: field {field!r} is not a string")
+        docs.append(Document(f"{path.name}:{n}", record[field]))
     return Corpus(spec, f"JSONL field {field!r} from {path}", _file_identity([path]) + field, _clean(iter(docs)))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memories.corpus import SPLITS, Corpus, CorpusError, Document, split_documents
+from memories.corpus import SPLITS, Corpus, CorpusError, Document, read_jsonl, split_documents
 
 PROMPT_FIELD, COMPLETION_FIELD = "prompt", "completion"
 _SEPARATOR = "\x1e"  # joins prompt and completion in a Document's text (for the split hash only)
@@ -46,21 +46,14 @@ def load_prompt_completion(spec: str) -> Corpus:
     """Every record as a Document ``prompt \\x1e completion``; CorpusError names the bad line."""
     path = Path(spec).expanduser()
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CorpusError(f"corpus {spec!r} line {n} is not valid JSON: {e}") from None
-            if not (isinstance(r, dict) and isinstance(r.get(PROMPT_FIELD), str) and isinstance(r.get(COMPLETION_FIELD), str)):
-                raise CorpusError(f"corpus {spec!r} line {n}: every record needs string fields {PROMPT_FIELD!r} and {COMPLETION_FIELD!r}")
-            if not r[COMPLETION_FIELD]:
-                raise CorpusError(f"corpus {spec!r} line {n}: empty completion (nothing to score)")
-            if _SEPARATOR in r[PROMPT_FIELD]:
-                raise CorpusError(f"corpus {spec!r} line {n}: the prompt contains U+001E")
-            docs.append(Document(f"{path.name}:{n}", r[PROMPT_FIELD] + _SEPARATOR + r[COMPLETION_FIELD]))
+    for n, r in read_jsonl(spec, path):
+        if not (isinstance(r, dict) and isinstance(r.get(PROMPT_FIELD), str) and isinstance(r.get(COMPLETION_FIELD), str)):
+            raise CorpusError(f"corpus {spec!r} line {n}: every record needs string fields {PROMPT_FIELD!r} and {COMPLETION_FIELD!r}")
+        if not r[COMPLETION_FIELD]:
+            raise CorpusError(f"corpus {spec!r} line {n}: empty completion (nothing to score)")
+        if _SEPARATOR in r[PROMPT_FIELD]:
+            raise CorpusError(f"corpus {spec!r} line {n}: the prompt contains U+001E")
+        docs.append(Document(f"{path.name}:{n}", r[PROMPT_FIELD] + _SEPARATOR + r[COMPLETION_FIELD]))
     if not docs:
         raise CorpusError(f"corpus {spec!r} is empty")
     st = path.stat()
