@@ -21,11 +21,10 @@ from safetensors.torch import load_file, save_file
 from bench.server_process import ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, Stream, admin
-from tests.api.test_lora import plain_vllm
+from tests.api.test_lora import MAX_TOKENS, admin_load, complete, plain_vllm
 from tests.conftest import FP32
 from tests.tiny_models import build_calm, build_llama, build_lora, build_tokenizer
 
-MAX_TOKENS = 12
 PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
 LONG = "the patient study result shows the tumor dose trial growth and the bank rate profit loss clause term notice " * 3
 
@@ -87,19 +86,9 @@ def oracle(tiny, root):
     return {name: ReferenceFusion(str(tiny["base"]), None, calm_dir=str(root / name)) for name in ("cal", "cob")}
 
 
-def complete(client: OpenAI, prompt: list[int], model: str = "tiny-base", max_tokens: int = MAX_TOKENS, **extra):
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=1, extra_body={"return_token_ids": True, "ignore_eos": True, **extra})
-    choice = r.choices[0]
-    return list(choice.token_ids), list(choice.logprobs.token_logprobs)
-
-
 def echo_logprobs(client: OpenAI, prompt: list[int], model: str) -> list[float]:
     r = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, logprobs=0, echo=True)
     return list(r.choices[0].logprobs.token_logprobs[1 : len(prompt)])
-
-
-def admin_load(server, name, path, **extra):
-    return admin(server, "POST", body={"name": name, "path": path, **extra})
 
 
 def test_calm_memory_matches_the_transformers_composition(client, oracle, prompt_ids):

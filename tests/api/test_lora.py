@@ -68,8 +68,8 @@ def prompt_ids(tiny) -> list[list[int]]:
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
-def complete(client: OpenAI, prompt: list[int], model: str = "tiny-base", **extra):
-    r = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=1, extra_body={"return_token_ids": True, "ignore_eos": True, **extra})
+def complete(client: OpenAI, prompt: list[int], model: str = "tiny-base", max_tokens: int = MAX_TOKENS, **extra):
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=1, extra_body={"return_token_ids": True, "ignore_eos": True, **extra})
     choice = r.choices[0]
     return list(choice.token_ids), list(choice.logprobs.token_logprobs)
 
