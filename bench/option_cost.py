@@ -28,11 +28,11 @@ def _child(model: str, streams: int, tokens: int, option: str | None, rank: int,
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    extra = {}
-    if option == "lora":  # as memserve's workers run it
-        from server.lora_cpu import fix_cpu_lora_rows
+    from server import vllm_cpu_fixes
 
-        fix_cpu_lora_rows()
+    vllm_cpu_fixes.install()  # as memserve's workers run
+    extra = {}
+    if option == "lora":
         extra = dict(enable_lora=True, max_lora_rank=rank, max_loras=max_loras, max_cpu_loras=max_loras)
     elif option == "calm":
         from server.calm_model import ARCHITECTURE, CalmRowsProcessor, register

@@ -22,12 +22,14 @@ from memories.calm.runtime import CalmMemory
 from memories.decoder import MemoryDecoder
 from memories.kinds import kind_of
 from memories.fuse import memory_logprobs
-from server.lora_cpu import fix_cpu_lora_rows
-
-# rows without an adapter must not get the last LoRA slot's delta (server/lora_cpu.py)
-fix_cpu_lora_rows()
+from server import vllm_cpu_fixes
 
 log = logging.getLogger("memserve.worker")
+
+# vLLM-CPU defects that let one request change or kill the others (server/vllm_cpu_fixes.py)
+_FIXES = vllm_cpu_fixes.install()
+if _FIXES:
+    log.info("vLLM-CPU fixes installed: %s", ", ".join(_FIXES))
 
 
 class MemoryRegistry:

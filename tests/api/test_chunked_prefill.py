@@ -10,33 +10,12 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from bench.server_process import ServerProcess
 from memories.reference import ReferenceFusion
-from tests.conftest import FP32
-from tests.tiny_models import build_calm, build_llama
+from tests.api.conftest import LONG
 
 MAX_TOKENS = 12
-LONG = [(7 * i + 3) % 300 + 10 for i in range(100)]  # 100 tokens: four chunks of at most 32
 SHORT = [11, 12, 13, 14, 15]
 STREAMED = 150  # long enough to be still decoding while the long prompt is prefilled
-
-
-@pytest.fixture(scope="module")
-def calm_dir(tiny, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("chunked-calm")
-    augment = build_llama(root / "aug", AutoTokenizer.from_pretrained(tiny["tokenizer"]), layers=2, seed=41)
-    return build_calm(root / "cal", tiny["base"], augment, [(1, 0), (0, 1)], seed=4)
-
-
-@pytest.fixture(scope="module")
-def chunked(tiny, calm_dir, tmp_path_factory):
-    args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
-    args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"cal={calm_dir}", *FP32]
-    args += ["--enable-chunked-prefill", "--max-num-batched-tokens", "32", "--max-num-seqs", "4"]
-    with ServerProcess(args, tmp_path_factory.mktemp("chunked")).running() as proc:
-        yield proc
 
 
 def complete(client: OpenAI, prompt: list[int], domain: str | None):
