@@ -1,7 +1,7 @@
 """What an engine option costs requests that do not use it: base-only greedy decode, option off vs on.
 
 ``--option lora``: vLLM's ``enable_lora``, as ``--max-loras N`` turns it on.
-``--option calm``: memserve's calm model (server/calm_model.py) with its rows
+``--option calm``: memserve's calm model (server/worker/calm_model.py) with its rows
 processor, as ``--calm on`` serves the base.
 
 Two engines, one per process (vLLM runs one per process), started side by
@@ -28,14 +28,14 @@ def _child(model: str, streams: int, tokens: int, option: str | None, rank: int,
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from server import vllm_cpu_fixes
+    from server.worker import patches
 
-    vllm_cpu_fixes.install()  # as memserve's workers run
+    patches.install()  # as memserve's workers run
     extra = {}
     if option == "lora":
         extra = dict(enable_lora=True, max_lora_rank=rank, max_loras=max_loras, max_cpu_loras=max_loras)
     elif option == "calm":
-        from server.calm_model import ARCHITECTURE, CalmRowsProcessor, register
+        from server.worker.calm_model import ARCHITECTURE, CalmRowsProcessor, register
 
         register()
         extra = dict(hf_overrides={"architectures": [ARCHITECTURE]}, logits_processors=[CalmRowsProcessor])
@@ -75,7 +75,7 @@ def main() -> None:
         return _child(a.model, a.streams, a.tokens, a.option if a.child == "on" else None, a.max_lora_rank, a.max_loras)
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V2_MODEL_RUNNER": "0"}
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) <= 4:  # as memserve serve does on small machines (server/cpu_defaults.py)
+    if len(cpus) <= 4:  # as memserve serve does on small machines (server/engine/cpu_defaults.py)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
         env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     procs = {}

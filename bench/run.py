@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench.flops import compute_bound
 from bench.reference_loop import DTYPES, reference_throughput
-from bench.server_process import ServerProcess, server_env
+from server.launcher import ServerProcess, server_env
 from bench.workload import make_prompts, run_streams
 from memories.artifact import write_json_atomic
 
@@ -50,8 +50,8 @@ def _scenario_list(text: str) -> list[str]:
     return names
 
 
-def add_bench_command(commands) -> None:
-    p = commands.add_parser("bench", help="measure fused vs base throughput against the compute bound", description=__doc__)
+def build_parser(prog: str = "memserve bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--memory", help="memory directory, a decoder or calm memory (default: a decoder memory of --memory-layers layers initialised from the base)")
     p.add_argument("--memory-layers", type=int, default=6, help="depth of the default memory (default: %(default)s)")
@@ -65,15 +65,15 @@ def add_bench_command(commands) -> None:
     p.add_argument("--json", type=Path, help="also write the results to this file (default: print only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts (default: %(default)s)")
     p.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for the server, passed unchanged (default: none)")
-    p.set_defaults(func=main)
+    return p
 
 
-def _default_memory(base: Path, layers: int, thin: bool = False) -> Path:
+def default_memory(base: Path, layers: int, thin: bool = False) -> Path:
     from transformers import AutoTokenizer
 
     from memories.artifact import MEMORY_JSON, write_json_atomic
-    from memories.package import without_base_tensors
-    from memories.train import init_memory
+    from memories.decoder.package import without_base_tensors
+    from memories.training import init_memory
     from memories.base_model import cache_dir
 
     out = cache_dir() / "bench" / f"{base.name}-first{layers}{'-thin' if thin else ''}"
@@ -106,9 +106,9 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _setup(engine_extra: list[str], env: dict[str, str]) -> dict:
+def describe_setup(engine_extra: list[str], env: dict[str, str]) -> dict:
     """The machine and what the server's engine will run with (the same decision `memserve serve` makes)."""
-    from server.cpu_defaults import REPORTED_FLAGS, choose, read_machine
+    from server.engine.cpu_defaults import REPORTED_FLAGS, choose, read_machine
 
     machine = read_machine()
     choice = choose(machine, env, engine_extra)
@@ -127,12 +127,12 @@ def main(opts: argparse.Namespace) -> int:
         opts.prompt_len = opts.output_len = 32
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
     base = Path(opts.model) if opts.model else default_base()
-    memory = Path(opts.memory) if opts.memory else _default_memory(base, opts.memory_layers, opts.thin)
+    memory = Path(opts.memory) if opts.memory else default_memory(base, opts.memory_layers, opts.thin)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     prompts = {n: make_prompts(n, opts.prompt_len, vocab, opts.seed) for n in opts.streams}
     workdir = cache_dir() / "bench" / "run"
     env = server_env(workdir)
-    setup = _setup(extra, env)
+    setup = describe_setup(extra, env)
 
     args = ["--model", str(base), "--served-model-name", "base", "--max-model-len", str(opts.prompt_len + opts.output_len + 16)]
     for name in MEMORY_NAMES:

@@ -18,7 +18,7 @@ from typing import Any
 
 MEMORY_JSON = "memory.json"
 FORMAT_VERSION = 1
-# Architectures the memory runtime (memories/decoder.py) can run incrementally.
+# Architectures the memory runtime (memories/runner.py) can run incrementally.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 # What a thin memory (``"embeddings": "base"``) leaves out and takes from the base at serving time.
 BASE_TENSORS = ("embed_tokens.weight", "lm_head.weight")

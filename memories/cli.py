@@ -1,4 +1,4 @@
-"""``memserve memory ...`` sub-commands: build, its stages one by one, compose (a calm memory), demo, and generate (a lora memory from prompts).
+"""``memserve memory ...`` sub-commands that build memories offline: ``build --kind decoder|calm``, the decoder build's stages one by one, demo, and generate (a lora memory from prompts).
 
 ``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
 parser; every sub-command sets ``func`` (taking the argparse Namespace).
@@ -15,7 +15,7 @@ import logging
 import sys
 from dataclasses import fields
 
-from memories.pipeline import BuildConfig
+from memories.decoder.pipeline import BuildConfig
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -28,9 +28,32 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _add_build_options(p: argparse.ArgumentParser) -> None:
+# each kind's build command; ``build --kind K`` runs it with that kind's own flags (``route_kind``)
+KIND_BUILDS = {"decoder": "build", "calm": "compose"}
+
+
+def route_kind(argv: list[str]) -> list[str]:
+    """``build --kind K ...`` as the command that builds kind K: ``build --kind calm`` is ``compose``, flags and --help its own."""
+    if argv[:1] != ["build"]:
+        return argv
+    rest = argv[1:]
+    for i, arg in enumerate(rest):
+        if arg == "--kind" and i + 1 < len(rest) and rest[i + 1] in KIND_BUILDS:
+            return [KIND_BUILDS[rest[i + 1]], *rest[:i], *rest[i + 2 :]]
+        if arg.startswith("--kind=") and arg[7:] in KIND_BUILDS:
+            return [KIND_BUILDS[arg[7:]], *rest[:i], *rest[i + 1 :]]
+    return argv  # no --kind (a decoder memory), or one argparse will refuse naming the choices
+
+
+def _add_build_options(p: argparse.ArgumentParser, with_kind: bool = False) -> None:
     d = BuildConfig(base="", corpus="", name="", out="")
     g = p.add_argument_group("what to build")
+    if with_kind:
+        g.add_argument(
+            "--kind", choices=tuple(KIND_BUILDS), default="decoder",
+            help="decoder: the flags below; calm: a calm memory, with its own flags (`memserve memory build --kind calm --help`); "
+            "lora memories are made from prompts by `memserve memory generate` (default: %(default)s)",
+        )  # fmt: skip
     g.add_argument("--base", required=True, help="base model: a Hugging Face directory")
     g.add_argument("--corpus", required=True, help="text file, .jsonl file, folder of .txt files, or demo:biomed|law|finance")
     g.add_argument("--name", required=True, help="memory name (also the artifact folder name)")
@@ -83,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 def _run(stage: str):
     def run(args: argparse.Namespace) -> int:
-        from memories import pipeline as pl
+        from memories.decoder import pipeline as pl
 
         cfg = config_from_args(args)
         pl.set_threads(cfg.threads)
@@ -109,7 +132,7 @@ def _run(stage: str):
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from memories.pipeline import demo
+    from memories.decoder.pipeline import demo
 
     results = demo(args.out, tuple(args.domains.split(",")), threads=args.threads, progress=not args.no_progress)
     for d, r in results.items():
@@ -118,7 +141,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 HELP = {
-    "build": "run every stage: corpus → datastore → index → targets → train → evaluate → package",
+    "build": "build a memory; --kind decoder (default) runs every stage: corpus → datastore → index → targets → train → evaluate → package",
     "datastore": "tokenize the corpus and store base keys/next tokens (one shard with --shard i/n)",
     "index": "merge datastore shards into a faiss index",
     "targets": "tune kNN-LM on validation and compute sparse kNN targets for every training position",
@@ -129,10 +152,10 @@ HELP = {
 
 
 def add_memory_commands(subparsers) -> None:
-    """Attach ``build``, the stage commands, ``compose``, ``demo`` and ``generate`` to ``memserve memory``."""
+    """Attach ``build``, the decoder build's stages, ``compose`` (= ``build --kind calm``), ``demo`` and ``generate`` to ``memserve memory``."""
     for name, text in HELP.items():
-        p = subparsers.add_parser(name, help=text, description=text)
-        _add_build_options(p)
+        p = subparsers.add_parser(name, help=text if name == "build" else f"decoder build stage: {text}", description=text)
+        _add_build_options(p, with_kind=name == "build")
         if name == "datastore":
             p.add_argument("--shard", dest="shard_spec", type=_shard, default=None, help="build shard i of n (e.g. 0/4); default: the single shard 0/1")
         p.set_defaults(func=_run(name))
@@ -160,7 +183,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m memories", description="build memories (memserve memory ...)")
     sub = parser.add_subparsers(dest="command", required=True)
     add_memory_commands(sub)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(route_kind(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     return args.func(args)
 

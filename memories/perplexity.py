@@ -1,4 +1,4 @@
-"""The one perplexity formula: exp of the mean negative log-likelihood per token.
+"""The one perplexity formula: exp of the mean negative log-likelihood per token, and a model's log-likelihoods over a stream.
 
 Evaluation, tests and the server's reporting all call these two functions so
 that "perplexity" means the same number everywhere (natural log, every
@@ -11,6 +11,9 @@ import math
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from memories.windows import iter_windows
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -26,3 +29,16 @@ def perplexity(logprobs) -> float:
         raise ValueError("perplexity of zero tokens is undefined")
     nll = -lp.mean().item()
     return math.exp(nll) if nll < 700 else math.inf
+
+
+@torch.inference_mode()
+def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, temperatures=(1.0,), progress=True) -> dict[float, np.ndarray]:
+    """log softmax(logits / T)(observed next token) at every position of a stream, per T."""
+    out: dict[float, list] = {t: [] for t in temperatures}
+    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
+        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=model.device)[None]
+        logits = model(input_ids=ids).logits[0, w.offset :]
+        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=model.device)
+        for t in temperatures:
+            out[t].append(token_logprobs(logits / t, labels).cpu().numpy())
+    return {t: np.concatenate(v) for t, v in out.items()}

@@ -88,3 +88,27 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def set_threads(n: int) -> int:
+    """Torch and faiss thread counts; 0 = all cores (this machine class has 2)."""
+    import torch
+
+    n = n or max(1, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def base_identity(base: str) -> dict:
+    """Cheap identity of a base checkpoint: config content + weight file sizes and times."""
+    root = Path(base)
+    if not (root / "config.json").exists():
+        raise StageError(f"base {base!r} is not a Hugging Face model directory (no config.json)")
+    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(root.glob("*.safetensors"))}
+    return {"path": str(root.resolve()), "config": hashlib.sha256((root / "config.json").read_bytes()).hexdigest(), "weights": files}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -118,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser(
         "memory",
         help="build memories; load, unload and list them on a running server",
-        description="Build a memory from a corpus (build, or its stages one by one; demo builds the demo memories), "
-        "or manage the memories of a running server through its admin API (load, unload, list).",
+        description="Offline builds: build --kind decoder|calm (compose = build --kind calm; a decoder build's stages one by one: "
+        "datastore, index, targets, train, evaluate, package), generate (a lora memory from prompts), demo and calm-demo "
+        "(the demo memories), augment (a calm demo's augmenting model). On a running server, through its admin API: "
+        "load, unload, list.",
     )
     memory_commands = memory.add_subparsers(dest="memory_command", required=True)
     from memories.cli import add_memory_commands
@@ -138,18 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generator_commands(generator.add_subparsers(dest="generator_command", required=True))
 
-    from bench.run import add_bench_command
-
-    add_bench_command(commands)
+    bench = commands.add_parser(
+        "bench", add_help=False, prefix_chars="\0",
+        help="measure served throughput with and without memories against the compute bound (`memserve bench --help` lists its flags)",
+    )  # fmt: skip
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own flags, passed to `python -m bench` (default: none, its defaults)")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+def _bench(opts: argparse.Namespace) -> int:
+    """The benchmark is a client of the server (bench/ starts servers through server/launcher.py), so it runs as its own program, not imported."""
+    return subprocess.call([sys.executable, "-m", "bench", *opts.bench_args])
 
 
 def _serve(opts: argparse.Namespace) -> int:
     from memories.base_model import cache_dir
-    from server.engine import prepare_environment
+    from server.engine.client import prepare_environment
 
     prepare_environment(opts.workdir or cache_dir() / "run")
-    from server.runtime import ServeOptions, run
+    from server.startup import ServeOptions, run
 
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
     try:
@@ -161,6 +172,11 @@ def _serve(opts: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["memory"]:
+        from memories.cli import route_kind
+
+        argv = ["memory", *route_kind(argv[1:])]
     opts = build_parser().parse_args(argv)
     return opts.func(opts) or 0
 

@@ -119,7 +119,7 @@ def _http(exc: HTTPException) -> JSONResponse:
 
 def _vllm(exc: Exception) -> JSONResponse:
     """vLLM's classification: its validation errors and ValueError/TypeError/OverflowError are 400s."""
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from server.engine.vllm_openai import create_error_response
 
     err = create_error_response(exc).error
     if err.code >= 500:
@@ -148,7 +148,7 @@ def to_response(exc: BaseException) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI, on_engine_dead=None) -> None:
     """Route every exception through the table; ``on_engine_dead`` is told when the engine is gone."""
-    from vllm.v1.engine.exceptions import EngineDeadError
+    from server.engine.vllm_openai import EngineDeadError
 
     async def handle(_: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, EngineDeadError) and on_engine_dead is not None:
@@ -156,7 +156,7 @@ def install_error_handlers(app: FastAPI, on_engine_dead=None) -> None:
             return error_json(HTTPStatus.SERVICE_UNAVAILABLE, "the inference engine has stopped; this server is shutting down")
         return to_response(exc)
 
-    from vllm.exceptions import VLLMError
+    from server.engine.vllm_openai import VLLMError
 
     # Starlette gives a handler for ``Exception`` itself only to its outermost
     # middleware, which logs a traceback and closes the connection after

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.server_process import ServerProcess
+from server.launcher import ServerProcess
 from tests.tiny_models import build_all
 
 

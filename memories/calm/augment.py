@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from memories.pipeline import BuildConfig
+from memories.decoder.pipeline import BuildConfig
 
 log = logging.getLogger("memserve.memory")
 
@@ -82,7 +82,7 @@ class AugmentConfig:
 
 def init_augment(base: str | Path, layers: int):
     """m_A before training: the base's embedding, first ``layers`` layers, final norm and head (fp32)."""
-    from memories.train import init_memory
+    from memories.training import init_memory
 
     return init_memory(str(base), layers, "first")
 
@@ -109,7 +109,7 @@ def copy_tokenizer(base: str | Path, out: Path) -> list[str]:
 def corpus_streams(corpus: str, tokenizer, max_tokens: int, eval_tokens: int, validation_fraction: float, test_fraction: float, text_field: str = "text") -> tuple[dict[str, np.ndarray], dict]:
     """Token streams per split, cut exactly as the memory build's corpus stage cuts them."""
     from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents
-    from memories.pipeline import _tokenize
+    from memories.corpus import tokenize
 
     loaded = load_corpus(corpus, text_field)
     splits = split_documents(loaded, validation_fraction, test_fraction)
@@ -118,7 +118,7 @@ def corpus_streams(corpus: str, tokenizer, max_tokens: int, eval_tokens: int, va
         if not splits[s]:
             raise CorpusError(f"corpus {corpus!r}: no document fell into the {s} split; add documents or raise the held-out fractions")
         cap = max_tokens if s == "train" else eval_tokens
-        streams[s], used = _tokenize(tokenizer, splits[s], cap + 1)
+        streams[s], used = tokenize(tokenizer, splits[s], cap + 1)
         summary["splits"][s] = {"documents": len(splits[s]), "documents_used": used, "tokens": int(len(streams[s]))}
     return streams, summary
 
@@ -154,7 +154,7 @@ def train_lm(model, examples: Sequence[tuple[torch.Tensor, torch.Tensor]], ckpt_
     """
     from tqdm import tqdm
 
-    from memories.train import lr_schedule
+    from memories.training import lr_schedule
 
     steps_per_epoch = math.ceil(len(examples) / accumulate)
     total = steps_per_epoch * epochs
@@ -204,7 +204,7 @@ def train_lm(model, examples: Sequence[tuple[torch.Tensor, torch.Tensor]], ckpt_
 
 def test_perplexity(model, tokens: np.ndarray, context: int, stride: int, desc: str, progress: bool = True) -> float:
     """Perplexity over a stream with the evaluation windows every memory report uses."""
-    from memories.evaluate import model_logprobs
+    from memories.perplexity import model_logprobs
     from memories.perplexity import perplexity
 
     return perplexity(model_logprobs(model, tokens, context, stride, desc, progress=progress)[1.0])
@@ -222,7 +222,7 @@ def build_augment(cfg: AugmentConfig) -> Path:
     from transformers import AutoTokenizer
 
     from memories.artifact import write_json_atomic
-    from memories.pipeline import base_identity, set_threads
+    from memories.stage import base_identity, set_threads
     from memories.stage import fingerprint, run_stage
 
     set_threads(cfg.threads)

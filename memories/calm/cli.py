@@ -91,11 +91,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-HELP = "compose a frozen augmenting model into the frozen base (a calm memory, CALM): corpus → train → evaluate → package (resumable)"
+HELP = "build a calm memory (the same as `build --kind calm`): compose a frozen augmenting model into the frozen base (CALM): corpus → train → evaluate → package (resumable)"
 
 
 def add_compose_command(subparsers) -> None:
     """``compose`` under ``memserve memory``."""
-    p = subparsers.add_parser("compose", help=HELP, description=HELP)
+    p = subparsers.add_parser("compose", help=HELP, description=HELP, prog="memserve memory build --kind calm")
     _add_options(p)
     p.set_defaults(func=_run)

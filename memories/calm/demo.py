@@ -90,7 +90,7 @@ def keyvalue(root: Path, base: str, threads: int = 1, progress: bool = True, key
     from memories.calm.composition import COMPOSITION_FILE, Composition, CompositionSpec
     from memories.calm.hf import composed
     from memories.calm.keyvalue import KeyValueConfig, compose_records, exact_match, fact_records, make_facts, memorise, model_forward, split_keys, task_records, write_task
-    from memories.pipeline import set_threads
+    from memories.stage import set_threads
 
     started = time.time()
     kv = root / "keyvalue"

@@ -1,7 +1,7 @@
 """Evaluation of a composition: test perplexity of base, augmenting model, composition, base + decoder memory.
 
 Every system scores the same positions of the test stream with the same
-windows through ``memories.evaluate.model_logprobs`` and ``memories.perplexity``
+windows through ``memories.decoder.evaluate.model_logprobs`` and ``memories.perplexity``
 (the functions a decoder build's evaluation uses), so the base's number here
 equals the ``test_ppl_base`` of a decoder memory built from the same corpus
 with the same ``--eval-tokens``, ``--context`` and ``--stride``. A decoder
@@ -23,7 +23,7 @@ import torch
 from memories.artifact import MEMORY_JSON, check_compatible, read_card
 from memories.calm.composition import Composition
 from memories.calm.hf import composed
-from memories.evaluate import model_logprobs
+from memories.perplexity import model_logprobs
 from memories.mixture import mix_at_targets
 from memories.perplexity import perplexity
 

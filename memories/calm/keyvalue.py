@@ -206,7 +206,7 @@ def memorise(cfg: KeyValueConfig) -> Path:
 
     from memories.artifact import write_json_atomic
     from memories.calm.augment import AUGMENT_JSON, copy_tokenizer, init_augment, train_lm
-    from memories.pipeline import base_identity, set_threads
+    from memories.stage import base_identity, set_threads
     from memories.stage import fingerprint, run_stage
 
     set_threads(cfg.threads)
@@ -291,7 +291,7 @@ def compose_records(base: str, augment: str, records: Sequence[dict], out: Path,
     from memories.calm.package import package_calm
     from memories.calm.pipeline import ComposeConfig, Models, check_inputs
     from memories.calm.train import train_composition, windows_from_sequences
-    from memories.pipeline import base_identity, set_threads
+    from memories.stage import base_identity, set_threads
     from memories.stage import fingerprint, run_stage
 
     set_threads(threads)

@@ -5,7 +5,7 @@ corpus summary, metrics), ``augment/`` (the augmenting model's config,
 weights and tokenizer; the base's tokenizer when the augmenting model ships
 none, which the input checks proved equivalent) and ``composition.safetensors``.
 It is assembled in a temporary sibling, checked with the server's own
-``read_any_card`` / ``check_any_compatible``, and only then renamed into place:
+``read_calm_card`` / ``check_calm_compatible``, and only then renamed into place:
 a refused artifact never appears under its name.
 """
 
@@ -34,7 +34,7 @@ def copy_augment(src: Path, dst: Path, base_tokenizer) -> None:
 
 def package_calm(final: Path, *, name: str, domain: str, description: str, base: str, augment: str, base_tokenizer, spec: CompositionSpec, composition_file: Path, corpus_summary: dict, metrics: dict) -> Path:
     from memories.artifact import tokenizer_sha256
-    from memories.kinds import check_any_compatible, read_any_card
+    from memories.calm.artifact import check_calm_compatible, read_calm_card
 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +60,6 @@ def package_calm(final: Path, *, name: str, domain: str, description: str, base:
     for f in tmp.rglob("*"):  # temp-file writers create 0600 files; a memory is meant to be shared
         f.chmod(0o755 if f.is_dir() else 0o644)
     base_config = json.loads((Path(base) / "config.json").read_text())
-    check_any_compatible(read_any_card(tmp, name), base_tokenizer, base_config, None)  # the server's own checks, before publishing
+    check_calm_compatible(read_calm_card(tmp, name), base_tokenizer, base_config)  # the server's own checks, before publishing
     publish_dir(tmp, final)
     return final

@@ -2,7 +2,7 @@
 
 Inside the engine, each row (request) that selects a calm memory keeps two
 caches that grow with it: the augmenting model's own keys and values (a slot
-of :class:`memories.decoder.MemoryDecoder`'s pool, the same Llama forward that
+of :class:`memories.runner.MemoryDecoder`'s pool, the same Llama forward that
 serves decoder memories), and, per connection, the cross-attention's keys and
 values computed from the augmenting model's stream. Each engine step the
 augmenting model reads the row's new tokens (the whole prompt, or a chunk of
@@ -26,7 +26,7 @@ import torch
 
 from memories.artifact import MEMORY_JSON, ArtifactError
 from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, Composition, CompositionSpec, causal_mask, check_layers
-from memories.decoder import MemoryDecoder
+from memories.runner import MemoryDecoder
 
 
 @dataclass

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from memories.calm.composition import Composition
 from memories.calm.hf import composed
-from memories.train import lr_schedule
+from memories.training import lr_schedule
 from memories.windows import iter_windows
 
 log = logging.getLogger("memserve.compose")

@@ -65,7 +65,7 @@ class DomainText:
 def load_domain(spec: str, tokenizer, train_tokens: int, eval_tokens: int, validation: float, test: float, text_field: str = "text") -> DomainText:
     """Read, split and tokenise one domain; the test split is capped at ``eval_tokens``."""
     from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents
-    from memories.pipeline import _tokenize
+    from memories.corpus import tokenize
 
     corpus = load_corpus(spec, text_field)
     splits = split_documents(corpus, validation, test)
@@ -73,6 +73,6 @@ def load_domain(spec: str, tokenizer, train_tokens: int, eval_tokens: int, valid
     for s in SPLITS:
         if not splits[s]:
             raise CorpusError(f"domain {spec!r}: {len(corpus.documents)} documents and none in the {s} split; it needs a few dozen at least")
-        stream, _ = _tokenize(tokenizer, splits[s], (train_tokens if s == "train" else eval_tokens) + 1)
+        stream, _ = tokenize(tokenizer, splits[s], (train_tokens if s == "train" else eval_tokens) + 1)
         streams[s] = np.asarray(stream, dtype=np.int32)
     return DomainText(spec, corpus.description, corpus.identity, tuple(d.text for d in splits["train"]), streams)

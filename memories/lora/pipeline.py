@@ -338,7 +338,7 @@ def build(cfg: GeneratorBuildConfig) -> Path | None:
 
     from memories.artifact import tokenizer_sha256, write_json_atomic
     from memories.lora.topstack import load_base
-    from memories.pipeline import base_identity, set_threads
+    from memories.stage import base_identity, set_threads
 
     check_domains(cfg)
     set_threads(cfg.threads)

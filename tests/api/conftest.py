@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.server_process import ServerProcess
+from server.launcher import ServerProcess
 from tests.conftest import FP32
 from tests.tiny_models import build_calm, build_llama, build_lora
 

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from bench.server_process import ROOT, ServerProcess, server_env
+from server.launcher import ROOT, ServerProcess, server_env
 from tests.conftest import FP32
 from tests.tiny_models import build_llama, build_lora, build_tokenizer
 

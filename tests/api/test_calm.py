@@ -18,7 +18,7 @@ import torch
 from openai import OpenAI
 from safetensors.torch import load_file, save_file
 
-from bench.server_process import ServerProcess
+from server.launcher import ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, Stream, admin
 from tests.api.test_lora import MAX_TOKENS, admin_load, complete, plain_vllm

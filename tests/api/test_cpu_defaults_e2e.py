@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from server.cpu_defaults import choose, parse_cpu_list, read_machine
+from server.engine.cpu_defaults import choose, parse_cpu_list, read_machine
 from tests.conftest import FP32
 
 

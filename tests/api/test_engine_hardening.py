@@ -9,7 +9,7 @@ import shutil
 import httpx
 import pytest
 
-from bench.server_process import ServerProcess
+from server.launcher import ServerProcess
 from tests.conftest import FP32
 from tests.tiny_models import poisoned_copy
 

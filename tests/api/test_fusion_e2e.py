@@ -11,7 +11,7 @@ import pytest
 from openai import OpenAI
 
 from memories.reference import ReferenceFusion
-from bench.server_process import ROOT
+from server.launcher import ROOT
 
 MAX_TOKENS = 12
 PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]

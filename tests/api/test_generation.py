@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from bench.server_process import ROOT, ServerProcess
+from server.launcher import ROOT, ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, admin
 from tests.conftest import FP32

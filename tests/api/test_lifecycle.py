@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.server_process import ServerProcess
+from server.launcher import ServerProcess
 from tests.conftest import FP32
 
 

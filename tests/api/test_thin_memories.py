@@ -16,7 +16,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from bench.server_process import ROOT, ServerProcess, server_env
+from server.launcher import ROOT, ServerProcess, server_env
 from tests.conftest import FP32
 from tests.tiny_models import base_embedding_pair, build_llama
 

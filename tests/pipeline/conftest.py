@@ -85,7 +85,7 @@ def tiny_base(tmp_path_factory, synthetic_corpus) -> Path:
 
 
 def tiny_config(base: Path, corpus: Path, out: Path, **overrides):
-    from memories.pipeline import BuildConfig
+    from memories.decoder.pipeline import BuildConfig
 
     opts = dict(
         base=str(base),
@@ -114,7 +114,7 @@ def tiny_config(base: Path, corpus: Path, out: Path, **overrides):
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, tiny_base, synthetic_corpus):
     """One full build shared by the tests that only inspect its outputs."""
-    from memories.pipeline import build
+    from memories.decoder.pipeline import build
 
     out = tmp_path_factory.mktemp("build")
     cfg = tiny_config(tiny_base, synthetic_corpus, out)

@@ -109,7 +109,7 @@ def test_memory_starts_from_the_base(tiny_base, init, from_base):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from memories.train import init_memory
+    from memories.training import init_memory
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_base))
     memory = init_memory(tiny_base, 2, init)
@@ -151,8 +151,8 @@ def test_thin_build_trains_around_the_base_embeddings_and_leaves_them_out(built,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from memories.artifact import check_compatible, read_card
-    from memories.decoder import MemoryDecoder
-    from memories.pipeline import build
+    from memories.runner import MemoryDecoder
+    from memories.decoder.pipeline import build
     from tests.pipeline.conftest import tiny_config
 
     full_cfg, full_artifact = built

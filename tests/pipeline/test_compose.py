@@ -149,7 +149,7 @@ def test_decoder_memory_number_is_the_fused_perplexity(composed_memory, models):
 
 
 def test_test_split_is_the_decoder_builds(composed_memory, models, tmp_path):
-    from memories.pipeline import BuildConfig, stage_corpus
+    from memories.decoder.pipeline import BuildConfig, stage_corpus
 
     _, out = composed_memory
     cfg = BuildConfig(base=str(models["base"]), corpus=str(models["corpus"]), name="d", out=str(tmp_path), eval_tokens=1500, max_tokens=6000, validation_fraction=0.1, test_fraction=0.1)
@@ -298,7 +298,7 @@ def test_packaged_memory_is_the_evaluated_composition(composed_memory, models):
     from transformers import AutoModelForCausalLM
 
     from memories.calm.hf import composed, load_calm
-    from memories.evaluate import model_logprobs
+    from memories.perplexity import model_logprobs
     from memories.perplexity import perplexity
 
     artifact, out = composed_memory

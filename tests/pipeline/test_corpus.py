@@ -67,7 +67,7 @@ def test_split_documents_orders_by_hash(tmp_path):
 def test_build_refuses_empty_and_tiny_corpora(tmp_path, tiny_base):
     from conftest import tiny_config
 
-    from memories.pipeline import build
+    from memories.decoder.pipeline import build
 
     empty = tmp_path / "empty"
     empty.mkdir()

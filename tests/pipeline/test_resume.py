@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from memories import pipeline
+from memories.decoder import pipeline
 from memories.stage import stage_info
 
 
@@ -17,7 +17,7 @@ def _small(tiny_base, corpus, out, **kw):
 
 
 def test_run_killed_after_index_resumes_without_recomputing_datastore(tmp_path, tiny_base, synthetic_corpus, monkeypatch):
-    import memories.datastore as ds
+    import memories.decoder.datastore as ds
 
     out = tmp_path / "out"
     assert pipeline.build(_small(tiny_base, synthetic_corpus, out, stop_after="index")) is None
@@ -54,7 +54,7 @@ def test_changed_option_redoes_only_downstream_stages(tmp_path, tiny_base, synth
 
 
 def test_training_resumes_from_epoch_checkpoint(tmp_path, tiny_base, synthetic_corpus, monkeypatch):
-    import memories.train as tr
+    import memories.decoder.train as tr
 
     out = tmp_path / "out"
     cfg = _small(tiny_base, synthetic_corpus, out, stop_after="targets")

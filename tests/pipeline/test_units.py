@@ -79,8 +79,8 @@ def _fake_shard(path, keys, values):
 
 def test_targets_exclude_own_entry_and_sum_to_one(tmp_path):
     """Every row stores a different token: any mass on a row's own token would be its own entry."""
-    from memories.index import build_index
-    from memories.targets import build_targets, load_targets
+    from memories.decoder.index import build_index
+    from memories.decoder.targets import build_targets, load_targets
 
     rng = np.random.default_rng(1)
     n, vocab = 300, 300
@@ -103,7 +103,7 @@ def test_targets_exclude_own_entry_and_sum_to_one(tmp_path):
 
 
 def test_ivfpq_above_threshold(tmp_path):
-    from memories.index import build_index, load_index
+    from memories.decoder.index import build_index, load_index
     from memories.knn import search
 
     rng = np.random.default_rng(2)
@@ -119,7 +119,7 @@ def test_ivfpq_above_threshold(tmp_path):
 
 def test_bf16_training_step_where_native(tiny_base, tmp_path):
     """--bf16 trains under autocast only where bf16 is native, and the loss stays finite either way."""
-    from memories.train import native_bf16, train_memory
+    from memories.decoder.train import native_bf16, train_memory
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50, 200).astype(np.int32)
@@ -131,11 +131,11 @@ def test_bf16_training_step_where_native(tiny_base, tmp_path):
 
 
 def test_stage_tokens_for_the_throughput_log():
-    from memories.pipeline import _stage_tokens
+    from memories.decoder.pipeline import stage_tokens
 
     corpus = {"summary": {"splits": {"train": {"tokens": 1000}, "validation": {"tokens": 50}, "test": {"tokens": 70}}}}
-    assert _stage_tokens("datastore", corpus, 2) == 1000
-    assert _stage_tokens("train", corpus, 2) == 2000
-    assert _stage_tokens("evaluate", corpus, 2) == 120
-    assert _stage_tokens("package", corpus, 2) is None
-    assert _stage_tokens("datastore", None, 2) is None
+    assert stage_tokens("datastore", corpus, 2) == 1000
+    assert stage_tokens("train", corpus, 2) == 2000
+    assert stage_tokens("evaluate", corpus, 2) == 120
+    assert stage_tokens("package", corpus, 2) is None
+    assert stage_tokens("datastore", None, 2) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from bench.reference_loop import reference_throughput
-from bench.run import _setup, markdown
+from bench.run import describe_setup, markdown
 from bench.workload import percentile
 from tests.tiny_models import build_all
 
@@ -28,14 +28,14 @@ def test_reference_loop_reports_per_step_latencies_and_restores_threads(tmp_path
 
 
 def test_setup_records_machine_engine_and_versions():
-    setup = _setup(["--dtype", "float32"], {"VLLM_CPU_OMP_THREADS_BIND": "0"})
+    setup = describe_setup(["--dtype", "float32"], {"VLLM_CPU_OMP_THREADS_BIND": "0"})
     assert setup["engine"]["dtype"] == "float32" and setup["engine"]["worker_threads"] == 1
     assert setup["machine"]["cpu"] and setup["machine"]["cpus"] >= 1
     assert set(setup["versions"]) == {"torch", "vllm", "transformers", "memserve"}
 
 
 def test_table_has_a_row_per_stream_count_and_scenario():
-    setup = _setup([], {})
+    setup = describe_setup([], {})
     stats = {"output_tokens_per_s": 10.0, "ttft_p50_s": 0.1, "itl_p50_s": 0.01, "itl_p99_s": 0.02, "ratio_to_base": 1.0}
     runs = [{"streams": n, "scenarios": {"base": stats, "memory": stats}} for n in (1, 8)]
     text = markdown({**setup, "compute_bound": 0.7, "prompt_len": 32, "output_len": 32, "runs": runs})
@@ -49,11 +49,11 @@ def test_thin_default_memory_is_a_valid_thin_artifact(tmp_path, monkeypatch, tin
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from bench.run import _default_memory
+    from bench.run import default_memory
     from memories.artifact import check_compatible, read_card
 
     monkeypatch.setenv("MEMSERVE_CACHE", str(tmp_path))
-    memory = _default_memory(tiny["base"], 1, thin=True)
+    memory = default_memory(tiny["base"], 1, thin=True)
     card = read_card(memory, "m")
     check_compatible(card, AutoTokenizer.from_pretrained(tiny["tokenizer"]), json.loads((tiny["base"] / "config.json").read_text()))
     with safe_open(str(next(memory.glob("*.safetensors"))), "pt") as f:

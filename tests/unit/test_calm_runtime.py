@@ -116,8 +116,8 @@ class _Update:
 
 
 def test_rows_processor_maps_batch_rows_to_their_tokens(calm_dir, monkeypatch):
-    from server import calm_model
-    from server.worker import REGISTRY
+    from server.worker import calm_model
+    from server.worker.extension import REGISTRY
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
     memory = CalmMemory(calm_dir, "cal", base_layers=2)
@@ -149,8 +149,8 @@ def test_rows_processor_maps_batch_rows_to_their_tokens(calm_dir, monkeypatch):
 
 
 def test_a_prefix_from_the_cache_is_read_from_the_known_tokens(calm_dir, monkeypatch):
-    from server import calm_model
-    from server.worker import REGISTRY
+    from server.worker import calm_model
+    from server.worker.extension import REGISTRY
 
     memory = CalmMemory(calm_dir, "cal", base_layers=2)
     REGISTRY.add("cal@2", memory)

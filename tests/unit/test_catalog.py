@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
-from server.catalog import MemoryCatalog
+from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict, UnknownMemory
 
 
@@ -86,7 +86,7 @@ def test_reconcile_never_acts_on_a_stale_desired_set(tiny, tok, tmp_path):
     """
     import shutil
 
-    from server.store import MemoryStore
+    from server.serving.store import MemoryStore
 
     for name in ("z", "q"):
         shutil.copytree(tiny["alpha"], tmp_path / name)
@@ -115,7 +115,7 @@ def test_reconcile_never_acts_on_a_stale_desired_set(tiny, tok, tmp_path):
 def test_a_failed_memory_is_not_re_read_until_it_changes(tiny, tok, tmp_path, monkeypatch):
     import shutil
 
-    from server.store import DesiredMemory, MemoryStore
+    from server.serving.store import DesiredMemory, MemoryStore
 
     shutil.copytree(tiny["alpha"], tmp_path / "m")
     store = MemoryStore(tmp_path)

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from bench.run import build_parser as bench_parser
 from server.cli import build_parser
 
 # A flag's default that needs no words: off for a switch, nothing for a repeatable list.
@@ -21,7 +22,7 @@ def _parsers(parser: argparse.ArgumentParser, prog: str = "memserve"):
 
 
 def _flags():
-    for prog, parser in _parsers(build_parser()):
+    for prog, parser in (*_parsers(build_parser()), *_parsers(bench_parser(), "memserve bench")):
         for action in parser._actions:
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.cpu_defaults import Machine, choose, cpu_list, parse_cpu_list, read_machine
+from server.engine.cpu_defaults import Machine, choose, cpu_list, parse_cpu_list, read_machine
 
 AVX2 = frozenset("fpu sse2 avx avx2 fma".split())
 AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memories.artifact import ArtifactError
-from memories.decoder import MemoryDecoder
+from memories.runner import MemoryDecoder
 
 
 @pytest.fixture(scope="module")

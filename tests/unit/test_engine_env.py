@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from server.engine import prepare_environment
+from server.engine.client import prepare_environment
 
 WARN = (
     "import warnings\n"

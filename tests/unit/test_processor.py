@@ -5,10 +5,10 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from memories.decoder import MemoryDecoder
+from memories.runner import MemoryDecoder
 from memories.fuse import fuse
-from server.logits_processor import MemoryFusionProcessor
-from server.worker import REGISTRY
+from server.worker.decoder_processor import MemoryFusionProcessor
+from server.worker.extension import REGISTRY
 
 KEY = "alpha@test"
 

@@ -1,9 +1,9 @@
 import pytest
 
 from memories.artifact import MemoryCard
-from server.catalog import LoadedMemory
+from server.serving.catalog import LoadedMemory
 from server.errors import BadRequest, Unavailable, UnknownMemory
-from server.selection import select_memory
+from server.serving.selection import select_memory
 
 
 class Catalog:

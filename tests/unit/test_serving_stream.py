@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.serving import CompletionsServing
-from server.selection import Selection
+from server.serving.completions import CompletionsServing
+from server.serving.selection import Selection
 
 
 class Memory:

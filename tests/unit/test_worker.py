@@ -7,8 +7,8 @@ import torch
 
 from memories.artifact import ArtifactError
 from memories.fuse import memory_logprobs
-from server.engine import EngineAdapter
-from server.worker import REGISTRY, MemoryWorkerExtension
+from server.engine.client import EngineAdapter
+from server.worker.extension import REGISTRY, MemoryWorkerExtension
 from tests.tiny_models import poisoned_copy
 
 
@@ -80,7 +80,7 @@ def test_base_tensors_are_views_of_the_engine_model_cut_to_its_vocabulary():
     """vLLM pads the vocabulary rows (here 320 → 384); a tied head is the embedding itself."""
     from types import SimpleNamespace
 
-    from server.worker import base_tensors
+    from server.worker.extension import base_tensors
 
     embed = torch.nn.Parameter(torch.randn(384, 128), requires_grad=False)
     model = SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=embed)), lm_head=SimpleNamespace(weight=embed))

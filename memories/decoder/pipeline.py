@@ -18,19 +18,18 @@ fingerprint is unchanged and resumes training from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents
+from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents, tokenize
 from memories.stage import StageError, fingerprint, is_complete, require, run_stage, stage_info
+from memories.stage import base_identity, set_threads
 
 log = logging.getLogger("memserve.memory")
 
@@ -63,7 +62,7 @@ class BuildConfig:
     knn_temperature: float | None = None  # None: the kNN-LM temperature tuned on validation
     top: int = 64
     # training
-    layers: int = 0  # 0: the whole base; N: a cut to N layers (memories.train.memory_layer_ids)
+    layers: int = 0  # 0: the whole base; N: a cut to N layers (memories.decoder.train.memory_layer_ids)
     init: str = "ends"  # which base layers a cut keeps
     epochs: int = 2
     lr: float = 1e-4
@@ -94,30 +93,6 @@ STAGES = ("corpus", "datastore", "index", "heldout", "targets", "train", "evalua
 
 class _Stop(Exception):
     pass
-
-
-def set_threads(n: int) -> int:
-    """Torch and faiss thread counts; 0 = all cores (this machine class has 2)."""
-    import torch
-
-    n = n or max(1, os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(n)
-    except ImportError:
-        pass
-    return n
-
-
-def base_identity(base: str) -> dict:
-    """Cheap identity of a base checkpoint: config content + weight file sizes and times."""
-    root = Path(base)
-    if not (root / "config.json").exists():
-        raise StageError(f"base {base!r} is not a Hugging Face model directory (no config.json)")
-    files = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(root.glob("*.safetensors"))}
-    return {"path": str(root.resolve()), "config": hashlib.sha256((root / "config.json").read_bytes()).hexdigest(), "weights": files}
 
 
 def _load_tokenizer(base: str):
@@ -151,7 +126,7 @@ def stage_corpus(cfg: BuildConfig) -> dict:
         summary = {"spec": cfg.corpus, "description": corpus.description, "documents": len(corpus.documents), "splits": {}}
         for s in SPLITS:
             cap = cfg.max_tokens if s == "train" else cfg.eval_tokens
-            stream, used = _tokenize(tok, splits[s], cap + 1)
+            stream, used = tokenize(tok, splits[s], cap + 1)
             if len(stream) < 2:
                 raise CorpusError(f"corpus {cfg.corpus!r}: the {s} split tokenizes to fewer than 2 tokens")
             np.save(tmp / f"{s}.npy", stream)
@@ -160,22 +135,6 @@ def stage_corpus(cfg: BuildConfig) -> dict:
         return {"summary": summary}
 
     return run_stage("corpus", cfg.work / "corpus", fp, produce)
-
-
-def _tokenize(tok, docs, cap: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents (each followed by EOS) until ``cap`` tokens."""
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    parts, total, used = [], 0, 0
-    batch = 32
-    for s in range(0, len(docs), batch):
-        enc = tok([d.text for d in docs[s : s + batch]], add_special_tokens=False)["input_ids"]
-        for ids in enc:
-            parts.append(np.asarray(ids + eos, dtype=np.int32))
-            total += len(parts[-1])
-            used += 1
-            if total >= cap:
-                return np.concatenate(parts)[:cap], used
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), used
 
 
 def _streams(cfg: BuildConfig, splits=SPLITS) -> dict[str, np.ndarray]:
@@ -189,7 +148,7 @@ def _shard_dir(cfg: BuildConfig, shard: int, shards: int) -> Path:
 
 
 def stage_datastore(cfg: BuildConfig, corpus_info: dict, shards: list[int] | None = None, model=None) -> list[dict]:
-    from memories.datastore import build_datastore, load_base
+    from memories.decoder.datastore import build_datastore, load_base
 
     tokens = _streams(cfg, ["train"])["train"]
     records = []
@@ -206,7 +165,7 @@ def stage_datastore(cfg: BuildConfig, corpus_info: dict, shards: list[int] | Non
 
 
 def stage_index(cfg: BuildConfig) -> dict:
-    from memories.index import build_index
+    from memories.decoder.index import build_index
 
     dirs = [_shard_dir(cfg, i, cfg.shards) for i in range(cfg.shards)]
     missing = [str(d) for d in dirs if stage_info(d) is None]
@@ -217,8 +176,8 @@ def stage_index(cfg: BuildConfig) -> dict:
 
 
 def stage_heldout(cfg: BuildConfig, model=None) -> dict:
-    from memories.datastore import load_base
-    from memories.heldout import build_heldout
+    from memories.decoder.datastore import load_base
+    from memories.decoder.heldout import build_heldout
 
     index = require(cfg.work / "index", "index stage", "`memserve memory index`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
@@ -235,7 +194,7 @@ def stage_heldout(cfg: BuildConfig, model=None) -> dict:
 
 
 def stage_targets(cfg: BuildConfig) -> dict:
-    from memories.targets import build_targets
+    from memories.decoder.targets import build_targets
 
     index = require(cfg.work / "index", "index stage", "`memserve memory index`")
     heldout = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")
@@ -252,8 +211,8 @@ def stage_targets(cfg: BuildConfig) -> dict:
 def stage_train(cfg: BuildConfig) -> dict:
     """Train the memory; under torchrun every process trains (DDP) and rank 0 writes the stage."""
     from memories.distributed import barrier, world
-    from memories.targets import heldout_targets, load_targets
-    from memories.train import train_memory
+    from memories.decoder.targets import heldout_targets, load_targets
+    from memories.decoder.train import train_memory
 
     targets = require(cfg.work / "targets", "targets stage", "`memserve memory targets`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
@@ -293,11 +252,11 @@ def stage_train(cfg: BuildConfig) -> dict:
 def stage_evaluate(cfg: BuildConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from memories.evaluate import evaluate_memory
+    from memories.decoder.evaluate import evaluate_memory
 
     train = require(cfg.work / "train", "train stage", "`memserve memory train`")
     heldout = require(cfg.work / "heldout", "heldout stage", "`memserve memory targets`")
-    from memories.evaluate import MEMORY_TEMPERATURES
+    from memories.decoder.evaluate import MEMORY_TEMPERATURES
     from memories.mixture import LAMBDA_GRID
 
     fp = fingerprint(train=train["fingerprint"], heldout=heldout["fingerprint"], lambdas=LAMBDA_GRID, temperatures=MEMORY_TEMPERATURES)
@@ -313,7 +272,7 @@ def stage_evaluate(cfg: BuildConfig) -> dict:
 
 
 def stage_package(cfg: BuildConfig, timings: dict | None = None) -> Path:
-    from memories.package import package_memory
+    from memories.decoder.package import package_memory
 
     evaluation = require(cfg.work / "evaluate", "evaluate stage", "`memserve memory evaluate`")
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory datastore`")
@@ -324,7 +283,7 @@ def stage_package(cfg: BuildConfig, timings: dict | None = None) -> Path:
 # --- whole build and demo ------------------------------------------------------------------
 
 
-def _stage_tokens(name: str, corpus: dict | None, epochs: int) -> int | None:
+def stage_tokens(name: str, corpus: dict | None, epochs: int) -> int | None:
     """Tokens a stage works through, for its tokens/s: the train split, or validation + test."""
     splits = (corpus or {}).get("summary", {}).get("splits", {})
     if not splits:
@@ -358,7 +317,7 @@ def build(cfg: BuildConfig) -> Path | None:
         recs = rec if isinstance(rec, list) else [rec]
         skipped = all(isinstance(r, dict) and r.get("skipped") for r in recs)
         if w.main:
-            tokens = _stage_tokens(name, corpus if name != "corpus" else rec, cfg.epochs)
+            tokens = stage_tokens(name, corpus if name != "corpus" else rec, cfg.epochs)
             rate = f" ({tokens / timings[name]:,.0f} tokens/s)" if tokens and timings[name] > 0 and not skipped else ""
             log.info("%s: %s in %.1fs%s", name, "reused" if skipped else "done", timings[name], rate)
         if cfg.stop_after == name:

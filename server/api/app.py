@@ -8,11 +8,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.auth import require_bearer
+from server.api.auth import require_bearer
 from server.errors import install_error_handlers
-from server.lifecycle import Lifecycle
-from server.openapi import ERROR_RESPONSES, install_openapi, request_body
-from server.serving import CompletionsServing, ModelsServing, RequestLimits, read_json_object
+from server.api.lifecycle import Lifecycle
+from server.api.openapi import ERROR_RESPONSES, install_openapi, request_body
+from server.serving.completions import CompletionsServing, ModelsServing, RequestLimits, read_json_object
 
 
 def create_app(engine, catalog, base_name: str, lifecycle: Lifecycle, api_key: str | None = None, limits: RequestLimits = RequestLimits()) -> FastAPI:
@@ -77,7 +77,7 @@ async def _cancel_on_disconnect(work, raw_request: Request) -> Response:
     Cancelling ``task`` cancels the serving coroutine, which cancels the
     engine request it awaits.
     """
-    from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+    from server.engine.vllm_openai import listen_for_disconnect
 
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(listen_for_disconnect(raw_request))

@@ -3,7 +3,7 @@
 vLLM runs one forward for a whole batch. For rows whose request selects a
 calm memory, the base's stream after each connected layer must receive that
 memory's cross-attention; every other row must compute exactly the base. So
-the served model is vLLM's own Llama (registered under :data:`ARCHITECTURE`
+the served model is vLLM's own Llama (registered under ``server.engine.keys.CALM_ARCHITECTURE``
 and selected with ``hf_overrides``), with a forward hook on each decoder
 layer. A step without calm rows runs untouched; a step with some adds their
 deltas into the residual stream at their rows only, out of place, so the
@@ -27,21 +27,10 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from memories.calm.runtime import CalmMemory, CalmRow
-from server.worker import REGISTRY
+from server.engine.keys import CALM_MEMORY as ARG
+from server.worker.extension import REGISTRY
 
 log = logging.getLogger("memserve.calm")
-
-ARCHITECTURE = "MemserveCalmLlamaForCausalLM"
-ARG = "memserve_calm"  # SamplingParams.extra_args key naming the calm memory (versioned key)
-
-
-def register() -> None:
-    """Make :data:`ARCHITECTURE` known to vLLM in this process (idempotent)."""
-    from vllm import ModelRegistry
-
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, CalmLlamaForCausalLM)
-
 
 @dataclass
 class _Request:

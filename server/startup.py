@@ -21,7 +21,7 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError
 from server.errors import MemserveError
-from server.serving import RequestLimits
+from server.serving.completions import RequestLimits
 
 log = logging.getLogger("memserve")
 
@@ -92,15 +92,15 @@ async def run(opts: ServeOptions) -> int:
     import uvicorn
     from transformers import AutoTokenizer
 
-    from server.admin import install_admin
-    from server.app import create_app
-    from server.store import MemoryStore
-    from server.catalog import MemoryCatalog
-    from server.prompt_logprobs import FusedPromptLogprobsClient
-    from server.engine import EngineAdapter, engine_args, lora_limits, start_engine
+    from server.api.admin import install_admin
+    from server.api.app import create_app
+    from server.serving.store import MemoryStore
+    from server.serving.catalog import MemoryCatalog
+    from server.engine.scoring import FusedPromptLogprobsClient
+    from server.engine.client import EngineAdapter, engine_args, lora_limits, start_engine
 
-    from server.lifecycle import Lifecycle, loopback_hosts
-    from server.metrics import log_throughput
+    from server.api.lifecycle import Lifecycle, loopback_hosts
+    from server.api.metrics import log_throughput
 
     t0 = time.perf_counter()
     # SIGTERM during start-up cancels it, so the engine's context manager shuts
@@ -125,13 +125,13 @@ async def run(opts: ServeOptions) -> int:
     if generator_dir is False:
         return 2
     try:
-        calm = _calm(opts.calm, base_config, memory_specs, store)
+        calm = serves_calm(opts.calm, base_config, memory_specs, store)
     except ValueError as e:
         log.error("refusing to start: %s", e)
         return 2
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
-        opts.memory_budget_bytes, _max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
+        opts.memory_budget_bytes, choose_max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
         calm,
     )  # fmt: skip
     max_loras, max_lora_rank = lora_limits(args)
@@ -168,12 +168,12 @@ async def run(opts: ServeOptions) -> int:
         app = create_app(engine, catalog, base_name, lifecycle, api_key=opts.api_key, limits=opts.limits())
         generation = None
         if generator is not None:
-            from server.generation import MemoryGeneration
+            from server.serving.generation import MemoryGeneration
 
             await asyncio.to_thread(generator.base)  # the encoder's weights load now, not in the first admin request
             generation = MemoryGeneration(generator, catalog)
         install_admin(app, catalog, base_name, opts.admin_token, opts.admin_insecure_local, generation)
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from server.engine.vllm_openai import init_app_state
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
         app.state.openai_serving_models.lora_requests = catalog.engine.loras  # one dict: see EngineAdapter.loras
@@ -221,7 +221,7 @@ def _generator_dir(opts: ServeOptions, store) -> Path | None | bool:
 
 def _load_generator(path: Path, model: str, max_loras: int, max_lora_rank: int, base_config: dict):
     from memories.lora.generate import load_generator
-    from server.generation import check_generator
+    from server.serving.generation import check_generator
 
     if max_loras == 0:
         raise ValueError(f"--generator {path} writes lora memories, but --max-loras is 0")
@@ -246,15 +246,15 @@ def _startup_kinds(memory_specs: list[tuple[str, str]], store) -> list[tuple[str
     return kinds
 
 
-def _calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], store) -> bool:
-    """Whether the engine serves the calm model (server/calm_model.py), which calm memories need.
+def serves_calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], store) -> bool:
+    """Whether the engine serves the calm model (server/worker/calm_model.py), which calm memories need.
 
     ``auto``: on for a Llama base on CPU, where the engine runs eagerly anyway and the
     model's per-layer hooks cost nothing while no calm row runs; elsewhere (a GPU,
     where it would give up graph capture) only when a start-up memory is a calm memory.
     """
     from memories.calm.artifact import SUPPORTED_BASES
-    from server.engine import on_cpu
+    from server.engine.client import on_cpu
 
     llama = (base_config.get("architectures") or [""])[0] in SUPPORTED_BASES
     if asked == "off":
@@ -271,7 +271,7 @@ def _calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], st
     return bool(calm)
 
 
-def _max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store, generator: Path | None = None) -> int:
+def choose_max_loras(asked: int | None, memory_specs: list[tuple[str, str]], store, generator: Path | None = None) -> int:
     """The operator's --max-loras, else LoRA on only if a memory the server starts with, or the generator, needs it.
 
     vLLM's LoRA path slows every batch (README), so a server that serves only

@@ -2,7 +2,7 @@
 
 vLLM already does chat templates, tool calls, logprobs formats, streaming
 chunks and usage. This layer only reads the body once, resolves the memory
-(``server.selection``), applies the server's request limits, hands vLLM a
+(``server.serving.selection``), applies the server's request limits, hands vLLM a
 validated request whose ``vllm_xargs`` carry the memory to the fusion
 processor, names the memory in the response, and counts per-memory usage.
 """
@@ -19,15 +19,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from vllm.entrypoints.generate.base.protocol import StreamOptions
-from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard
+from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, StreamOptions
 
-from server import metrics
-from server.catalog import MemoryCatalog
+from server.api import metrics
+from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, TooLarge, Unavailable, UnsupportedMediaType, error_body
-from server.selection import Selection, select_memory
+from server.serving.selection import Selection, select_memory
 
 log = logging.getLogger("memserve.requests")
 

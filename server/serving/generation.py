@@ -16,7 +16,7 @@ import asyncio
 import hashlib
 import shutil
 import time
-from server.catalog import MemoryCatalog
+from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict
 
 GENERATED = "generated"

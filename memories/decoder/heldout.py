@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from memories.datastore import base_pass
-from memories.index import load_index
+from memories.decoder.datastore import base_pass
+from memories.decoder.index import load_index
 from memories.knn import search
 from memories.mixture import LAMBDA_GRID, TEMPERATURE_FACTORS, distance_scale, knn_logprob_at_targets, mix_at_targets
 from memories.perplexity import perplexity

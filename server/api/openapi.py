@@ -48,8 +48,7 @@ def request_body(schema_name: str) -> dict[str, Any]:
 
 def install_openapi(app: FastAPI) -> None:
     """Add vLLM's request models (with memserve's fields) and the error shape to the document."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from server.catalog import LoadedMemory, MemoryCatalog
+from server.engine import keys
+from server.serving.catalog import LoadedMemory, MemoryCatalog
 from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
@@ -31,12 +32,8 @@ class Selection:
         if self.memory.card.kind == "lora":
             return {}
         if self.memory.card.kind == "calm":
-            return {"memserve_calm": self.memory.key}  # read by server/calm_model.py
-        return {
-            "memserve_memory": self.memory.key,
-            "memserve_weight": self.weight,
-            "memserve_temperature": self.memory.card.temperature,
-        }
+            return {keys.CALM_MEMORY: self.memory.key}
+        return keys.decoder_args(self.memory.key, self.weight, self.memory.card.temperature)
 
 
 def calm_cache_salt(key: str, salt: Any) -> str:
@@ -81,7 +78,7 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
     weight = body.pop("memory_weight", None)
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict):  # clients cannot address the engine directly
-        body["vllm_xargs"] = {k: v for k, v in xargs.items() if not str(k).startswith("memserve_")} or None
+        body["vllm_xargs"] = {k: v for k, v in xargs.items() if not str(k).startswith(keys.PREFIX)} or None
 
     model = body.get("model")
     from_model = None

@@ -12,29 +12,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from memories.heldout import knnlm_ppl
+from memories.decoder.heldout import knnlm_ppl
 from memories.mixture import LAMBDA_GRID, mix_at_targets
-from memories.perplexity import perplexity, token_logprobs
-from memories.windows import iter_windows
+from memories.perplexity import perplexity
+from memories.perplexity import model_logprobs
 
 
 MEMORY_TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
-
-
-@torch.inference_mode()
-def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, temperatures=(1.0,), progress=True) -> dict[float, np.ndarray]:
-    """log softmax(logits / T)(observed next token) at every position of a stream, per T."""
-    out: dict[float, list] = {t: [] for t in temperatures}
-    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
-        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=model.device)[None]
-        logits = model(input_ids=ids).logits[0, w.offset :]
-        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=model.device)
-        for t in temperatures:
-            out[t].append(token_logprobs(logits / t, labels).cpu().numpy())
-    return {t: np.concatenate(v) for t, v in out.items()}
 
 
 def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, heldout_info: dict, out: Path, context: int, stride: int, vocab_size: int, progress=True) -> dict:

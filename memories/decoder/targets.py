@@ -16,7 +16,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from memories.index import iter_keys, load_index
+from memories.decoder.index import iter_keys, load_index
 from memories.knn import knn_distribution, search_excluding_self
 
 

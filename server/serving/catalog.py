@@ -18,10 +18,10 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
-from server import metrics
-from server.engine import EngineAdapter
+from server.api import metrics
+from server.engine.client import EngineAdapter
 from server.errors import Conflict, UnknownMemory, no_weight
-from server.store import DesiredMemory, MemoryStore
+from server.serving.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
 
@@ -101,7 +101,7 @@ class MemoryCatalog:
         calm: bool = False,
     ):
         self.engine = engine
-        self.calm = calm  # the engine serves the calm model (server/calm_model.py)
+        self.calm = calm  # the engine serves the calm model (server/worker/calm_model.py)
         self.max_loras = max_loras  # live lora memories; 0: LoRA is off in the engine
         self.max_lora_rank = max_lora_rank
         self.base_tokenizer = base_tokenizer
