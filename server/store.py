@@ -72,8 +72,10 @@ class MemoryStore:
                 continue
             seen.add(real)
             for entry in (Path(folder) / e for e in dirs + files):
+                if not entry.is_symlink():
+                    continue
                 target = Path(os.path.realpath(entry))
-                if entry.is_symlink() and not self.contains(target):
+                if not self.contains(target):
                     raise ArtifactError(name, "symlink leads outside the memory root", f"{entry.relative_to(artifact)} → {target}, memory root {self.root}")
 
     def relative(self, path: Path) -> str:
