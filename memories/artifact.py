@@ -55,6 +55,8 @@ class MemoryCard:
     kind: str = "decoder"  # memory.json "kind" (memories/kinds.py)
     rank: int = 0  # lora: the adapter's r
     target_modules: tuple[str, ...] = ()  # lora: the base modules it adapts
+    lora_scale: float = 0.0  # lora: the factor vLLM multiplies B·A by (lora_alpha / r, or / sqrt(r) with rsLoRA)
+    layers_to_transform: tuple[int, ...] = ()  # lora: the only layers it adapts (empty: any)
     generator: str | None = None  # lora written by the prompt-to-LoRA generator: its sha256
     prompts: dict[str, Any] = field(default_factory=dict)  # ... and the prompts it read (count, sha256)
     connections: tuple[tuple[int, int], ...] = ()  # calm: (augment layer, base layer) pairs
@@ -91,9 +93,24 @@ def read_json_object(name: str, path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _check_fraction(name: str, key: str, value: Any, lo: float, hi: float, lo_open=False) -> float:
+def is_int(value: Any) -> bool:
+    """A JSON integer: ``True`` and ``2.0`` are not (``int()`` would accept both and silently change what the artifact says)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def finite_number(name: str, what: str, value: Any) -> float:
+    """A finite JSON number; strings, booleans, null, NaN and ±Infinity (Python's JSON reader accepts them) are refused.
+
+    Every scalar an artifact hands to a kernel goes through here first: a NaN or a
+    string reaching the engine fails inside it with a vague message, or worse, poisons outputs.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ArtifactError(name, f"memory.json {key} is not a number", repr(value))
+        raise ArtifactError(name, f"{what} is not a finite number", repr(value))
+    return float(value)
+
+
+def _check_fraction(name: str, key: str, value: Any, lo: float, hi: float, lo_open=False) -> float:
+    value = finite_number(name, f"memory.json {key}", value)
     if value < lo or value > hi or (lo_open and value == lo):
         raise ArtifactError(name, f"memory.json {key} out of range", f"{value} not in {'(' if lo_open else '['}{lo}, {hi}]")
     return float(value)
@@ -168,19 +185,37 @@ def read_memory_json(root: Path, name: str) -> dict[str, Any]:
     return meta
 
 
-def tensor_shapes(name: str, weights: list[Path]) -> dict[str, list[int]]:
-    """Reads only the safetensors headers; a corrupt header is refused here."""
+def tensor_headers(name: str, weights: list[Path]) -> dict[str, tuple[list[int], str]]:
+    """Shape and dtype (safetensors' name, e.g. ``F32``, ``I8``) of every tensor, from the headers only; a corrupt header is refused here."""
     from safetensors import safe_open
 
-    shapes = {}
+    headers = {}
     for f in weights:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
-                    shapes[key] = st.get_slice(key).get_shape()
+                    piece = st.get_slice(key)
+                    headers[key] = (piece.get_shape(), piece.get_dtype())
         except Exception as e:  # safetensors raises several types for bad files
             raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
-    return shapes
+    return headers
+
+
+def tensor_shapes(name: str, weights: list[Path]) -> dict[str, list[int]]:
+    """Reads only the safetensors headers; a corrupt header is refused here."""
+    return {key: shape for key, (shape, _) in tensor_headers(name, weights).items()}
+
+
+def check_floating(name: str, key: str, dtype: Any) -> None:
+    """Weights must be floating point, for every kind of memory.
+
+    An integer tensor (int8, int32: quantized weights without their scales) would
+    be cast to the engine's dtype and silently mean something else. ``dtype`` is a
+    ``torch.dtype`` or a safetensors header name (``F32``, ``BF16``, ``I8``).
+    """
+    floating = dtype.is_floating_point if hasattr(dtype, "is_floating_point") else str(dtype).startswith(("F", "BF"))
+    if not floating:
+        raise ArtifactError(name, "unsupported dtype", f"{key} is {dtype}; weights must be floating point (fp32, fp16 or bf16), not integers")
 
 
 def uses_base_embeddings(path: str | os.PathLike) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from memories.artifact import BASE_TENSORS, ArtifactError, uses_base_embeddings
+from memories.artifact import BASE_TENSORS, ArtifactError, check_floating, uses_base_embeddings
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,7 @@ class MemoryDecoder:
                 raise ArtifactError(name, "weights do not match config.json", f"tensor {key} missing")
             if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
                 raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
-            if not t.is_floating_point():
-                raise ArtifactError(name, "unsupported dtype", f"{key} is {t.dtype}")
+            check_floating(name, key, t.dtype)
             if id(t) in self._shared:
                 if (t.device, t.dtype) != (self.device, self.dtype):
                     raise ArtifactError(name, "base tensors do not match the engine", f"{key} is {t.dtype} on {t.device}, the memory runs {self.dtype} on {self.device}")

@@ -238,12 +238,22 @@ def _startup_kinds(memory_specs: list[tuple[str, str]], store) -> list[tuple[str
     candidates = list(memory_specs)
     if store is not None:
         with contextlib.suppress(Exception):  # an unreadable store is reported by reconcile
-            candidates += [(name, str(store.resolve(want.path))) for name, want in store.desired().items()]
+            stored = [(name, store.resolve(want.path)) for name, want in store.desired().items()]
+            candidates += [(name, str(path)) for name, path in stored if _links_inside(store, name, path)]
     kinds = []
     for name, path in candidates:
         with contextlib.suppress(Exception):  # a bad memory is refused, with its reason, by validation
             kinds.append((name, kind_of(Path(path), name)))
     return kinds
+
+
+def _links_inside(store, name: str, path: Path) -> bool:
+    """Whether a stored memory may be read at all (reconcile reports why not)."""
+    try:
+        store.check_links(name, path)
+    except Exception:
+        return False
+    return True
 
 
 def serves_calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], store) -> bool:

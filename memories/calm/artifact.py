@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from memories.artifact import MEMORY_JSON, ArtifactError, MemoryCard, check_tokenizer, content_sha256, read_card, read_memory_json, tensor_shapes
-from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, CompositionSpec, check_layers
+from memories.artifact import MEMORY_JSON, ArtifactError, MemoryCard, check_tokenizer, content_sha256, read_card, read_memory_json, tensor_headers
+from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, CompositionSpec, check_composition_tensors, check_layers
 
 # the base architecture the vLLM model plugin composes into (server/worker/calm_model.py)
 SUPPORTED_BASES = ("LlamaForCausalLM",)
@@ -27,7 +27,8 @@ def read_calm_card(root: Path, name: str) -> MemoryCard:
     augment = read_card(root / AUGMENT_DIR, name)  # architecture, weights present, tokenizer files
     if augment.hidden_size != spec.augment_width:
         raise ArtifactError(name, "augment width differs from memory.json", f"augment/config.json hidden_size {augment.hidden_size}, memory.json augment_width {spec.augment_width}")
-    composition = tensor_shapes(name, [root / COMPOSITION_FILE])
+    composition = tensor_headers(name, [root / COMPOSITION_FILE])
+    check_composition_tensors(name, spec, composition)  # headers only: before any worker builds a connection
     return MemoryCard(
         name=name,
         path=str(root.resolve()),
@@ -39,7 +40,7 @@ def read_calm_card(root: Path, name: str) -> MemoryCard:
         tokenizer_sha256=meta.get("tokenizer_sha256"),
         architecture=f"CALM({augment.architecture})",
         vocab_size=augment.vocab_size,
-        num_parameters=augment.num_parameters + sum(math.prod(s) for s in composition.values()),
+        num_parameters=augment.num_parameters + sum(math.prod(shape) for shape, _ in composition.values()),
         hidden_size=spec.base_width,
         content_sha256=_content_sha256(root, augment.content_sha256),
         corpus=meta.get("corpus") or {},

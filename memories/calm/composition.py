@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memories.artifact import ArtifactError
+from memories.artifact import ArtifactError, check_floating, finite_number, is_int
 
 COMPOSITION_FILE = "composition.safetensors"
 AUGMENT_DIR = "augment"
@@ -58,16 +58,65 @@ class CompositionSpec:
 
     @classmethod
     def from_card(cls, name: str, meta: dict) -> "CompositionSpec":
-        try:
-            connections = tuple((int(a), int(b)) for a, b in meta["connections"])
-            spec = cls(connections, int(meta["augment_width"]), int(meta["base_width"]), int(meta["heads"]), float(meta.get("rms_eps", 1e-5)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(name, "memory.json calm fields missing or malformed", f"{type(e).__name__}: {e}; needs connections [[augment_layer, base_layer], ...], augment_width, base_width, heads") from None
-        if not connections:
-            raise ArtifactError(name, "memory.json connections is empty", "a calm memory needs at least one [augment_layer, base_layer]")
+        """Read memory.json's calm fields, each of its exact JSON type: ``int()``/``float()`` would turn 1.7, true or "nan" into numbers the worker then builds from."""
+        missing = [key for key in ("connections", "augment_width", "base_width", "heads") if key not in meta]
+        if missing:
+            raise ArtifactError(name, "memory.json calm fields missing or malformed", f"missing {', '.join(missing)}; needs connections [[augment_layer, base_layer], ...], augment_width, base_width, heads")
+        for key in ("augment_width", "base_width", "heads"):
+            if not is_int(meta[key]):
+                raise ArtifactError(name, "memory.json calm fields missing or malformed", f"{key} is {meta[key]!r}, not an integer")
+        spec = cls(_connections(name, meta["connections"]), meta["augment_width"], meta["base_width"], meta["heads"], _rms_eps(name, meta.get("rms_eps", 1e-5)))
         if min(spec.augment_width, spec.base_width, spec.heads) < 1 or spec.base_width % spec.heads:
             raise ArtifactError(name, "memory.json widths/heads invalid", f"base_width {spec.base_width} must be a positive multiple of heads {spec.heads}")
         return spec
+
+
+# rms_eps is added to a mean square before its reciprocal square root: ≤ 0 can divide by zero, large values flatten the states
+MAX_RMS_EPS = 0.1
+
+
+def _rms_eps(name: str, value) -> float:
+    eps = finite_number(name, "memory.json rms_eps", value)
+    if not 0 < eps <= MAX_RMS_EPS:
+        raise ArtifactError(name, "memory.json rms_eps out of range", f"{eps:g} not in (0, {MAX_RMS_EPS:g}]")
+    return eps
+
+
+def _connections(name: str, value) -> tuple[tuple[int, int], ...]:
+    """A non-empty list of [augment_layer, base_layer] pairs of JSON integers (whether the layers exist is ``check_layers``)."""
+    if not isinstance(value, list) or not value:
+        raise ArtifactError(name, "memory.json connections is empty or not a list", f"{type(value).__name__}; a calm memory needs at least one [augment_layer, base_layer]")
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(is_int(x) for x in pair)):
+            raise ArtifactError(name, "memory.json connections malformed", f"connection {i} is {pair!r}; each must be [augment_layer, base_layer], two integers")
+    return tuple((a, b) for a, b in value)
+
+
+def expected_tensors(spec: CompositionSpec) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor the composition file must hold, built without allocating (one connection on the meta device)."""
+    with torch.device("meta"):
+        one = Connection(spec).state_dict()
+    return {f"connections.{i}.{key}": tuple(t.shape) for i in range(len(spec.connections)) for key, t in one.items()}
+
+
+def check_composition_tensors(name: str, spec: CompositionSpec, tensors: dict[str, tuple]) -> None:
+    """The composition holds exactly memory.json's connections: their count, every tensor's name and shape, floating dtypes.
+
+    ``tensors`` maps name → (shape, dtype), from the safetensors header in the API
+    process (nothing read, nothing allocated) or from the loaded tensors in the worker,
+    so a card claiming thousands of connections is refused before anything is built for them.
+    """
+    count = len({key.split(".")[1] for key in tensors if key.startswith("connections.")})
+    if count != len(spec.connections):
+        raise ArtifactError(name, "connection count differs from the composition", f"memory.json has {len(spec.connections)} connections, {COMPOSITION_FILE} has {count}")
+    expected = expected_tensors(spec)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtifactError(name, "composition does not match memory.json", f"missing {missing[:4]}, unexpected {extra[:4]} (for {len(spec.connections)} connections)")
+    for key, (shape, dtype) in tensors.items():
+        if tuple(shape) != expected[key]:
+            raise ArtifactError(name, "composition does not match memory.json", f"{key} has shape {tuple(shape)}, memory.json implies {expected[key]}")
+        check_floating(name, key, dtype)
 
 
 def default_connections(n: int, augment_layers: int, base_layers: int) -> list[tuple[int, int]]:
@@ -151,21 +200,16 @@ class Composition(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, spec: CompositionSpec, name: str) -> "Composition":
-        """Read and check a composition: every tensor present, of the card's shape, finite."""
-        comp = cls(spec)
+        """Read and check a composition: every tensor present, of the card's shape, floating point, finite."""
         try:
             weights = load_file(str(path))
         except Exception as e:  # safetensors raises several types for bad files
             raise ArtifactError(name, "unreadable composition", f"{Path(path).name}: {e}") from None
-        expected = comp.state_dict()
-        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        if missing or extra:
-            raise ArtifactError(name, "composition does not match memory.json", f"missing {missing[:4]}, unexpected {extra[:4]} (for {len(spec.connections)} connections)")
+        check_composition_tensors(name, spec, {key: (t.shape, t.dtype) for key, t in weights.items()})
         for key, t in weights.items():
-            if tuple(t.shape) != tuple(expected[key].shape):
-                raise ArtifactError(name, "composition does not match memory.json", f"{key} has shape {tuple(t.shape)}, memory.json implies {tuple(expected[key].shape)}")
-            if not t.is_floating_point() or not torch.isfinite(t).all():
+            if not torch.isfinite(t).all():
                 raise ArtifactError(name, "composition weights are not finite", f"{key} has NaN or infinite values")
+        comp = cls(spec)
         comp.load_state_dict(weights)
         return comp
 

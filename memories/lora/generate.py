@@ -71,6 +71,10 @@ def validate_prompts(prompts, min_count: int = MIN_PROMPTS, max_count: int = MAX
             raise PromptError(f"prompt {i} is a {type(p).__name__}, not a string")
         if not p.strip():
             raise PromptError(f"prompt {i} is empty")
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 text (nor the tokenizer, nor the hash) holds
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"prompt {i} is not valid Unicode text: {e.reason} at character {e.start}") from None
         if len(p) > max_chars:
             raise PromptError(f"prompt {i} has {len(p)} characters; at most {max_chars} per prompt")
         total += len(p)

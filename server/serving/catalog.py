@@ -131,6 +131,12 @@ class MemoryCatalog:
         check_any_compatible(card, self.base_tokenizer, self.base_config, self.max_lora_rank if self.max_loras > 0 else None)
         return card
 
+    def validate_stored(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
+        """``validate`` for a directory inside the memory root: first, before any file is read, no symlink in it may lead out of the root."""
+        if self.store is not None:
+            self.store.check_links(name, Path(path))
+        return self.validate(name, path, weight)
+
     def _check_limits(self, card: MemoryCard) -> None:
         others = [m for n, m in self._memories.items() if n != card.name]
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
@@ -157,7 +163,7 @@ class MemoryCatalog:
         The one entry point for code in the server that writes a memory and then serves it
         (e.g. a generated LoRA): ``path`` must already be inside the memory root.
         """
-        card = await asyncio.to_thread(self.validate, name, path, weight)  # reads every weight file
+        card = await asyncio.to_thread(self.validate_stored, name, path, weight)  # reads every weight file
         return await self.load(card, replace=replace, managed=True)
 
     async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
@@ -268,7 +274,7 @@ class MemoryCatalog:
                 if self._failed.get(name) == attempt:
                     continue  # nothing changed since it failed: do not re-read its weights
                 try:
-                    card = await asyncio.to_thread(self.validate, name, str(path), want.memory_weight)
+                    card = await asyncio.to_thread(self.validate_stored, name, str(path), want.memory_weight)
                     if card.content_sha256 != want.content_sha256:
                         raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
                     await self._load(card, replace=True, managed=True, persist=False)

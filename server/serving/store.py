@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from memories.artifact import write_json_atomic
+from memories.artifact import ArtifactError, write_json_atomic
 from server.errors import BadRequest
 
 log = logging.getLogger("memserve.store")
@@ -49,9 +49,34 @@ class MemoryStore:
         if not candidate.is_absolute():
             candidate = self.root / candidate
         real = Path(os.path.realpath(candidate))
-        if real != self.root and self.root not in real.parents:
+        if not self.contains(real):
             raise BadRequest(f"path {path!r} resolves to {real}, outside the memory root {self.root}", "path")
         return real
+
+    def contains(self, real: Path) -> bool:
+        return real == self.root or self.root in real.parents
+
+    def check_links(self, name: str, artifact: Path) -> None:
+        """Refuse an artifact holding any symlink (file or folder, at any depth) that resolves outside the root.
+
+        Called before any of its files is read: resolving the artifact's own path is
+        not enough, since ``adapter_model.safetensors`` or ``augment/`` inside it could
+        still lead to any file the server can read. Links inside the root are followed
+        (each real folder once) so that what they lead to is checked too.
+        """
+        seen: set[str] = set()
+        for folder, dirs, files in os.walk(artifact, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a link loop, or two links to one folder
+                dirs[:] = []
+                continue
+            seen.add(real)
+            for entry in (Path(folder) / e for e in dirs + files):
+                if not entry.is_symlink():
+                    continue
+                target = Path(os.path.realpath(entry))
+                if not self.contains(target):
+                    raise ArtifactError(name, "symlink leads outside the memory root", f"{entry.relative_to(artifact)} → {target}, memory root {self.root}")
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))

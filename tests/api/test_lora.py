@@ -43,6 +43,12 @@ def root(tiny, tmp_path_factory):
     shutil.copytree(root / "ada", root / "lacking")
     cfg = json.loads((root / "lacking" / "adapter_config.json").read_text())
     (root / "lacking" / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": [*cfg["target_modules"], "c_attn"]}))
+    shutil.copytree(root / "ada", root / "nan-alpha")
+    (root / "nan-alpha" / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": float("nan")}))  # JSON NaN: Python's reader accepts it
+    outside = shutil.copytree(root / "ada", tmp_path_factory.mktemp("outside-root") / "ada")
+    shutil.copytree(root / "ada", root / "linked")
+    (root / "linked" / "adapter_model.safetensors").unlink()
+    (root / "linked" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
     return root
 
 
@@ -208,6 +214,26 @@ def test_bad_adapters_are_refused_and_serving_goes_on(client, lora_server, promp
         assert n in err["message"]
     assert "bad" not in {m.id for m in client.models.list().data}
     assert complete(client, prompt_ids[0], model="ada")[0]
+
+
+@pytest.mark.parametrize(
+    "path,check,detail",
+    [
+        ("nan-alpha", "adapter_config.json lora_alpha is not a finite number", "nan"),
+        ("linked", "symlink leads outside the memory root", "adapter_model.safetensors → "),
+    ],
+)
+def test_an_adapter_that_would_poison_the_batch_or_leave_the_root_never_reaches_the_engine(client, lora_server, prompt_ids, path, check, detail):
+    """Before the fix both loaded (201): NaN scaled every update of the batch, the link served weights from outside the root."""
+    before = [complete(client, ids) for ids in prompt_ids]
+    r = admin_load(lora_server, "bad", path)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and (err["type"], err["code"]) == ("BadRequestError", 400)
+    assert err["message"].startswith(f"memory 'bad': {check}: ") and detail in err["message"]
+    assert "add_lora" not in lora_server.log_path.read_text()  # refused in the API process, not by vLLM
+    assert "bad" not in {m.id for m in client.models.list().data}
+    assert [complete(client, ids) for ids in prompt_ids] == before  # base rows: the same greedy tokens and logprobs
 
 
 def test_memory_weight_on_a_lora_load_and_the_lora_limit(lora_server):

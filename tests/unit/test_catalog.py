@@ -5,6 +5,7 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
+from memories.artifact import ArtifactError
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict, UnknownMemory
 
@@ -185,3 +186,73 @@ def test_memory_budget_counts_an_adapters_weights_without_a_kv_pool(tiny, tok, a
         assert f"needs {one:,} bytes; {one:,} of the {int(1.5 * one):,}-byte" in str(e.value)
 
     run(go())
+
+
+def linked_root(tmp_path, adapter, outside_entry: str, nested: bool = False):
+    """A memory root holding a copy of ``adapter`` whose ``outside_entry`` is a symlink to a copy outside the root.
+
+    ``nested``: the link sits one hop further, in a folder inside the root that the artifact links to.
+    """
+    import shutil
+
+    from server.serving.store import MemoryStore
+
+    outside = shutil.copytree(adapter, tmp_path / "outside")
+    root = tmp_path / "root"
+    art = shutil.copytree(adapter, root / "ad")
+    where = art
+    if nested:
+        where = root / "shared"
+        where.mkdir()
+        (art / "parts").symlink_to(where)  # inside the root: allowed, and followed
+    (where / outside_entry).unlink(missing_ok=True)
+    (where / outside_entry).symlink_to(outside / outside_entry)
+    return MemoryStore(root), art
+
+
+@pytest.mark.parametrize("entry,nested", [("adapter_model.safetensors", False), ("adapter_config.json", False), ("adapter_model.safetensors", True)])
+def test_a_symlink_out_of_the_memory_root_is_refused_before_any_file_is_read(tiny, tok, adapter, tmp_path, monkeypatch, entry, nested):
+    import server.serving.catalog
+
+    store, art = linked_root(tmp_path, adapter, entry, nested)
+    catalog = lora_catalog(tok, tiny, max_loras=1, max_lora_rank=16, store=store)
+    monkeypatch.setattr(server.serving.catalog, "read_any_card", lambda *a: pytest.fail("an artifact file was read"))
+    with pytest.raises(ArtifactError) as e:
+        run(catalog.load_dir("ad", str(art)))
+    shown = f"parts/{entry}" if nested else entry
+    assert e.value.check == "symlink leads outside the memory root"
+    assert e.value.detail == f"{shown} → {tmp_path / 'outside' / entry}, memory root {store.root}"
+    assert catalog.names() == [] and catalog.engine.loaded == [] and store.desired() == {}
+
+
+def test_a_symlinked_augment_folder_out_of_the_root_is_refused(tiny, tok, tmp_path):
+    import shutil
+
+    from server.serving.store import MemoryStore
+    from tests.tiny_models import build_calm, build_llama
+
+    augment = build_llama(tmp_path / "aug", tok, layers=1, seed=7)
+    art = build_calm(tmp_path / "root" / "cal", tiny["base"], augment, [(0, 0)])
+    shutil.rmtree(art / "augment")
+    (art / "augment").symlink_to(augment)
+    catalog = lora_catalog(tok, tiny, store=MemoryStore(tmp_path / "root"), calm=True)
+    with pytest.raises(ArtifactError, match=r"symlink leads outside the memory root: augment → "):
+        run(catalog.load_dir("cal", str(art)))
+
+
+def test_symlinks_inside_the_root_load_and_reconcile_reports_one_leading_out(tiny, tok, adapter, tmp_path):
+    from server.serving.store import DesiredMemory
+
+    store, art = linked_root(tmp_path, adapter, "adapter_model.safetensors")
+    inside = store.root / "inside"
+    inside.mkdir()
+    (tmp_path / "outside" / "adapter_model.safetensors").rename(inside / "weights.safetensors")
+    (art / "adapter_model.safetensors").unlink()
+    (art / "adapter_model.safetensors").symlink_to(inside / "weights.safetensors")
+    catalog = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16, store=store)
+    loaded = run(catalog.load_dir("ad", str(art)))  # a link that stays inside the root is fine
+    (art / "adapter_model.safetensors").unlink()
+    (art / "adapter_model.safetensors").symlink_to(tmp_path / "outside" / "adapter_config.json")
+    store.put(DesiredMemory("other", "ad", None, loaded.card.content_sha256))
+    run(catalog.reconcile())
+    assert "symlink leads outside the memory root" in catalog.problems["other"] and "other" not in catalog.names()

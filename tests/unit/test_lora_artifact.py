@@ -131,3 +131,66 @@ def test_shipped_tokenizer_must_be_the_bases(lora, tmp_path, base_tok, base_conf
     d = shutil.copytree(lora, tmp_path / "tok")
     build_tokenizer(d, vocab_size=300)
     assert refused(d, base_tok, base_config).check == "tokenizer differs from the base's"
+
+
+def with_config(lora, out, **changes):
+    """A copy of the adapter whose adapter_config.json has ``changes`` (JSON NaN included, as Python's reader accepts it)."""
+    d = shutil.copytree(lora, out)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, **changes}))
+    return d
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "sixteen", None, True])
+def test_lora_alpha_must_be_a_finite_number(lora, tmp_path, base_tok, base_config, alpha):
+    e = refused(with_config(lora, tmp_path / "a", lora_alpha=alpha), base_tok, base_config)
+    assert e.check == "adapter_config.json lora_alpha is not a finite number" and e.detail == repr(alpha)
+
+
+def test_lora_scale_is_bounded(lora, tmp_path, base_tok, base_config):
+    e = refused(with_config(lora, tmp_path / "a", lora_alpha=1e38), base_tok, base_config)
+    assert e.check == "LoRA scale out of range" and "lora_alpha 1e+38 / r 8" in e.detail and "≤ 1000" in e.detail
+    e = refused(with_config(lora, tmp_path / "rs", lora_alpha=4000, use_rslora=True), base_tok, base_config)  # 4000 / sqrt(8) ≈ 1414
+    assert e.check == "LoRA scale out of range" and "sqrt(r 8)" in e.detail and "1414.2" in e.detail
+    e = refused(with_config(lora, tmp_path / "yes", use_rslora="yes"), base_tok, base_config)
+    assert e.check == "adapter_config.json use_rslora is not true or false"
+    card = check(with_config(lora, tmp_path / "ok", lora_alpha=32, use_rslora=True), base_tok, base_config)
+    assert card.lora_scale == pytest.approx(32 / 8**0.5)
+
+
+def test_an_update_that_overflows_fp16_is_refused(lora, tmp_path, base_tok, base_config):
+    def amplify(t):
+        t[A.replace("lora_A", "lora_B")].mul_(1e4)
+
+    e = refused(edit_lora(lora, tmp_path / "big", amplify), base_tok, base_config)
+    assert e.check == "LoRA update can overflow" and "layers.0.self_attn.q_proj" in e.detail and "65504" in e.detail
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32"])
+def test_integer_adapter_tensors_are_refused_like_decoder_weights(lora, tmp_path, base_tok, base_config, dtype):
+    import torch
+
+    def quantize(t):
+        t[A] = t[A].round().to(getattr(torch, dtype))
+
+    e = refused(edit_lora(lora, tmp_path / dtype, quantize), base_tok, base_config)
+    assert e.check == "unsupported dtype" and A in e.detail and "floating point" in e.detail
+
+
+@pytest.mark.parametrize("drop", ["A", "B"])
+def test_every_lora_a_needs_its_lora_b(lora, tmp_path, base_tok, base_config, drop):
+    gone = A.replace("lora_A", f"lora_{drop}")
+    kept = A.replace("lora_A", "lora_B" if drop == "A" else "lora_A")
+    e = refused(edit_lora(lora, tmp_path / drop, lambda t: t.pop(gone)), base_tok, base_config)
+    assert e.check.endswith(f"without its lora_{drop}") and e.detail == f"{kept} has no {gone}"
+
+
+def test_layers_to_transform_beyond_the_base_is_refused(lora, tmp_path, base_tok, base_config):
+    e = refused(with_config(lora, tmp_path / "seven", layers_to_transform=[7]), base_tok, base_config)
+    assert e.check == "layers_to_transform beyond the base" and "layer 7" in e.detail and "2 layers" in e.detail
+    e = refused(with_config(lora, tmp_path / "one", layers_to_transform=1), base_tok, base_config)  # the adapter has layer-0 tensors
+    assert e.check == "tensor for a layer not in layers_to_transform" and "layer 0" in e.detail
+    for bad in ("0", [0.0], [True], []):
+        e = refused(with_config(lora, tmp_path / f"bad{len(str(bad))}{type(bad).__name__}", layers_to_transform=bad), base_tok, base_config)
+        assert e.check == "adapter_config.json layers_to_transform is not a layer index or a list of them", bad
+    assert check(with_config(lora, tmp_path / "both", layers_to_transform=[1, 0]), base_tok, base_config).layers_to_transform == (0, 1)
