@@ -9,9 +9,12 @@ running: the old version is unloaded from the workers once its requests end.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +121,8 @@ class MemoryCatalog:
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()
+        self._epochs: collections.Counter[str] = collections.Counter()  # name → unloads so far (see :meth:`epoch`)
+        self._pinned: collections.Counter[Path] = collections.Counter()  # generated folders an in-flight generation will load
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
         """All checks that need no engine, by kind: metadata, weight headers, tokenizer, shapes against the base."""
@@ -131,13 +136,21 @@ class MemoryCatalog:
         check_any_compatible(card, self.base_tokenizer, self.base_config, self.max_lora_rank if self.max_loras > 0 else None)
         return card
 
-    def _check_limits(self, card: MemoryCard) -> None:
-        others = [m for n, m in self._memories.items() if n != card.name]
+    def check_room(self, name: str, kind: str) -> None:
+        """409 if one more memory of ``kind`` named ``name`` (a replacement is not one more) exceeds --max-memories or --max-loras.
+
+        Public so that a generation can ask before it spends CPU on a lora that could never load.
+        """
+        others = [m for n, m in self._memories.items() if n != name]
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
-            raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
+            raise Conflict(f"loading {name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
         loras = sum(m.card.kind == "lora" for m in others)
-        if card.kind == "lora" and loras + 1 > self.max_loras:
-            raise Conflict(f"loading {card.name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
+        if kind == "lora" and loras + 1 > self.max_loras:
+            raise Conflict(f"loading {name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
+
+    def _check_limits(self, card: MemoryCard) -> None:
+        self.check_room(card.name, card.kind)
+        others = [m for n, m in self._memories.items() if n != card.name]
         if self.budget_bytes is not None:
             # what each memory may grow to: weights in the engine's dtype, plus a decoder's KV budget
             def reserved(c: MemoryCard) -> int:
@@ -151,18 +164,61 @@ class MemoryCatalog:
                     "name",
                 )
 
-    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False) -> LoadedMemory:
+    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False, epoch: int | None = None) -> LoadedMemory:
         """Check a memory directory of any kind, load it and add it to the persisted set: what an admin load does.
 
         The one entry point for code in the server that writes a memory and then serves it
         (e.g. a generated LoRA): ``path`` must already be inside the memory root.
+        ``epoch``: :meth:`epoch` of the name when that work began; refused (409) if it was unloaded since.
         """
         card = await asyncio.to_thread(self.validate, name, path, weight)  # reads every weight file
-        return await self.load(card, replace=replace, managed=True)
+        return await self.load(card, replace=replace, managed=True, epoch=epoch)
 
-    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
+    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True, epoch: int | None = None) -> LoadedMemory:
         async with self._ops:
+            if epoch is not None and self._epochs[card.name] != epoch:
+                raise Conflict(f"memory {card.name!r} was unloaded while it was being generated; the generated memory was not loaded", "name")
             return await self._load(card, replace, managed, persist)
+
+    def epoch(self, name: str) -> int:
+        """How many times ``name`` was unloaded so far: work that takes a while (a generation) notes it first,
+        and :meth:`load` refuses its result if an unload came in between, so that the unload wins.
+        """
+        return self._epochs[name]
+
+    @contextlib.contextmanager
+    def pinned(self, path: Path):
+        """Keep a generated folder from being collected while an in-flight generation writes or loads it."""
+        self._pinned[path] += 1
+        try:
+            yield
+        finally:
+            self._pinned[path] -= 1
+            if not self._pinned[path]:
+                del self._pinned[path]
+
+    async def collect(self, path: str | Path) -> bool:
+        """Delete a folder memserve generated once nothing refers to it any more; whether it was deleted.
+
+        Referring: a loaded version here (a replacement may reuse the same folder), an in-flight
+        generation, or the persisted desired set, which is every replica's. Anything but a
+        generated folder (see :meth:`MemoryStore.generated`), or a state file that cannot be read, keeps it.
+        """
+        folder = self.store.generated(path) if self.store is not None else None
+        if folder is None:
+            return False
+        async with self._ops:
+            if folder in self._pinned or any(Path(m.card.path) == folder for m in self._memories.values()):
+                return False
+            try:
+                if folder in await asyncio.to_thread(self.store.referenced):
+                    return False
+            except Exception as e:
+                log.warning("keeping %s: the store's state cannot be read (%s)", folder, e)
+                return False
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        log.info("generated folder %s deleted: no memory uses it any more", folder)
+        return True
 
     async def _load(self, card: MemoryCard, replace: bool, managed: bool, persist: bool) -> LoadedMemory:
         if card.name in self._memories and not replace:
@@ -210,6 +266,7 @@ class MemoryCatalog:
         loaded = self._memories.pop(name, None)
         if loaded is None:
             raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+        self._epochs[name] += 1
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.remove(name)
         metrics.MEMORY_INFO.remove(name, loaded.card.kind)
@@ -232,6 +289,8 @@ class MemoryCatalog:
         else:
             await self.engine.unload_memory(loaded.key)
         log.info("memory %s (%s) unloaded, %s bytes freed", loaded.name, loaded.key, f"{loaded.device_bytes:,}")
+        if loaded.card.generator:  # written by the generator: its folder goes once nothing refers to it
+            await self.collect(loaded.card.path)
         return drained
 
     def _spawn(self, coro) -> None:

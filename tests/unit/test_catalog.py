@@ -1,6 +1,7 @@
 """Catalog logic with a fake engine: limits, versioned keys, replace and unload bookkeeping."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -185,3 +186,132 @@ def test_memory_budget_counts_an_adapters_weights_without_a_kv_pool(tiny, tok, a
         assert f"needs {one:,} bytes; {one:,} of the {int(1.5 * one):,}-byte" in str(e.value)
 
     run(go())
+
+
+# ---- generated lora memories: --max-loras first, unload wins, folders collected ----
+
+GENERATOR_SHA = "f" * 64
+
+
+class FakeGenerator:
+    sha256, max_prompts, path = GENERATOR_SHA, 8, "fake-generator"
+
+
+@pytest.fixture
+def generation(tiny, tok, adapter, tmp_path, monkeypatch):
+    """A MemoryGeneration over a store in tmp_path whose generator copies ``adapter``; ``gate`` holds one generation."""
+    import json
+    import shutil
+    import threading
+    from types import SimpleNamespace
+
+    import memories.lora.generate as generate
+    from server.generation import MemoryGeneration
+    from server.store import MemoryStore
+
+    gate = SimpleNamespace(hold=False, started=threading.Event(), proceed=threading.Event(), calls=[])
+
+    def fake_generate(generator, prompts, name, target, domain, description):
+        gate.calls.append((name, prompts))
+        shutil.copytree(adapter, target)
+        (target / "memory.json").write_text(json.dumps({"format": 1, "kind": "lora", "name": name, "generator": GENERATOR_SHA, "prompts": {"count": len(prompts)}}))
+        if gate.hold:
+            gate.started.set()
+            gate.proceed.wait()
+
+    monkeypatch.setattr(generate, "generate_memory", fake_generate)
+    catalog = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16, store=MemoryStore(tmp_path))
+    gate.catalog = catalog
+    gate.generation = MemoryGeneration(FakeGenerator(), catalog)
+    gate.folders = lambda: sorted(p.name for p in (tmp_path / "generated").iterdir())
+    return gate
+
+
+async def drained(catalog):
+    """Wait for the retirements the catalog started in the background (replaced versions)."""
+    while catalog._background:
+        await asyncio.gather(*list(catalog._background))
+
+
+def test_an_unload_during_a_generation_wins(generation):
+    """DELETE r1 while a replace of r1 generates: the generation must not load or persist r1 afterwards."""
+    g = generation
+
+    async def go():
+        first = await g.generation.create("r1", ["court law"])
+        g.hold = True
+        regenerating = asyncio.ensure_future(g.generation.create("r1", ["cell protein"], replace=True))
+        await asyncio.to_thread(g.started.wait)  # the new version is written, not yet loaded
+        await g.catalog.unload("r1")
+        g.proceed.set()
+        with pytest.raises(Conflict) as e:
+            await regenerating
+        return first, e.value
+
+    first, error = run(go())
+    assert "unloaded while it was being generated" in str(error)
+    assert g.catalog.get("r1") is None and "r1" not in g.catalog.store.desired()
+    assert g.folders() == []  # the unloaded version's folder and the refused one's
+    assert len(g.calls) == 2 and first["path"]
+
+
+def test_replaced_and_unloaded_generated_folders_are_deleted_once_unreferenced(generation, tiny, tmp_path):
+    import shutil
+
+    from server.store import DesiredMemory
+
+    g = generation
+    user = tmp_path / "mine"
+    shutil.copytree(tiny["alpha"], user)
+
+    async def go():
+        a = await g.generation.create("r1", ["court law"])
+        b = await g.generation.create("r1", ["cell protein"], replace=True)
+        await drained(g.catalog)
+        after_replace = g.folders()
+        again = await g.generation.create("r1", ["cell protein"], replace=True)  # same prompts: the same folder
+        await drained(g.catalog)
+        after_same = g.folders()
+        # another replica's persisted entry still points at b's folder: it stays
+        other = DesiredMemory("elsewhere", g.catalog.store.relative(Path(b["path"])), None, b["content_sha256"])
+        g.catalog.store.put(other)
+        await g.catalog.unload("r1")
+        after_unload = g.folders()
+        g.catalog.store.remove("elsewhere")
+        await g.catalog.load_dir("user", str(user))
+        await g.catalog.unload("user")
+        return a, b, again, after_replace, after_same, after_unload
+
+    a, b, again, after_replace, after_same, after_unload = run(go())
+    b_folder = Path(b["path"]).name
+    assert after_replace == [b_folder] and Path(a["path"]).name != b_folder
+    assert again["path"] == b["path"] and after_same == [b_folder]
+    assert after_unload == [b_folder]
+    assert user.is_dir()  # an operator's folder is never deleted
+
+
+def test_unload_deletes_an_unreferenced_generated_folder(generation):
+    g = generation
+
+    async def go():
+        await g.generation.create("r1", ["court law"])
+        await g.catalog.unload("r1")
+
+    run(go())
+    assert g.folders() == []
+
+
+def test_max_loras_is_checked_before_generating(generation, adapter):
+    g = generation
+
+    async def go():
+        await g.catalog.load(g.catalog.validate("a", adapter))
+        await g.catalog.load(g.catalog.validate("b", adapter))
+        with pytest.raises(Conflict) as e:
+            await g.generation.create("c", ["court law"])
+        replaced = await g.generation.create("a", ["court law"], replace=True)  # a replacement is not one more
+        return e.value, replaced
+
+    error, replaced = run(go())
+    assert "would make 3 lora memories; --max-loras is 2" in str(error)
+    assert [name for name, _ in g.calls] == ["a"] and replaced["name"] == "a"
