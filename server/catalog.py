@@ -23,7 +23,7 @@ from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
 from server import metrics
 from server.engine import EngineAdapter
-from server.errors import Conflict, UnknownMemory, no_weight
+from server.errors import Conflict, Unavailable, UnknownMemory, no_weight
 from server.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
@@ -37,7 +37,11 @@ class LoadedMemory:
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
     device_bytes: int = 0
+    cache_bytes: int = 0  # per-request caches as allocated (see MemoryCatalog.refresh_cache_bytes)
+    cache_budget_bytes: int | None = None  # --memory-kv-budget, for decoder and calm memories
+    max_rows: int | None = None  # calm: rows its cache budget holds; requests beyond get 503
     requests: int = 0
+    rows: int = 0  # engine rows (choices × prompts) of the running requests
     prompt_tokens: int = 0
     completion_tokens: int = 0
     active: int = 0
@@ -51,13 +55,26 @@ class LoadedMemory:
     def name(self) -> str:
         return self.card.name
 
-    def acquire(self) -> None:
+    def acquire(self, rows: int = 1) -> None:
+        """Count a request of ``rows`` engine rows; 503 if a calm memory's cache budget holds no more rows.
+
+        A calm row's caches cannot be evicted mid-request, so the budget bounds admission instead.
+        """
+        if self.max_rows is not None and self.rows + rows > self.max_rows:
+            raise Unavailable(
+                f"calm memory {self.name!r} runs {self.rows} rows; {rows} more would pass the {self.max_rows} rows its cache budget "
+                f"holds (--memory-kv-budget {self.cache_budget_bytes:,} bytes): retry later",
+                "domain",
+                retry_after=1,
+            )
         self.active += 1
+        self.rows += rows
         self.requests += 1
         self.idle.clear()
 
-    def release(self) -> None:
+    def release(self, rows: int = 1) -> None:
         self.active -= 1
+        self.rows -= rows
         if self.active == 0:
             self.idle.set()
 
@@ -78,6 +95,8 @@ class LoadedMemory:
             "architecture": c.architecture,
             "num_parameters": c.num_parameters,
             "device_bytes": self.device_bytes,
+            **({"cache_bytes": self.cache_bytes, "cache_budget_bytes": self.cache_budget_bytes} if c.kind != "lora" else {}),
+            **({"max_rows": self.max_rows, "active_rows": self.rows} if c.kind == "calm" else {}),
             "content_sha256": c.content_sha256,
             "managed": self.managed,
             "loaded_at": self.loaded_at,
@@ -152,9 +171,9 @@ class MemoryCatalog:
         self.check_room(card.name, card.kind)
         others = [m for n, m in self._memories.items() if n != card.name]
         if self.budget_bytes is not None:
-            # what each memory may grow to: weights in the engine's dtype, plus a decoder's KV budget
+            # what each memory may grow to: weights in the engine's dtype, plus a decoder's or calm memory's cache budget
             def reserved(c: MemoryCard) -> int:
-                kv = (self.engine.kv_budget_bytes or 0) if c.kind == "decoder" else 0  # only decoder pools are budgeted
+                kv = (self.engine.kv_budget_bytes or 0) if c.kind in ("decoder", "calm") else 0  # adapters keep no caches
                 return c.num_parameters * self.engine.bytes_per_parameter + kv
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)
@@ -233,12 +252,14 @@ class MemoryCatalog:
         else:
             info = await self.engine.load_memory(key, card.path)
         loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
+        loaded.cache_bytes, loaded.cache_budget_bytes, loaded.max_rows = info.get("cache_bytes", 0), info.get("cache_budget_bytes"), info.get("max_rows")
         previous = self._memories.get(card.name)
         self._memories[card.name] = loaded
         self.problems.pop(card.name, None)
         self._failed.pop(card.name, None)
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
+        _set_cache_gauges(loaded)
         if previous is not None and previous.card.kind != card.kind:
             metrics.MEMORY_INFO.remove(card.name, previous.card.kind)
         metrics.MEMORY_INFO.labels(card.name, card.kind).set(1)
@@ -269,6 +290,9 @@ class MemoryCatalog:
         self._epochs[name] += 1
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.remove(name)
+        for gauge in (metrics.CACHE_BYTES, metrics.CACHE_BUDGET_BYTES):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
         metrics.MEMORY_INFO.remove(name, loaded.card.kind)
         return loaded
 
@@ -292,6 +316,15 @@ class MemoryCatalog:
         if loaded.card.generator:  # written by the generator: its folder goes once nothing refers to it
             await self.collect(loaded.card.path)
         return drained
+
+    async def refresh_cache_bytes(self) -> None:
+        """Ask the workers what each memory's caches hold now (they grow and shrink with its rows) for the listing and the metrics."""
+        cached = [m for m in self._memories.values() if m.card.kind != "lora"]
+        sizes = await self.engine.cache_bytes([m.key for m in cached])
+        for memory in cached:
+            if memory.key in sizes:
+                memory.cache_bytes = sizes[memory.key]
+                _set_cache_gauges(memory)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -373,6 +406,20 @@ class MemoryCatalog:
 
     def all(self) -> list[LoadedMemory]:
         return [self._memories[n] for n in self.names()]
+
+
+def _set_cache_gauges(memory: LoadedMemory) -> None:
+    if memory.card.kind == "lora":  # no caches (a replaced memory of another kind may have left its gauges)
+        for gauge in (metrics.CACHE_BYTES, metrics.CACHE_BUDGET_BYTES):
+            with contextlib.suppress(KeyError):
+                gauge.remove(memory.name)
+        return
+    metrics.CACHE_BYTES.labels(memory.name).set(memory.cache_bytes)
+    if memory.cache_budget_bytes is not None:
+        metrics.CACHE_BUDGET_BYTES.labels(memory.name).set(memory.cache_budget_bytes)
+    else:
+        with contextlib.suppress(KeyError):
+            metrics.CACHE_BUDGET_BYTES.remove(memory.name)
 
 
 def _files_signature(path: Path) -> tuple:

@@ -315,3 +315,69 @@ def test_max_loras_is_checked_before_generating(generation, adapter):
     error, replaced = run(go())
     assert "would make 3 lora memories; --max-loras is 2" in str(error)
     assert [name for name, _ in g.calls] == ["a"] and replaced["name"] == "a"
+
+
+# ---- calm memories' caches: budgeted, admitted within it, listed ----
+
+
+@pytest.fixture(scope="module")
+def calm_memory(tiny, tok, tmp_path_factory):
+    from tests.tiny_models import build_calm, build_llama
+
+    root = tmp_path_factory.mktemp("calm-catalog")
+    augment = build_llama(root / "aug", tok, layers=2, seed=5, hidden=192)
+    return str(build_calm(root / "cal", tiny["base"], augment, [(1, 1)], heads=2, seed=3))
+
+
+class CalmEngine(FakeEngine):
+    """Loads as the worker reports a calm memory under --memory-kv-budget (server/worker.py cache_sizes)."""
+
+    async def load_memory(self, key, path):
+        self.loaded.append(key)
+        return {"bytes": 123, "cache_bytes": 40, "cache_budget_bytes": self.kv_budget_bytes, "max_rows": 2}
+
+    async def cache_bytes(self, keys):
+        return {k: 77 for k in keys}
+
+
+def calm_catalog(tok, tiny, **kw):
+    import json
+
+    return MemoryCatalog(CalmEngine(), tok, base_config=json.loads((tiny["base"] / "config.json").read_text()), calm=True, **kw)
+
+
+def test_the_memory_budget_counts_a_calm_memorys_cache_budget(tiny, tok, calm_memory):
+    async def go():
+        probe = calm_catalog(tok, tiny).validate("c", calm_memory)
+        one = probe.num_parameters * FakeEngine.bytes_per_parameter + FakeEngine.kv_budget_bytes
+        catalog = calm_catalog(tok, tiny, budget_bytes=int(1.5 * one))
+        await catalog.load(catalog.validate("c", calm_memory))
+        with pytest.raises(Conflict) as e:
+            await catalog.load(catalog.validate("d", calm_memory))
+        return one, e.value
+
+    one, error = run(go())
+    assert f"needs {one:,} bytes; {one:,} of the" in str(error)
+
+
+def test_calm_requests_beyond_the_rows_its_cache_budget_holds_get_503_naming_the_flag(tiny, tok, calm_memory):
+    from server import metrics
+    from server.errors import Unavailable
+
+    async def go():
+        catalog = calm_catalog(tok, tiny)
+        memory = await catalog.load(catalog.validate("c", calm_memory))
+        listed = memory.describe()
+        memory.acquire(2)  # a request of two choices fills both rows
+        with pytest.raises(Unavailable) as e:
+            memory.acquire(1)
+        memory.release(2)
+        memory.acquire(1)  # room again once it ended
+        await catalog.refresh_cache_bytes()
+        return listed, memory.describe(), e.value
+
+    listed, refreshed, error = run(go())
+    assert "--memory-kv-budget 1,000 bytes" in str(error) and error.retry_after == 1
+    assert (listed["cache_bytes"], listed["cache_budget_bytes"], listed["max_rows"]) == (40, 1000, 2)
+    assert refreshed["cache_bytes"] == 77 and refreshed["active_rows"] == 1
+    assert metrics.CACHE_BYTES.labels("c")._value.get() == 77 and metrics.CACHE_BUDGET_BYTES.labels("c")._value.get() == 1000
