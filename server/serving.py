@@ -144,7 +144,7 @@ class CompletionsServing:
         stream = self._stream(result, selection, label, route, started, hide_usage, _rows(request))
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
-    async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool, rows: int):
+    async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool, rows: int = 1):
         memory = selection.memory if selection else None
         prompt = completion = 0
         try:
