@@ -80,7 +80,13 @@ class MemoryDecoder:
         kv_budget_bytes: int | None = None,
         max_len: int = 2048,
         base_tensors: dict[str, torch.Tensor] | None = None,
+        row_bytes: int = 0,
+        release_idle: bool = False,
     ):
+        """``row_bytes``: what each resident sequence costs outside the pool (a calm row's cross-attention
+        caches), counted against ``kv_budget_bytes`` too. ``release_idle``: give the pool back whenever no
+        sequence runs, budget or not, for callers that never park sequences (calm rows).
+        """
         path = Path(path)
         self.name = name
         self.device = torch.device(device)
@@ -114,12 +120,15 @@ class MemoryDecoder:
         self._free: list[int] = []
         self._parked: dict[int, object] = {}  # slot of a request that left the batch → that request
         self.evictions = 0
+        self.kv_budget_bytes = kv_budget_bytes or None
+        self._max_len = max_len
+        self._release_idle = release_idle
         if kv_budget_bytes:
             # With a budget the pool holds whole sequences of up to max_len tokens,
             # so the budget is a number of resident sequences; beyond it the least
             # recently used sequence is evicted and recomputed when it next runs.
-            self._max_slots = max(1, kv_budget_bytes // self._slot_bytes(max_len))
-            self._initial = (min(4, self._max_slots), max_len)
+            self._max_slots = max(1, kv_budget_bytes // (self._slot_bytes(max_len) + row_bytes))
+            self._initial = (min(4, self._max_slots), min(256, max_len) if release_idle else max_len)
         else:
             self._max_slots = None
             self._initial = (4, 256)
@@ -194,23 +203,33 @@ class MemoryDecoder:
     def nbytes(self) -> int:
         """Bytes this memory adds on the device: its own weights plus the KV pool as allocated now."""
         weights = {id(t): t.numel() * t.element_size() for t in self.w.values() if id(t) not in self._shared}
-        return sum(weights.values()) + 2 * self._k.numel() * self._k.element_size()
+        return sum(weights.values()) + self.pool_bytes
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the KV slot pool as allocated now (it grows with running sequences, up to the budget)."""
+        return 2 * self._k.numel() * self._k.element_size()
+
+    @property
+    def max_slots(self) -> int | None:
+        """Sequences the budget holds at once; None without a budget."""
+        return self._max_slots
 
     # ---- slots ----------------------------------------------------------
 
-    def open(self, protect: set[int] = frozenset()) -> int | None:
+    def open(self, protect: set[int] = frozenset(), overflow: bool = False) -> int | None:
         """Reserve a slot for a new sequence; None when the budget is reached and every slot is in ``protect``.
 
         Takes, in order: a free slot; the least recently used parked slot; a new
-        slot while under the budget; the least recently used running slot
-        outside ``protect`` (its row recomputes when it next runs).
+        slot while under the budget (or past it, with ``overflow``); the least
+        recently used running slot outside ``protect`` (its row recomputes when it next runs).
         """
         if not self._free:
             n = len(self._lengths)
             if self._parked:
                 self._evict(min(self._parked, key=self._last_used.__getitem__))
-            elif self._max_slots is None or n < self._max_slots:
-                self._grow(slots=min(2 * n, self._max_slots or 2 * n), capacity=self._k.shape[3])
+            elif overflow or self._max_slots is None or n < self._max_slots:
+                self._grow(slots=max(n + 1, min(2 * n, self._max_slots or 2 * n)), capacity=self._k.shape[3])
             else:
                 victims = [s for s in range(n) if s not in protect]
                 if not victims:
@@ -268,9 +287,10 @@ class MemoryDecoder:
     def _shrink_if_idle(self) -> None:
         """Without a budget, once no sequence runs, give back a pool that grew for a peak (its parked sequences go with it).
 
-        A budgeted pool keeps its size: the operator set aside those bytes, and its parked sequences stay useful.
+        A budgeted pool keeps its size: the operator set aside those bytes, and its parked sequences stay useful;
+        unless ``release_idle`` (a caller that never parks).
         """
-        if self._max_slots is not None or self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
+        if (self._max_slots is not None and not self._release_idle) or self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
             return
         self._k = self._v = torch.empty(0)
         self._lengths, self._generation, self._last_used, self._free, self._parked = [], [], [], [], {}
@@ -301,6 +321,7 @@ class MemoryDecoder:
         if needed > capacity:
             while capacity < needed:
                 capacity *= 2
+            capacity = max(needed, min(capacity, self._max_len))  # the budget counted sequences of max_len
             self._grow(slots=len(self._lengths), capacity=capacity)
 
     # ---- forward ---------------------------------------------------------

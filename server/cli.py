@@ -92,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     admin.add_argument(
         "--memory-budget-bytes", type=int, default=None,
-        help="device bytes for all memories (weights + KV pools): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
+        help="device bytes for all memories (weights + --memory-kv-budget per decoder or calm memory): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
     )  # fmt: skip
     admin.add_argument(
         "--memory-kv-budget", dest="memory_kv_budget_bytes", type=int, default=None, metavar="BYTES",
-        help="KV pool size per decoder memory; beyond it the least recently used sequence is evicted and recomputed. "
-        "A calm memory's augmenting model keeps every running row's cache and frees it when the row leaves (default: grows as needed)",
+        help="cache bytes per decoder or calm memory. A decoder memory's KV pool: beyond it the least recently used sequence is evicted "
+        "and recomputed. A calm memory's caches (its augmenting model's KV pool and its cross-attention keys and values): they hold "
+        "BYTES / (one row of --max-model-len tokens) rows, and requests beyond them get 503 until rows end; freed when rows end "
+        "(default: grow as needed)",
     )  # fmt: skip
     admin.add_argument("--reconcile-interval", type=float, default=10.0, help="seconds between re-reads of the store's desired set; 0: only at start and on admin calls (default: %(default)s)")
     admin.add_argument("--unload-timeout", type=float, default=30.0, help="seconds an unload waits for running requests before ending them with an error (default: %(default)s)")

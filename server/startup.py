@@ -185,7 +185,7 @@ async def run(opts: ServeOptions) -> int:
         server = lifecycle.make_server(config)
         lifecycle.watch_engine(engine)
         catalog.reconcile_interval = opts.reconcile_interval
-        background = [asyncio.ensure_future(log_throughput())]
+        background = [asyncio.ensure_future(log_throughput()), asyncio.ensure_future(_refresh_cache_bytes_forever(catalog))]
         if store and opts.reconcile_interval > 0:
             background.append(asyncio.ensure_future(_reconcile_forever(catalog, opts.reconcile_interval)))
         serving = True
@@ -297,6 +297,14 @@ def choose_max_loras(asked: int | None, memory_specs: list[tuple[str, str]], sto
             log.info("LoRA on (--max-loras %d): start-up memory %s is a lora memory", AUTO_MAX_LORAS, name)
             return AUTO_MAX_LORAS
     return 0
+
+
+async def _refresh_cache_bytes_forever(catalog, interval: float = 10.0) -> None:
+    """Keep memserve_memory_cache_bytes current: memories' caches grow and shrink with their rows."""
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(Exception):
+            await catalog.refresh_cache_bytes()
 
 
 async def _reconcile_forever(catalog, interval: float) -> None:

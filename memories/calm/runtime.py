@@ -14,11 +14,22 @@ A row's cache follows the positions vLLM computes: a step that starts before
 the cache's end (vLLM recomputes after a preemption) cuts it back; one that
 starts after it (vLLM found the prompt's start in its prefix cache) first
 reads the tokens in between, which the caller passes along.
+
+Both caches count against one budget (``kv_budget_bytes``, the server's
+``--memory-kv-budget``): it is divided into rows of up to ``max_len`` tokens,
+each an augmenting-model slot plus its connections' caches, and
+:attr:`CalmMemory.max_rows` says how many. The server admits no more running
+rows than that; running rows are never evicted (their cross-attention caches
+are what the base attends to mid-step), so a row beyond the budget that still
+arrives gets a slot past it, with an error logged. Rows free their caches when
+they leave, and the pool is given back whenever no row runs, so idle memory
+does not stay grown.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +38,8 @@ import torch
 from memories.artifact import MEMORY_JSON, ArtifactError
 from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, Composition, CompositionSpec, causal_mask, check_layers
 from memories.runner import MemoryDecoder
+
+log = logging.getLogger("memserve.calm")
 
 
 @dataclass
@@ -42,13 +55,28 @@ class CalmRow:
 class CalmMemory:
     """The augmenting model, the composition, and the rows running on them."""
 
-    def __init__(self, path: str | Path, name: str = "memory", device: str | torch.device = "cpu", dtype=torch.float32, max_len: int = 2048, base_layers: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        name: str = "memory",
+        device: str | torch.device = "cpu",
+        dtype=torch.float32,
+        max_len: int = 2048,
+        base_layers: int | None = None,
+        kv_budget_bytes: int | None = None,
+    ):
         path = Path(path)
         meta = json.loads((path / MEMORY_JSON).read_text())
         self.spec = CompositionSpec.from_card(name, meta)
         self.name = name
         self.device, self.dtype = torch.device(device), dtype
-        self.augment = MemoryDecoder(path / AUGMENT_DIR, name=name, device=device, dtype=dtype, max_len=max_len)
+        self.max_len = max_len
+        self._rows: dict[int, CalmRow] = {}  # open rows by augment slot
+        # per connection, keys and values [heads, max_len, head_dim]: heads × head_dim is the base's width
+        row_bytes = len(self.spec.connections) * 2 * self.spec.base_width * max_len * torch.empty(0, dtype=dtype).element_size()
+        self.augment = MemoryDecoder(
+            path / AUGMENT_DIR, name=name, device=device, dtype=dtype, max_len=max_len, kv_budget_bytes=kv_budget_bytes, row_bytes=row_bytes, release_idle=True
+        )
         if self.augment.cfg.hidden != self.spec.augment_width:
             raise ArtifactError(name, "augment width differs from memory.json", f"augment hidden_size {self.augment.cfg.hidden}, memory.json augment_width {self.spec.augment_width}")
         check_layers(name, self.spec, self.augment.cfg.layers, base_layers if base_layers is not None else max(b for _, b in self.spec.connections) + 1)
@@ -65,16 +93,41 @@ class CalmMemory:
 
     @property
     def nbytes(self) -> int:
-        return self.augment.nbytes + sum(p.numel() * p.element_size() for p in self.composition.parameters())
+        """Weights plus the caches as allocated now."""
+        return self.augment.nbytes + sum(p.numel() * p.element_size() for p in self.composition.parameters()) + self._connection_bytes()
+
+    @property
+    def cache_bytes(self) -> int:
+        """The rows' caches as allocated now: the augmenting model's slot pool and every open row's cross-attention keys and values."""
+        return self.augment.pool_bytes + self._connection_bytes()
+
+    @property
+    def cache_budget_bytes(self) -> int | None:
+        return self.augment.kv_budget_bytes
+
+    @property
+    def max_rows(self) -> int | None:
+        """Rows the cache budget holds at once; None without a budget."""
+        return self.augment.max_slots
+
+    def _connection_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for row in self._rows.values() for t in (*row.keys, *row.values))
 
     # ---- rows ------------------------------------------------------------
 
     def open(self) -> CalmRow:
-        slot = self.augment.open()
-        assert slot is not None  # the pool has no budget: it grows
-        return CalmRow(slot)
+        """A row for a new request; past the budget only if more rows run than the server admits (logged)."""
+        slot = self.augment.open(protect=self._rows.keys())  # running rows are never evicted
+        if slot is None:
+            log.error("calm memory %s: more than %d rows run at once, beyond its cache budget (--memory-kv-budget); growing past it", self.name, self.max_rows)
+            slot = self.augment.open(overflow=True)
+        row = self._rows[slot] = CalmRow(slot)
+        return row
 
     def close(self, row: CalmRow) -> None:
+        """Free the row's caches; with no row left the augmenting model's pool shrinks back."""
+        self._rows.pop(row.slot, None)
+        row.keys, row.values = [], []
         self.augment.close(row.slot)
 
     @torch.inference_mode()
@@ -100,14 +153,13 @@ class CalmMemory:
         for row, t in zip(rows, tokens):
             row.length += len(t)
 
-    @staticmethod
-    def _store(row: CalmRow, c: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _store(self, row: CalmRow, c: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write connection ``c``'s keys and values ``[heads, M, head_dim]`` for the row's next M positions."""
         if len(row.keys) <= c:
             row.keys.append(k.new_zeros(k.shape[0], 0, k.shape[2]))
             row.values.append(v.new_zeros(v.shape[0], 0, v.shape[2]))
-        row.keys[c] = _append(row.keys[c], row.length, k)
-        row.values[c] = _append(row.values[c], row.length, v)
+        row.keys[c] = _append(row.keys[c], row.length, k, self.max_len)
+        row.values[c] = _append(row.values[c], row.length, v, self.max_len)
 
     @torch.inference_mode()
     def attend(self, layer: int, hidden: torch.Tensor, rows: list[CalmRow], counts: list[int]) -> torch.Tensor | None:
@@ -149,11 +201,11 @@ class CalmMemory:
         return out
 
 
-def _append(cache: torch.Tensor, at: int, new: torch.Tensor) -> torch.Tensor:
-    """``cache[:, at:at+M] = new``, growing the capacity by doubling."""
+def _append(cache: torch.Tensor, at: int, new: torch.Tensor, limit: int) -> torch.Tensor:
+    """``cache[:, at:at+M] = new``, growing the capacity by doubling, past ``limit`` (what the budget counts) only as needed."""
     need = at + new.shape[1]
     if need > cache.shape[1]:
-        grown = cache.new_zeros(cache.shape[0], max(need, 2 * cache.shape[1], 16), cache.shape[2])  # zeros: masked slots must stay finite
+        grown = cache.new_zeros(cache.shape[0], max(need, min(max(2 * cache.shape[1], 16), limit)), cache.shape[2])  # zeros: masked slots must stay finite
         grown[:, :at] = cache[:, :at]
         cache = grown
     cache[:, at:need] = new

@@ -63,6 +63,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
     @router.get("/memories")
     async def list_memories(raw_request: Request) -> JSONResponse:
         await authorize(raw_request)
+        await catalog.refresh_cache_bytes()
         return JSONResponse({
             "object": "list",
             "data": [m.describe() for m in catalog.all()],

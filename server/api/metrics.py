@@ -14,6 +14,9 @@ REQUESTS = Counter("memserve_memory_requests", "Completion requests by selected 
 TOKENS = Counter("memserve_memory_tokens", "Tokens processed by selected memory", ["memory", "kind"])
 LOADED = Gauge("memserve_memories_loaded", "Memories currently loaded")
 DEVICE_BYTES = Gauge("memserve_memory_device_bytes", "Device bytes held by a memory", ["memory"])
+# a decoder memory's KV pool, a calm memory's augmenting-model pool and cross-attention caches; refreshed with GET /admin/memories and every 10 s
+CACHE_BYTES = Gauge("memserve_memory_cache_bytes", "Bytes of a memory's per-request caches as allocated now", ["memory"])
+CACHE_BUDGET_BYTES = Gauge("memserve_memory_cache_budget_bytes", "The --memory-kv-budget a memory's caches are held to (absent: unbounded)", ["memory"])
 # 1 per loaded memory: join on ``memory`` to split the usage counters by kind (decoder, lora)
 MEMORY_INFO = Gauge("memserve_memory_info", "Loaded memories, by kind", ["memory", "memory_kind"])
 

@@ -190,6 +190,16 @@ class EngineAdapter:
             raise
         return results[0]
 
+    async def cache_bytes(self, keys: list[str]) -> dict[str, int]:
+        """Each memory's caches as allocated now, by key: the largest over the workers (each holds its own copy)."""
+        if not keys:
+            return {}
+        out: dict[str, int] = {}
+        for result in await self.engine.collective_rpc("memserve_cache_bytes", args=(keys,)):
+            for key, n in result.items():
+                out[key] = max(out.get(key, 0), n)
+        return out
+
     async def unload_memory(self, key: str) -> None:
         await self.engine.collective_rpc("memserve_unload", args=(key,))
 

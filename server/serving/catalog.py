@@ -9,9 +9,12 @@ running: the old version is unloaded from the workers once its requests end.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
 from server.api import metrics
 from server.engine.client import EngineAdapter
-from server.errors import Conflict, UnknownMemory, no_weight
+from server.errors import Conflict, Unavailable, UnknownMemory, no_weight
 from server.serving.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
@@ -34,7 +37,11 @@ class LoadedMemory:
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
     device_bytes: int = 0
+    cache_bytes: int = 0  # per-request caches as allocated (see MemoryCatalog.refresh_cache_bytes)
+    cache_budget_bytes: int | None = None  # --memory-kv-budget, for decoder and calm memories
+    max_rows: int | None = None  # calm: rows its cache budget holds; requests beyond get 503
     requests: int = 0
+    rows: int = 0  # engine rows (choices × prompts) of the running requests
     prompt_tokens: int = 0
     completion_tokens: int = 0
     active: int = 0
@@ -48,13 +55,26 @@ class LoadedMemory:
     def name(self) -> str:
         return self.card.name
 
-    def acquire(self) -> None:
+    def acquire(self, rows: int = 1) -> None:
+        """Count a request of ``rows`` engine rows; 503 if a calm memory's cache budget holds no more rows.
+
+        A calm row's caches cannot be evicted mid-request, so the budget bounds admission instead.
+        """
+        if self.max_rows is not None and self.rows + rows > self.max_rows:
+            raise Unavailable(
+                f"calm memory {self.name!r} runs {self.rows} rows; {rows} more would pass the {self.max_rows} rows its cache budget "
+                f"holds (--memory-kv-budget {self.cache_budget_bytes:,} bytes): retry later",
+                "domain",
+                retry_after=1,
+            )
         self.active += 1
+        self.rows += rows
         self.requests += 1
         self.idle.clear()
 
-    def release(self) -> None:
+    def release(self, rows: int = 1) -> None:
         self.active -= 1
+        self.rows -= rows
         if self.active == 0:
             self.idle.set()
 
@@ -75,6 +95,8 @@ class LoadedMemory:
             "architecture": c.architecture,
             "num_parameters": c.num_parameters,
             "device_bytes": self.device_bytes,
+            **({"cache_bytes": self.cache_bytes, "cache_budget_bytes": self.cache_budget_bytes} if c.kind != "lora" else {}),
+            **({"max_rows": self.max_rows, "active_rows": self.rows} if c.kind == "calm" else {}),
             "content_sha256": c.content_sha256,
             "managed": self.managed,
             "loaded_at": self.loaded_at,
@@ -118,6 +140,8 @@ class MemoryCatalog:
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()
+        self._epochs: collections.Counter[str] = collections.Counter()  # name → unloads so far (see :meth:`epoch`)
+        self._pinned: collections.Counter[Path] = collections.Counter()  # generated folders an in-flight generation will load
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
         """All checks that need no engine, by kind: metadata, weight headers, tokenizer, shapes against the base."""
@@ -137,17 +161,25 @@ class MemoryCatalog:
             self.store.check_links(name, Path(path))
         return self.validate(name, path, weight)
 
-    def _check_limits(self, card: MemoryCard) -> None:
-        others = [m for n, m in self._memories.items() if n != card.name]
+    def check_room(self, name: str, kind: str) -> None:
+        """409 if one more memory of ``kind`` named ``name`` (a replacement is not one more) exceeds --max-memories or --max-loras.
+
+        Public so that a generation can ask before it spends CPU on a lora that could never load.
+        """
+        others = [m for n, m in self._memories.items() if n != name]
         if self.max_memories is not None and len(others) + 1 > self.max_memories:
-            raise Conflict(f"loading {card.name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
+            raise Conflict(f"loading {name!r} would make {len(others) + 1} memories; --max-memories is {self.max_memories}", "name")
         loras = sum(m.card.kind == "lora" for m in others)
-        if card.kind == "lora" and loras + 1 > self.max_loras:
-            raise Conflict(f"loading {card.name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
+        if kind == "lora" and loras + 1 > self.max_loras:
+            raise Conflict(f"loading {name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
+
+    def _check_limits(self, card: MemoryCard) -> None:
+        self.check_room(card.name, card.kind)
+        others = [m for n, m in self._memories.items() if n != card.name]
         if self.budget_bytes is not None:
-            # what each memory may grow to: weights in the engine's dtype, plus a decoder's KV budget
+            # what each memory may grow to: weights in the engine's dtype, plus a decoder's or calm memory's cache budget
             def reserved(c: MemoryCard) -> int:
-                kv = (self.engine.kv_budget_bytes or 0) if c.kind == "decoder" else 0  # only decoder pools are budgeted
+                kv = (self.engine.kv_budget_bytes or 0) if c.kind in ("decoder", "calm") else 0  # adapters keep no caches
                 return c.num_parameters * self.engine.bytes_per_parameter + kv
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)
@@ -157,18 +189,61 @@ class MemoryCatalog:
                     "name",
                 )
 
-    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False) -> LoadedMemory:
+    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False, epoch: int | None = None) -> LoadedMemory:
         """Check a memory directory of any kind, load it and add it to the persisted set: what an admin load does.
 
         The one entry point for code in the server that writes a memory and then serves it
         (e.g. a generated LoRA): ``path`` must already be inside the memory root.
+        ``epoch``: :meth:`epoch` of the name when that work began; refused (409) if it was unloaded since.
         """
         card = await asyncio.to_thread(self.validate_stored, name, path, weight)  # reads every weight file
-        return await self.load(card, replace=replace, managed=True)
+        return await self.load(card, replace=replace, managed=True, epoch=epoch)
 
-    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True) -> LoadedMemory:
+    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True, epoch: int | None = None) -> LoadedMemory:
         async with self._ops:
+            if epoch is not None and self._epochs[card.name] != epoch:
+                raise Conflict(f"memory {card.name!r} was unloaded while it was being generated; the generated memory was not loaded", "name")
             return await self._load(card, replace, managed, persist)
+
+    def epoch(self, name: str) -> int:
+        """How many times ``name`` was unloaded so far: work that takes a while (a generation) notes it first,
+        and :meth:`load` refuses its result if an unload came in between, so that the unload wins.
+        """
+        return self._epochs[name]
+
+    @contextlib.contextmanager
+    def pinned(self, path: Path):
+        """Keep a generated folder from being collected while an in-flight generation writes or loads it."""
+        self._pinned[path] += 1
+        try:
+            yield
+        finally:
+            self._pinned[path] -= 1
+            if not self._pinned[path]:
+                del self._pinned[path]
+
+    async def collect(self, path: str | Path) -> bool:
+        """Delete a folder memserve generated once nothing refers to it any more; whether it was deleted.
+
+        Referring: a loaded version here (a replacement may reuse the same folder), an in-flight
+        generation, or the persisted desired set, which is every replica's. Anything but a
+        generated folder (see :meth:`MemoryStore.generated`), or a state file that cannot be read, keeps it.
+        """
+        folder = self.store.generated(path) if self.store is not None else None
+        if folder is None:
+            return False
+        async with self._ops:
+            if folder in self._pinned or any(Path(m.card.path) == folder for m in self._memories.values()):
+                return False
+            try:
+                if folder in await asyncio.to_thread(self.store.referenced):
+                    return False
+            except Exception as e:
+                log.warning("keeping %s: the store's state cannot be read (%s)", folder, e)
+                return False
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        log.info("generated folder %s deleted: no memory uses it any more", folder)
+        return True
 
     async def _load(self, card: MemoryCard, replace: bool, managed: bool, persist: bool) -> LoadedMemory:
         if card.name in self._memories and not replace:
@@ -183,12 +258,14 @@ class MemoryCatalog:
         else:
             info = await self.engine.load_memory(key, card.path)
         loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
+        loaded.cache_bytes, loaded.cache_budget_bytes, loaded.max_rows = info.get("cache_bytes", 0), info.get("cache_budget_bytes"), info.get("max_rows")
         previous = self._memories.get(card.name)
         self._memories[card.name] = loaded
         self.problems.pop(card.name, None)
         self._failed.pop(card.name, None)
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.labels(card.name).set(loaded.device_bytes)
+        _set_cache_gauges(loaded)
         if previous is not None and previous.card.kind != card.kind:
             metrics.MEMORY_INFO.remove(card.name, previous.card.kind)
         metrics.MEMORY_INFO.labels(card.name, card.kind).set(1)
@@ -216,8 +293,12 @@ class MemoryCatalog:
         loaded = self._memories.pop(name, None)
         if loaded is None:
             raise UnknownMemory(f"memory {name!r} is not loaded", "name")
+        self._epochs[name] += 1
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.remove(name)
+        for gauge in (metrics.CACHE_BYTES, metrics.CACHE_BUDGET_BYTES):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
         metrics.MEMORY_INFO.remove(name, loaded.card.kind)
         return loaded
 
@@ -238,7 +319,18 @@ class MemoryCatalog:
         else:
             await self.engine.unload_memory(loaded.key)
         log.info("memory %s (%s) unloaded, %s bytes freed", loaded.name, loaded.key, f"{loaded.device_bytes:,}")
+        if loaded.card.generator:  # written by the generator: its folder goes once nothing refers to it
+            await self.collect(loaded.card.path)
         return drained
+
+    async def refresh_cache_bytes(self) -> None:
+        """Ask the workers what each memory's caches hold now (they grow and shrink with its rows) for the listing and the metrics."""
+        cached = [m for m in self._memories.values() if m.card.kind != "lora"]
+        sizes = await self.engine.cache_bytes([m.key for m in cached])
+        for memory in cached:
+            if memory.key in sizes:
+                memory.cache_bytes = sizes[memory.key]
+                _set_cache_gauges(memory)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -320,6 +412,20 @@ class MemoryCatalog:
 
     def all(self) -> list[LoadedMemory]:
         return [self._memories[n] for n in self.names()]
+
+
+def _set_cache_gauges(memory: LoadedMemory) -> None:
+    if memory.card.kind == "lora":  # no caches (a replaced memory of another kind may have left its gauges)
+        for gauge in (metrics.CACHE_BYTES, metrics.CACHE_BUDGET_BYTES):
+            with contextlib.suppress(KeyError):
+                gauge.remove(memory.name)
+        return
+    metrics.CACHE_BYTES.labels(memory.name).set(memory.cache_bytes)
+    if memory.cache_budget_bytes is not None:
+        metrics.CACHE_BUDGET_BYTES.labels(memory.name).set(memory.cache_budget_bytes)
+    else:
+        with contextlib.suppress(KeyError):
+            metrics.CACHE_BUDGET_BYTES.remove(memory.name)
 
 
 def _files_signature(path: Path) -> tuple:

@@ -96,7 +96,8 @@ class CompletionsServing:
             # usage is how we count the memory's tokens; the client did not ask for it
             request.stream_options = StreamOptions(include_usage=True)
             hide_usage = True
-        memory.acquire()
+        rows = _rows(request)
+        memory.acquire(rows)
         work = asyncio.ensure_future(handler(request, raw_request))
         evicted = asyncio.ensure_future(memory.evicted.wait())
         try:
@@ -105,18 +106,18 @@ class CompletionsServing:
                 raise Unavailable(_evicted_message(memory.name), "domain")
             response = self._respond(work.result(), request, selection, raw_request.url.path, started, hide_usage)
         except BaseException:
-            memory.release()
+            memory.release(rows)
             raise
         finally:
             # also on cancellation (the client went away): the engine request ends with the task
             evicted.cancel()
             work.cancel()
         if not isinstance(response, StreamingResponse):
-            memory.release()
+            memory.release(rows)
         return response
 
     def _check_limits(self, request, selection: Selection | None) -> None:
-        n = max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
+        n = _choices(request)
         if n > self.limits.max_n:
             raise BadRequest(f"n = {n} is above this server's limit of {self.limits.max_n} choices per request (--max-n)", "n")
         if selection is not None and selection.memory.card.kind != "lora" and getattr(request, "prompt_embeds", None) is not None:
@@ -137,9 +138,10 @@ class CompletionsServing:
             self._count(selection, label, prompt, completion)
             _log_done(route, label, prompt, completion, started)
             return JSONResponse(result.model_dump(), headers=headers)
-        return StreamingResponse(self._stream(result, selection, label, route, started, hide_usage), media_type="text/event-stream", headers=headers)
+        stream = self._stream(result, selection, label, route, started, hide_usage, _rows(request))
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
-    async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool):
+    async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool, rows: int = 1):
         memory = selection.memory if selection else None
         prompt = completion = 0
         try:
@@ -162,7 +164,7 @@ class CompletionsServing:
         finally:
             try:
                 if memory is not None:
-                    memory.release()
+                    memory.release(rows)
             finally:
                 await chunks.aclose()  # an early exit aborts the engine request
             _log_done(route, label, prompt, completion, started)
@@ -183,6 +185,17 @@ def _validate(request_cls, body: dict[str, Any]):
         raise
     except Exception as e:
         raise BadRequest(f"invalid request: {type(e).__name__}: {e}") from None
+
+
+def _rows(request) -> int:
+    """Engine rows a request runs: its choices (n, best_of) for each of its prompts (a completion may carry several)."""
+    prompt = getattr(request, "prompt", None)
+    several = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    return _choices(request) * (len(prompt) if several else 1)
+
+
+def _choices(request) -> int:
+    return max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
 
 
 def _log_done(route: str, label: str, prompt: int, completion: int, started: float) -> None:

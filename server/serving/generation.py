@@ -7,19 +7,24 @@ the CPU that also serves). Its output is written inside the memory root, under
 load it like any admin-loaded memory; the folder's name is derived from the
 memory name, the generator and the prompts, so a retried request reuses it
 instead of generating twice. A generated folder that fails to load is removed:
-nothing half-made stays behind.
+nothing half-made stays behind; one whose memory is unloaded or replaced is
+removed once its requests drained and no loaded version, in-flight generation
+or persisted entry refers to it (``MemoryCatalog.collect``).
+
+Generating takes seconds, so what can be decided before is: a name already
+loaded without ``replace``, and --max-memories / --max-loras (409). An unload
+of the name while it generates wins: the result is neither loaded nor
+persisted (409), and its folder is collected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 import time
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict
-
-GENERATED = "generated"
+from server.serving.store import GENERATED
 
 
 class MemoryGeneration:
@@ -36,28 +41,30 @@ class MemoryGeneration:
         """Generate, check, load and persist; the loaded memory's card plus ``generation_seconds``."""
         from memories.lora.generate import PromptError, generate_memory, prompts_sha256, validate_prompts
 
-        if self.catalog.get(name) is not None and not replace:  # before spending seconds of CPU on it
-            raise Conflict(f"memory {name!r} is already loaded; pass replace=true to swap it", "name")
         try:
             prompts = validate_prompts(prompts, max_count=self.generator.max_prompts)
         except PromptError as e:
             raise BadRequest(str(e), "prompts") from None
+        if self.catalog.get(name) is not None and not replace:  # before spending seconds of CPU on it
+            raise Conflict(f"memory {name!r} is already loaded; pass replace=true to swap it", "name")
+        self.catalog.check_room(name, "lora")
+        epoch = self.catalog.epoch(name)  # an unload from now on wins over this generation
         digest = hashlib.sha256(f"{self.generator.sha256}:{prompts_sha256(prompts)}".encode()).hexdigest()
         target = self.catalog.store.root / GENERATED / f"{name}-{digest[:16]}"
-        made, seconds = False, 0.0
-        async with self._one_at_a_time:
-            if not target.is_dir():
-                start = time.perf_counter()
-                try:
-                    await asyncio.to_thread(generate_memory, self.generator, prompts, name, target, None, description)
-                except PromptError as e:
-                    raise BadRequest(str(e), "prompts") from None
-                made, seconds = True, time.perf_counter() - start  # generate_memory logs it
+        seconds = 0.0
         try:
-            loaded = await self.catalog.load_dir(name, str(target), None, replace=replace)
+            with self.catalog.pinned(target):
+                async with self._one_at_a_time:
+                    if not target.is_dir():
+                        start = time.perf_counter()
+                        try:
+                            await asyncio.to_thread(generate_memory, self.generator, prompts, name, target, None, description)
+                        except PromptError as e:
+                            raise BadRequest(str(e), "prompts") from None
+                        seconds = time.perf_counter() - start  # generate_memory logs it
+                loaded = await self.catalog.load_dir(name, str(target), None, replace=replace, epoch=epoch)
         except BaseException:
-            if made:
-                shutil.rmtree(target, ignore_errors=True)
+            await asyncio.shield(self.catalog.collect(target))  # unless another version or generation uses it
             raise
         return {**loaded.describe(), "generation_seconds": round(seconds, 3)}
 

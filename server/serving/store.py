@@ -15,6 +15,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from server.errors import BadRequest
 log = logging.getLogger("memserve.store")
 
 STATE_FILE = "memserve-state.json"
+GENERATED = "generated"  # <memory-root>/generated/<name>-<16 hex>: lora memories memserve generated (server/serving/generation.py)
+_GENERATED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,26 @@ class MemoryStore:
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root))
+
+    def generated(self, path: str | Path) -> Path | None:
+        """``path`` as a folder memserve generated (directly under ``generated/``, named ``<name>-<16 hex>``), else None.
+
+        Only such folders are ever deleted by memserve; anything else under the root is the operator's.
+        """
+        real = Path(os.path.realpath(path))
+        if real.parent != self.root / GENERATED or not _GENERATED_NAME.fullmatch(real.name):
+            return None
+        return real
+
+    def referenced(self) -> set[Path]:
+        """Folders the persisted desired set points at (every replica's view); raises if the state cannot be read."""
+        out = set()
+        for entry in self.desired().values():
+            try:
+                out.add(self.resolve(entry.path))
+            except BadRequest:  # an entry pointing outside the root references nothing in it
+                continue
+        return out
 
     def desired(self) -> dict[str, DesiredMemory]:
         try:

@@ -76,7 +76,9 @@ class MemoryWorkerExtension:
         max_len = getattr(model_config, "max_model_len", 2048)
         if kind_of(Path(path), key) == "calm":
             base_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", None)
-            _LOADING[key] = _LOADER.submit(CalmMemory, path, name=key, device=device, dtype=dtype, max_len=max_len, base_layers=base_layers)
+            _LOADING[key] = _LOADER.submit(
+                CalmMemory, path, name=key, device=device, dtype=dtype, max_len=max_len, base_layers=base_layers, kv_budget_bytes=kv_budget_bytes
+            )
             return
         _LOADING[key] = _LOADER.submit(
             MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len, base_tensors=base_tensors(runner)
@@ -105,7 +107,16 @@ class MemoryWorkerExtension:
         decoder = REGISTRY.get(key)
         if decoder is None:
             return {"error": {"message": f"memory {key} is neither loaded nor loading in this worker"}}
-        return {"num_parameters": decoder.num_parameters, "bytes": decoder.nbytes}
+        return {"num_parameters": decoder.num_parameters, "bytes": decoder.nbytes, **cache_sizes(decoder)}
+
+    def memserve_cache_bytes(self, keys: list[str]) -> dict[str, int]:
+        """Each loaded memory's caches as allocated now (they grow and shrink with its rows), by key."""
+        out = {}
+        for key in keys:
+            memory = REGISTRY.get(key)
+            if memory is not None:
+                out[key] = cache_sizes(memory)["cache_bytes"]
+        return out
 
     def memserve_unload(self, key: str) -> bool:
         """Forget the memory (and a load of it still under way). Rows still decoding hold their own reference and finish on it."""
@@ -129,6 +140,13 @@ class MemoryWorkerExtension:
             logp = memory_logprobs(logits, base_width, temperature)  # [chunk, V]
             out += _gather(logp, wanted[len(out) : len(out) + len(logp)])
         return out
+
+
+def cache_sizes(memory: MemoryDecoder | CalmMemory) -> dict:
+    """What a memory's caches hold now, what --memory-kv-budget allows them, and, for calm, how many rows that is (the API admits no more)."""
+    if isinstance(memory, CalmMemory):
+        return {"cache_bytes": memory.cache_bytes, "cache_budget_bytes": memory.cache_budget_bytes, "max_rows": memory.max_rows}
+    return {"cache_bytes": memory.pool_bytes, "cache_budget_bytes": memory.kv_budget_bytes, "max_rows": None}  # decoder rows are evicted and recomputed
 
 
 def base_tensors(runner) -> dict[str, torch.Tensor] | None:

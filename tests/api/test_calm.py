@@ -55,11 +55,14 @@ def root(tiny, tmp_path_factory):
     return root
 
 
+KV_BUDGET = 256 << 20  # per memory: ~100 calm rows of 512 tokens here, more than any test runs at once
+
+
 @pytest.fixture(scope="module")
 def calm_server(tiny, root, tmp_path_factory):
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"ada={root / 'ada'}", "--memory", f"cal={root / 'cal'}"]
-    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "0", "--max-loras", "1", *FP32]
+    args += ["--memory-root", str(root), "--admin-token", TOKEN, "--reconcile-interval", "0", "--max-loras", "1", "--memory-kv-budget", str(KV_BUDGET), *FP32]
     with ServerProcess(args, tmp_path_factory.mktemp("calm-server")).running() as proc:
         yield proc
 
@@ -170,6 +173,16 @@ def test_mixed_batch_of_every_kind_equals_solo_runs_and_base_rows_are_plain_vllm
     base_rows = [s for (_, m), s in zip(jobs, solo) if m == "tiny-base"]
     for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=True), base_rows):
         assert tokens == plain["tokens"] and logprobs == plain["logprobs"]
+
+
+def test_the_listing_and_metrics_show_a_calm_memorys_cache_budget(client, calm_server, prompt_ids):
+    complete(client, prompt_ids[0], model="cal")
+    card = next(m for m in admin(calm_server, "GET").json()["data"] if m["name"] == "cal")
+    assert card["cache_budget_bytes"] == KV_BUDGET and card["max_rows"] >= 1 and card["active_rows"] == 0
+    assert 0 < card["cache_bytes"] <= KV_BUDGET
+    metrics = httpx.get(calm_server.url + "/metrics", timeout=30).text
+    assert f'memserve_memory_cache_budget_bytes{{memory="cal"}} {float(KV_BUDGET)}' in metrics
+    assert 'memserve_memory_cache_bytes{memory="cal"}' in metrics
 
 
 def test_hot_load_unload_with_drain_replace_and_persistence(client, calm_server, root, prompt_ids):

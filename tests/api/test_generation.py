@@ -148,6 +148,7 @@ def test_bad_generation_requests(gen_server, client, body, status, param):
 def test_unload_a_generated_memory(generated, gen_server, client):
     r = admin(gen_server, "DELETE", "/admin/memories/held")
     assert r.status_code == 200 and r.json()["status"] == "unloaded"
+    assert not Path(generated["path"]).exists()  # nothing refers to the generated folder any more
     with pytest.raises(Exception) as e:
         client.completions.create(model="held", prompt="court", max_tokens=2)
     assert getattr(e.value, "status_code", None) == 404

@@ -165,3 +165,28 @@ def test_a_prefix_from_the_cache_is_read_from_the_known_tokens(calm_dir, monkeyp
         assert group.rows[0].length == 20
     finally:
         REGISTRY.pop("cal@2")
+
+
+def test_a_cache_budget_bounds_the_rows_caches_and_idle_rows_give_them_back(calm_dir, caplog):
+    """--memory-kv-budget covers a calm memory's caches: the augmenting model's pool and the connections' keys and values."""
+    max_len, tokens = 512, 300
+    probe = CalmMemory(calm_dir, "cal", base_layers=2, max_len=max_len)
+    row_bytes = probe.augment._slot_bytes(max_len) + len(probe.spec.connections) * 2 * probe.spec.base_width * max_len * 4
+    budget = 3 * row_bytes + row_bytes // 2
+    memory = CalmMemory(calm_dir, "cal", base_layers=2, max_len=max_len, kv_budget_bytes=budget)
+    assert (memory.max_rows, memory.cache_budget_bytes, probe.max_rows) == (3, budget, None)
+    idle = memory.cache_bytes
+    assert 0 < idle <= budget
+    torch.manual_seed(2)
+    rows = [memory.open() for _ in range(3)]
+    for row in rows:  # prompts, then decoding steps
+        memory.read([row], [torch.randint(3, 300, (tokens,)).tolist()], [0])
+    for _ in range(3):
+        memory.read(rows, [[5]] * 3, [r.length for r in rows])
+    assert idle < memory.cache_bytes <= budget
+    grown = memory.cache_bytes
+    extra = memory.open()  # more rows than the budget holds (the server admits none): served, and said so
+    assert "beyond its cache budget (--memory-kv-budget)" in caplog.text and extra.slot not in {r.slot for r in rows}
+    for row in rows + [extra]:
+        memory.close(row)
+    assert memory.cache_bytes == idle < grown  # idle: the pool shrinks back, rows' caches are gone

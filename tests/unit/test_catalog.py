@@ -1,6 +1,7 @@
 """Catalog logic with a fake engine: limits, versioned keys, replace and unload bookkeeping."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -256,3 +257,198 @@ def test_symlinks_inside_the_root_load_and_reconcile_reports_one_leading_out(tin
     store.put(DesiredMemory("other", "ad", None, loaded.card.content_sha256))
     run(catalog.reconcile())
     assert "symlink leads outside the memory root" in catalog.problems["other"] and "other" not in catalog.names()
+
+
+# ---- generated lora memories: --max-loras first, unload wins, folders collected ----
+
+GENERATOR_SHA = "f" * 64
+
+
+class FakeGenerator:
+    sha256, max_prompts, path = GENERATOR_SHA, 8, "fake-generator"
+
+
+@pytest.fixture
+def generation(tiny, tok, adapter, tmp_path, monkeypatch):
+    """A MemoryGeneration over a store in tmp_path whose generator copies ``adapter``; ``gate`` holds one generation."""
+    import json
+    import shutil
+    import threading
+    from types import SimpleNamespace
+
+    import memories.lora.generate as generate
+    from server.serving.generation import MemoryGeneration
+    from server.serving.store import MemoryStore
+
+    gate = SimpleNamespace(hold=False, started=threading.Event(), proceed=threading.Event(), calls=[])
+
+    def fake_generate(generator, prompts, name, target, domain, description):
+        gate.calls.append((name, prompts))
+        shutil.copytree(adapter, target)
+        (target / "memory.json").write_text(json.dumps({"format": 1, "kind": "lora", "name": name, "generator": GENERATOR_SHA, "prompts": {"count": len(prompts)}}))
+        if gate.hold:
+            gate.started.set()
+            gate.proceed.wait()
+
+    monkeypatch.setattr(generate, "generate_memory", fake_generate)
+    catalog = lora_catalog(tok, tiny, max_loras=2, max_lora_rank=16, store=MemoryStore(tmp_path))
+    gate.catalog = catalog
+    gate.generation = MemoryGeneration(FakeGenerator(), catalog)
+    gate.folders = lambda: sorted(p.name for p in (tmp_path / "generated").iterdir())
+    return gate
+
+
+async def drained(catalog):
+    """Wait for the retirements the catalog started in the background (replaced versions)."""
+    while catalog._background:
+        await asyncio.gather(*list(catalog._background))
+
+
+def test_an_unload_during_a_generation_wins(generation):
+    """DELETE r1 while a replace of r1 generates: the generation must not load or persist r1 afterwards."""
+    g = generation
+
+    async def go():
+        first = await g.generation.create("r1", ["court law"])
+        g.hold = True
+        regenerating = asyncio.ensure_future(g.generation.create("r1", ["cell protein"], replace=True))
+        await asyncio.to_thread(g.started.wait)  # the new version is written, not yet loaded
+        await g.catalog.unload("r1")
+        g.proceed.set()
+        with pytest.raises(Conflict) as e:
+            await regenerating
+        return first, e.value
+
+    first, error = run(go())
+    assert "unloaded while it was being generated" in str(error)
+    assert g.catalog.get("r1") is None and "r1" not in g.catalog.store.desired()
+    assert g.folders() == []  # the unloaded version's folder and the refused one's
+    assert len(g.calls) == 2 and first["path"]
+
+
+def test_replaced_and_unloaded_generated_folders_are_deleted_once_unreferenced(generation, tiny, tmp_path):
+    import shutil
+
+    from server.serving.store import DesiredMemory
+
+    g = generation
+    user = tmp_path / "mine"
+    shutil.copytree(tiny["alpha"], user)
+
+    async def go():
+        a = await g.generation.create("r1", ["court law"])
+        b = await g.generation.create("r1", ["cell protein"], replace=True)
+        await drained(g.catalog)
+        after_replace = g.folders()
+        again = await g.generation.create("r1", ["cell protein"], replace=True)  # same prompts: the same folder
+        await drained(g.catalog)
+        after_same = g.folders()
+        # another replica's persisted entry still points at b's folder: it stays
+        other = DesiredMemory("elsewhere", g.catalog.store.relative(Path(b["path"])), None, b["content_sha256"])
+        g.catalog.store.put(other)
+        await g.catalog.unload("r1")
+        after_unload = g.folders()
+        g.catalog.store.remove("elsewhere")
+        await g.catalog.load_dir("user", str(user))
+        await g.catalog.unload("user")
+        return a, b, again, after_replace, after_same, after_unload
+
+    a, b, again, after_replace, after_same, after_unload = run(go())
+    b_folder = Path(b["path"]).name
+    assert after_replace == [b_folder] and Path(a["path"]).name != b_folder
+    assert again["path"] == b["path"] and after_same == [b_folder]
+    assert after_unload == [b_folder]
+    assert user.is_dir()  # an operator's folder is never deleted
+
+
+def test_unload_deletes_an_unreferenced_generated_folder(generation):
+    g = generation
+
+    async def go():
+        await g.generation.create("r1", ["court law"])
+        await g.catalog.unload("r1")
+
+    run(go())
+    assert g.folders() == []
+
+
+def test_max_loras_is_checked_before_generating(generation, adapter):
+    g = generation
+
+    async def go():
+        await g.catalog.load(g.catalog.validate("a", adapter))
+        await g.catalog.load(g.catalog.validate("b", adapter))
+        with pytest.raises(Conflict) as e:
+            await g.generation.create("c", ["court law"])
+        replaced = await g.generation.create("a", ["court law"], replace=True)  # a replacement is not one more
+        return e.value, replaced
+
+    error, replaced = run(go())
+    assert "would make 3 lora memories; --max-loras is 2" in str(error)
+    assert [name for name, _ in g.calls] == ["a"] and replaced["name"] == "a"
+
+
+# ---- calm memories' caches: budgeted, admitted within it, listed ----
+
+
+@pytest.fixture(scope="module")
+def calm_memory(tiny, tok, tmp_path_factory):
+    from tests.tiny_models import build_calm, build_llama
+
+    root = tmp_path_factory.mktemp("calm-catalog")
+    augment = build_llama(root / "aug", tok, layers=2, seed=5, hidden=192)
+    return str(build_calm(root / "cal", tiny["base"], augment, [(1, 1)], heads=2, seed=3))
+
+
+class CalmEngine(FakeEngine):
+    """Loads as the worker reports a calm memory under --memory-kv-budget (server/worker/extension.py cache_sizes)."""
+
+    async def load_memory(self, key, path):
+        self.loaded.append(key)
+        return {"bytes": 123, "cache_bytes": 40, "cache_budget_bytes": self.kv_budget_bytes, "max_rows": 2}
+
+    async def cache_bytes(self, keys):
+        return {k: 77 for k in keys}
+
+
+def calm_catalog(tok, tiny, **kw):
+    import json
+
+    return MemoryCatalog(CalmEngine(), tok, base_config=json.loads((tiny["base"] / "config.json").read_text()), calm=True, **kw)
+
+
+def test_the_memory_budget_counts_a_calm_memorys_cache_budget(tiny, tok, calm_memory):
+    async def go():
+        probe = calm_catalog(tok, tiny).validate("c", calm_memory)
+        one = probe.num_parameters * FakeEngine.bytes_per_parameter + FakeEngine.kv_budget_bytes
+        catalog = calm_catalog(tok, tiny, budget_bytes=int(1.5 * one))
+        await catalog.load(catalog.validate("c", calm_memory))
+        with pytest.raises(Conflict) as e:
+            await catalog.load(catalog.validate("d", calm_memory))
+        return one, e.value
+
+    one, error = run(go())
+    assert f"needs {one:,} bytes; {one:,} of the" in str(error)
+
+
+def test_calm_requests_beyond_the_rows_its_cache_budget_holds_get_503_naming_the_flag(tiny, tok, calm_memory):
+    from server.api import metrics
+    from server.errors import Unavailable
+
+    async def go():
+        catalog = calm_catalog(tok, tiny)
+        memory = await catalog.load(catalog.validate("c", calm_memory))
+        listed = memory.describe()
+        memory.acquire(2)  # a request of two choices fills both rows
+        with pytest.raises(Unavailable) as e:
+            memory.acquire(1)
+        memory.release(2)
+        memory.acquire(1)  # room again once it ended
+        await catalog.refresh_cache_bytes()
+        return listed, memory.describe(), e.value
+
+    listed, refreshed, error = run(go())
+    assert "--memory-kv-budget 1,000 bytes" in str(error) and error.retry_after == 1
+    assert (listed["cache_bytes"], listed["cache_budget_bytes"], listed["max_rows"]) == (40, 1000, 2)
+    assert refreshed["cache_bytes"] == 77 and refreshed["active_rows"] == 1
+    assert metrics.CACHE_BYTES.labels("c")._value.get() == 77 and metrics.CACHE_BUDGET_BYTES.labels("c")._value.get() == 1000

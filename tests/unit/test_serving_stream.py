@@ -18,7 +18,7 @@ class Memory:
         self.evicted = asyncio.Event()
         self.prompt_tokens = self.completion_tokens = 0
 
-    def release(self):
+    def release(self, rows=1):
         self.released += 1
 
 

@@ -91,3 +91,33 @@ def test_base_tensors_are_views_of_the_engine_model_cut_to_its_vocabulary():
     model.model = SimpleNamespace()  # an architecture without ``model.embed_tokens``
     assert base_tensors(runner) is None
     assert base_tensors(None) is None
+
+
+@pytest.fixture(scope="module")
+def calm_dir(tiny, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import build_calm, build_llama
+
+    root = tmp_path_factory.mktemp("calm-worker")
+    augment = build_llama(root / "aug", AutoTokenizer.from_pretrained(tiny["tokenizer"]), layers=2, seed=5, hidden=192)
+    return build_calm(root / "cal", tiny["base"], augment, [(1, 1)], heads=2, seed=3)
+
+
+def test_a_calm_memorys_caches_are_budgeted_by_the_kv_budget_and_reported(calm_dir):
+    """--memory-kv-budget reaches a calm memory: its load reports the budget and the rows it holds, and its caches are queryable."""
+    engine = OneWorkerEngine()
+    budget = 64 << 20
+    adapter = EngineAdapter(engine, kv_budget_bytes=budget)
+    info = asyncio.run(adapter.load_memory("cal@w1", str(calm_dir)))
+    try:
+        memory = REGISTRY.get("cal@w1")
+        assert info["cache_budget_bytes"] == budget and info["max_rows"] == memory.max_rows >= 1
+        assert 0 < info["cache_bytes"] <= budget
+        row = memory.open()
+        memory.read([row], [list(range(3, 40))], [0])
+        sizes = asyncio.run(adapter.cache_bytes(["cal@w1", "gone@w9"]))
+        assert sizes == {"cal@w1": memory.cache_bytes} and memory.cache_bytes > info["cache_bytes"]
+        memory.close(row)
+    finally:
+        asyncio.run(adapter.unload_memory("cal@w1"))
