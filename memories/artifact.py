@@ -22,6 +22,8 @@ FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 # What a thin memory (``"embeddings": "base"``) leaves out and takes from the base at serving time.
 BASE_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+# the files a Hugging Face tokenizer may be saved as; an artifact that ships a tokenizer ships these
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 
 class ArtifactError(ValueError):

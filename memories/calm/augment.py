@@ -36,12 +36,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from memories.artifact import TOKENIZER_FILES
 from memories.decoder.pipeline import BuildConfig
 
 log = logging.getLogger("memserve.memory")
 
 _BUILD = BuildConfig(base="", corpus="", name="", out="")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 AUGMENT_JSON = "augment.json"
 IGNORE = -100
 

@@ -15,15 +15,12 @@ import json
 import shutil
 from pathlib import Path
 
-from memories.artifact import FORMAT_VERSION, MEMORY_JSON, write_json_atomic
+from memories.artifact import FORMAT_VERSION, MEMORY_JSON, TOKENIZER_FILES, write_json_atomic
 from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, CompositionSpec
 from memories.stage import publish_dir
 
-# what of an augmenting model's directory a calm memory needs (its memory.json, if any, stays behind)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
-
-
 def copy_augment(src: Path, dst: Path, base_tokenizer) -> None:
+    """What of an augmenting model's directory a calm memory needs (its memory.json, if any, stays behind)."""
     dst.mkdir(parents=True)
     for f in sorted(Path(src).iterdir()):
         if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "generation_config.json", "model.safetensors.index.json") or f.name in TOKENIZER_FILES):

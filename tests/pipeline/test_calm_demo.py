@@ -225,3 +225,16 @@ def test_compose_records_trains_one_record_per_row_and_packages_a_calm_memory(ti
     assert card["kind"] == "calm" and card["connections"] == [[1, 2]] and card["metrics"]["steps"] == 1 and card["metrics"]["rows"] == 2
     comp = Composition.load(out / COMPOSITION_FILE, CompositionSpec.from_card("kv", card), "kv")
     assert comp.connections[0].gate.abs().item() > 0  # one step moved the zero-initialised gate
+
+
+def test_the_augmenting_model_gets_every_tokenizer_file_a_calm_memory_ships(tmp_path):
+    """One list of tokenizer files: a sentencepiece base's tokenizer.model reaches the augmenting model as it reaches the package."""
+    from memories.artifact import TOKENIZER_FILES
+    from memories.calm.augment import copy_tokenizer
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir(), out.mkdir()
+    for name in TOKENIZER_FILES:
+        (base / name).write_text(name)
+    assert sorted(copy_tokenizer(base, out)) == sorted(TOKENIZER_FILES)
+    assert (out / "tokenizer.model").read_text() == "tokenizer.model"
