@@ -97,7 +97,7 @@ async def run(opts: ServeOptions) -> int:
     from server.serving.store import MemoryStore
     from server.serving.catalog import MemoryCatalog
     from server.engine.scoring import FusedPromptLogprobsClient
-    from server.engine.client import EngineAdapter, engine_args, lora_limits, start_engine
+    from server.engine.client import EngineAdapter, engine_args, lora_limits, start_engine, unsupported
 
     from server.api.lifecycle import Lifecycle, loopback_hosts
     from server.api.metrics import log_throughput
@@ -134,6 +134,11 @@ async def run(opts: ServeOptions) -> int:
         opts.memory_budget_bytes, choose_max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
         calm,
     )  # fmt: skip
+    refused = unsupported(args, calm)
+    if refused:
+        for reason in refused:
+            log.error("refusing to start: %s", reason)
+        return 2
     max_loras, max_lora_rank = lora_limits(args)
     generator = None
     if generator_dir:

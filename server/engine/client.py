@@ -103,6 +103,34 @@ def engine_args(
     return parser.parse_args(argv + extra)
 
 
+# attention backends whose metadata gives each request's span of the step's tokens (query_start_loc), which the calm model reads
+CALM_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION")
+
+
+def unsupported(args: Namespace, calm: bool) -> list[str]:
+    """Why the engine ``args`` describe cannot serve memories as memserve serves them: one reason per flag, empty if none.
+
+    Each combination here would start and then serve memory rows wrongly (or
+    fail at the first request), so the server refuses to start, naming it.
+    """
+    reasons = []
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false", ""):
+        reasons.append("VLLM_USE_V2_MODEL_RUNNER=1: decoder memories are fused by a V1 logits processor, which Model Runner V2 refuses; unset it or set it to 0")
+    if getattr(args, "async_scheduling", False):
+        reasons.append("--async-scheduling: the decoder fusion reads each step's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
+    if getattr(args, "speculative_config", None):
+        reasons.append("--speculative-config: the target model's logits of draft tokens would not be fused with memories; drop the flag")
+    if calm and not on_cpu():
+        backend = getattr(args, "attention_backend", None)
+        name = getattr(backend, "name", backend) or os.environ.get("VLLM_ATTENTION_BACKEND")
+        if name not in CALM_ATTENTION_BACKENDS:
+            reasons.append(
+                f"calm memories on a GPU need an attention backend whose metadata has each request's token span (query_start_loc): "
+                f"pass --attention-backend one of {', '.join(CALM_ATTENTION_BACKENDS[1:])} after --, or --calm off (the backend vLLM would pick, e.g. FlashInfer, has none)"
+            )
+    return reasons
+
+
 def lora_limits(args: Namespace) -> tuple[int, int | None]:
     """(adapters that may be live, highest rank) as the engine will really run, pass-through flags included; (0, None): LoRA is off."""
     if not getattr(args, "enable_lora", False):

@@ -171,12 +171,15 @@ def base_tensors(runner) -> dict[str, torch.Tensor] | None:
 
 
 def _gather(logp: torch.Tensor, wanted: list[list[int]]) -> list[list[float] | None]:
-    """``logp[i, wanted[i]]`` for every row at once; ids beyond the memory's width get -inf."""
-    width = logp.shape[-1]
-    rows = torch.tensor([i for i, ids in enumerate(wanted) for _ in ids], dtype=torch.long)
-    ids = torch.tensor([t for ids in wanted for t in ids], dtype=torch.long)
+    """``logp[i, wanted[i]]`` for every row at once; ids beyond the memory's width get -inf.
+
+    Indices and results stay on ``logp``'s device (a GPU's, where the memory runs there) until the one copy out.
+    """
+    width, device = logp.shape[-1], logp.device
+    rows = torch.tensor([i for i, ids in enumerate(wanted) for _ in ids], dtype=torch.long, device=device)
+    ids = torch.tensor([t for ids in wanted for t in ids], dtype=torch.long, device=device)
     inside = ids < width
-    values = torch.full(ids.shape, float("-inf"))
+    values = torch.full(ids.shape, float("-inf"), device=device)
     values[inside] = logp[rows[inside], ids[inside]].to(values.dtype)
     finite = torch.isfinite(logp).all(-1).tolist()
     out, flat, start = [], values.tolist(), 0

@@ -56,3 +56,11 @@ def test_lora_memory_refused_at_start_up(tiny, tmp_path, flags, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert "Initializing a V1 LLM engine" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--", "--async-scheduling"], "--async-scheduling"), (["--", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "--speculative-config")])
+def test_engine_flags_memories_cannot_run_under_are_refused(tiny, tmp_path, flags, named):
+    r = start(tmp_path, "--model", str(tiny["base"]), "--memory", f"alpha={tiny['alpha']}", *flags)
+    assert r.returncode == 2
+    assert f"refusing to start: {named}" in r.stderr
+    assert "Initializing a V1 LLM engine" not in r.stderr
