@@ -12,7 +12,8 @@ from server.api.auth import require_bearer
 from server.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle
 from server.api.openapi import ERROR_RESPONSES, install_openapi, request_body
-from server.serving.completions import CompletionsServing, ModelsServing, RequestLimits, read_json_object
+from server.config import RequestLimits
+from server.serving.completions import CompletionsServing, ModelsServing, read_json_object
 
 
 def create_app(engine, catalog, base_name: str, lifecycle: Lifecycle, api_key: str | None = None, limits: RequestLimits = RequestLimits()) -> FastAPI:

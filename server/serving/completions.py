@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, StreamOptions
 
 from server.api import metrics
+from server.config import RequestLimits
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, TooLarge, Unavailable, UnsupportedMediaType, error_body
 from server.serving.selection import Selection, select_memory
@@ -29,15 +29,6 @@ from server.serving.selection import Selection, select_memory
 log = logging.getLogger("memserve.requests")
 
 MEMORY_HEADER = "X-Memserve-Memory"  # on every response: the memory that served it, or "none"
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request bounds; each refusal names the limit and the flag that sets it."""
-
-    max_request_bytes: int = 4 << 20
-    max_n: int = 16
-    max_scoring_tokens: int = 4096  # prompt tokens scored by a memory for echo + logprobs
 
 
 async def read_json_object(raw_request: Request, max_bytes: int = RequestLimits.max_request_bytes) -> dict[str, Any]:
