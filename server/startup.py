@@ -7,66 +7,22 @@ loaded, so it never serves half-configured.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ipaddress
 import json
 import logging
-import os
 import signal
 import time
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from memories.artifact import ArtifactError
+from server.config import ServeOptions
 from server.errors import MemserveError
-from server.serving.completions import RequestLimits
 
 log = logging.getLogger("memserve")
 
 AUTO_MAX_LORAS = 4  # --max-loras when not given and a start-up memory is a lora memory
-
-
-@dataclass
-class ServeOptions:
-    model: str | None = None
-    served_model_name: str | None = None
-    memories: list[tuple[str, str]] = field(default_factory=list)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    default_memory_weight: float | None = None
-    max_model_len: int | None = None
-    api_key: str | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    engine_args: list[str] = field(default_factory=list)
-    memory_root: str | None = None
-    admin_token: str | None = None
-    admin_insecure_local: bool = False
-    max_memories: int | None = None
-    max_loras: int | None = None  # None: AUTO_MAX_LORAS if a start-up memory is a lora memory, else 0
-    max_lora_rank: int = 16
-    calm: str = "auto"  # on | off | auto: on for a Llama base on CPU, or when a start-up memory is a calm memory
-    generator: str | None = None  # None: <cache>/generator when serving the embedded base and it exists
-    memory_budget_bytes: int | None = None
-    memory_kv_budget_bytes: int | None = None
-    reconcile_interval: float = 10.0
-    unload_timeout: float = 30.0
-    shutdown_grace: float = 30.0
-    max_request_bytes: int = RequestLimits.max_request_bytes
-    max_n: int = RequestLimits.max_n
-    max_scoring_tokens: int = RequestLimits.max_scoring_tokens
-
-    def limits(self) -> RequestLimits:
-        return RequestLimits(self.max_request_bytes, self.max_n, self.max_scoring_tokens)
-
-    @classmethod
-    def from_cli(cls, opts: argparse.Namespace, extra: list[str]) -> "ServeOptions":
-        """The CLI's flags carry the same names as these fields."""
-        values = {f.name: getattr(opts, f.name) for f in fields(cls) if f.name != "engine_args"}
-        values["admin_token"] = values["admin_token"] or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None
-        return cls(**values, engine_args=extra)
 
 
 def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
@@ -170,7 +126,7 @@ async def run(opts: ServeOptions) -> int:
             log.info("memory %s ready (%s parameters, λ=%.2f, %.2fs)", card.name, f"{card.num_parameters:,}", card.weight, loaded.load_seconds)
         await catalog.reconcile()  # restore the persisted set; problems are reported, not fatal
         lifecycle = Lifecycle(opts.shutdown_grace, loopback_hosts(opts.host, opts.port) if _is_loopback(opts.host) else None)
-        app = create_app(engine, catalog, base_name, lifecycle, api_key=opts.api_key, limits=opts.limits())
+        app = create_app(engine, catalog, base_name, lifecycle, api_key=opts.api_key, limits=opts.limits)
         generation = None
         if generator is not None:
             from server.serving.generation import MemoryGeneration
@@ -182,7 +138,7 @@ async def run(opts: ServeOptions) -> int:
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
         app.state.openai_serving_models.lora_requests = catalog.engine.loras  # one dict: see EngineAdapter.loras
-        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size(), opts.max_scoring_tokens)
+        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size(), opts.limits.max_scoring_tokens)
         app.state.openai_serving_completion.engine_client = fused_prompts
         app.state.openai_serving_chat.engine_client = fused_prompts
         log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)

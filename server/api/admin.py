@@ -7,47 +7,19 @@ asked for ``--admin-insecure-local`` on a loopback-only server.
 
 from __future__ import annotations
 
-import re
 import time
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.api.auth import require_bearer
+from server.api.openapi import ERROR_RESPONSES, request_body
+from server.api.protocol import LoadRequest, read_json_object
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, no_weight
 from server.serving.generation import MemoryGeneration
-from server.serving.completions import read_json_object
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="name requests use to select the memory")
-    path: str | None = Field(default=None, description="artifact directory, relative to or inside --memory-root")
-    prompts: list[str] | None = Field(
-        default=None,
-        description="instead of a path: unlabeled texts of the domain; the server's --generator turns them into a lora memory",
-    )  # fmt: skip
-    description: str = Field(default="", max_length=1000, description="with prompts: the generated memory's description")
-    memory_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="λ; default: the memory's own")
-    replace: bool = Field(default=False, description="swap a loaded memory of the same name")
-
-    @model_validator(mode="after")
-    def _path_or_prompts(self) -> "LoadRequest":
-        if (self.path is None) == (self.prompts is None):
-            raise ValueError("give exactly one of 'path' (an artifact directory) and 'prompts' (texts to generate a lora memory from)")
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME.match(v) or v.lower() == "none":
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, and not 'none'")
-        return v
+ADMIN_ERRORS = {**ERROR_RESPONSES, 409: {**ERROR_RESPONSES[400], "description": "a memory of that name is loaded (without replace), or a limit is reached"}}
 
 
 def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: str | None, insecure_local: bool, generation: MemoryGeneration | None = None) -> None:
@@ -72,7 +44,7 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             "generator": generation.describe() if generation else None,
         })  # fmt: skip
 
-    @router.post("/memories", status_code=201)
+    @router.post("/memories", status_code=201, openapi_extra=request_body(LoadRequest), responses=ADMIN_ERRORS)
     async def load_memory(raw_request: Request) -> JSONResponse:
         await authorize(raw_request)
         req = LoadRequest.model_validate(await read_json_object(raw_request))

@@ -12,7 +12,9 @@ from server.api.auth import require_bearer
 from server.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle
 from server.api.openapi import ERROR_RESPONSES, install_openapi, request_body
-from server.serving.completions import CompletionsServing, ModelsServing, RequestLimits, read_json_object
+from server.config import RequestLimits
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, read_json_object
+from server.serving.completions import CompletionsServing, ModelsServing
 
 
 def create_app(engine, catalog, base_name: str, lifecycle: Lifecycle, api_key: str | None = None, limits: RequestLimits = RequestLimits()) -> FastAPI:
@@ -26,13 +28,13 @@ def create_app(engine, catalog, base_name: str, lifecycle: Lifecycle, api_key: s
     def check_api_key(raw_request: Request) -> None:
         require_bearer(raw_request, api_key, "missing or wrong API key (Authorization: Bearer <key>)")
 
-    @app.post("/v1/chat/completions", openapi_extra=request_body("ChatCompletionRequest"), responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest), responses=ERROR_RESPONSES)
     async def chat_completions(raw_request: Request) -> Response:
         check_api_key(raw_request)
         body = await read_json_object(raw_request, limits.max_request_bytes)
         return await _cancel_on_disconnect(completions.chat(body, raw_request), raw_request)
 
-    @app.post("/v1/completions", openapi_extra=request_body("CompletionRequest"), responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", openapi_extra=request_body(CompletionRequest), responses=ERROR_RESPONSES)
     async def text_completions(raw_request: Request) -> Response:
         check_api_key(raw_request)
         body = await read_json_object(raw_request, limits.max_request_bytes)

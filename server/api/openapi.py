@@ -1,8 +1,10 @@
 """The OpenAPI document: request bodies and error responses, so schema-driven clients and fuzzers see them.
 
-Routes read their bodies themselves (memory selection must see the raw JSON
-before vLLM's request models do), so FastAPI cannot infer the bodies: they are
-declared here from vLLM's own request models plus memserve's two fields.
+Routes read their bodies themselves (the size and content-type checks come
+first, and memory selection must see the raw JSON before vLLM's request models
+do), so FastAPI does not infer the bodies from the routes' signatures: each
+route names its model from server/api/protocol.py (``request_body``), and the
+document's schemas are generated from those models.
 """
 
 from __future__ import annotations
@@ -11,11 +13,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
-MEMSERVE_FIELDS = {
-    "domain": {"type": ["string", "null"], "description": "name of a loaded memory to fuse into this request ('none' or empty: the base alone)"},
-    "memory_weight": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "description": "λ for this request; default: the memory's own"},
-}
+from server.api import protocol
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -40,25 +41,36 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def request_body(schema_name: str) -> dict[str, Any]:
-    """``openapi_extra`` for a route whose JSON body follows ``schema_name``."""
-    ref = {"$ref": f"#/components/schemas/{schema_name}"}
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` for a route whose JSON body follows ``model`` (one of ``protocol.BODIES``)."""
+    assert protocol.BODIES.get(model.__name__) is model, f"{model.__name__} is not a body in server/api/protocol.py"
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+def _bodies(doc: dict[str, Any]) -> list[type[BaseModel]]:
+    """The protocol models the document's routes name as their bodies."""
+    prefix = "#/components/schemas/"
+    refs = {
+        body["content"]["application/json"]["schema"].get("$ref", "")
+        for item in doc.get("paths", {}).values()
+        for op in item.values()
+        if isinstance(op, dict) and (body := op.get("requestBody"))
+    }
+    return [model for name, model in protocol.BODIES.items() if prefix + name in refs]
+
+
 def install_openapi(app: FastAPI) -> None:
-    """Add vLLM's request models (with memserve's fields) and the error shape to the document."""
-    from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest
+    """Add the routes' request bodies (server/api/protocol.py's models) and the error shape to the document."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
             doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CompletionRequest, ChatCompletionRequest):
-                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                schemas.update(schema.pop("$defs", {}))
-                schema["properties"].update(MEMSERVE_FIELDS)
-                schemas[model.__name__] = schema
+            models = [(model, "validation") for model in _bodies(doc)]
+            if models:
+                _, generated = models_json_schema(models, ref_template="#/components/schemas/{model}")
+                schemas.update(generated.get("$defs", {}))
             schemas["ErrorResponse"] = ERROR_SCHEMA
             app.openapi_schema = doc
         return app.openapi_schema

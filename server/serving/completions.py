@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -22,47 +21,14 @@ from pydantic import ValidationError
 from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, StreamOptions
 
 from server.api import metrics
+from server.config import RequestLimits
 from server.serving.catalog import MemoryCatalog
-from server.errors import BadRequest, TooLarge, Unavailable, UnsupportedMediaType, error_body
+from server.errors import BadRequest, Unavailable, error_body
 from server.serving.selection import Selection, select_memory
 
 log = logging.getLogger("memserve.requests")
 
 MEMORY_HEADER = "X-Memserve-Memory"  # on every response: the memory that served it, or "none"
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request bounds; each refusal names the limit and the flag that sets it."""
-
-    max_request_bytes: int = 4 << 20
-    max_n: int = 16
-    max_scoring_tokens: int = 4096  # prompt tokens scored by a memory for echo + logprobs
-
-
-async def read_json_object(raw_request: Request, max_bytes: int = RequestLimits.max_request_bytes) -> dict[str, Any]:
-    """The body as a JSON object; anything else is a 4xx, never a 500.
-
-    A JSON content type is required: a browser can send a cross-site
-    ``text/plain`` POST without asking first, but not an ``application/json`` one.
-    """
-    content_type = raw_request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise UnsupportedMediaType(f"Content-Type must be application/json, got {content_type or 'none'!r}")
-    raw = await raw_request.body()
-    if len(raw) > max_bytes:
-        raise TooLarge(f"request body is {len(raw):,} bytes; this server accepts at most {max_bytes:,} (--max-request-bytes)")
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not UTF-8: {e}") from None
-    except RecursionError:
-        raise BadRequest("request body is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, and integers beyond Python's digit limit
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    return body
 
 
 class CompletionsServing:
@@ -178,7 +144,11 @@ class CompletionsServing:
 
 
 def _validate(request_cls, body: dict[str, Any]):
-    """vLLM's request model; its validators can fail on odd shapes with any exception, and each is the body's fault."""
+    """vLLM's request model; its validators can fail on odd shapes with any exception, and each is the body's fault.
+
+    vLLM's own class, not server/api/protocol.py's subclass of it: memserve's fields are
+    gone by now, and vLLM's refusals keep vLLM's wording.
+    """
     try:
         return request_cls.model_validate(body)
     except ValidationError:

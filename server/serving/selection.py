@@ -3,22 +3,22 @@
 Three spellings name a memory: body ``domain``, header ``X-Domain``, or
 ``model`` set to a memory's name (so a stock OpenAI client needs nothing
 extra). They must agree. ``memory_weight`` overrides the memory's own λ.
+The body fields are declared in server/api/protocol.py (``MemoryFields``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.api import protocol
 from server.engine import keys
 from server.serving.catalog import LoadedMemory, MemoryCatalog
 from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
-NO_MEMORY = ("", "none")
 
 
 @dataclass(frozen=True)
@@ -50,32 +50,16 @@ def calm_cache_salt(key: str, salt: Any) -> str:
     return "memserve-calm-" + hashlib.sha256(f"{key}\0{salt or ''}".encode()).hexdigest()[:32]
 
 
-def _name(value: Any, where: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadRequest(f"{where} must be a string naming a memory, got {type(value).__name__}", "domain")
-    value = value.strip()
-    return None if value.lower() in NO_MEMORY else value
-
-
-def _weight(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise BadRequest(f"memory_weight must be a number in [0, 1], got {value!r}", "memory_weight")
-    if not 0.0 <= value <= 1.0:
-        raise BadRequest(f"memory_weight must be in [0, 1], got {value}", "memory_weight")
-    return float(value)
-
-
 def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: MemoryCatalog, base_name: str) -> Selection | None:
     """Resolve and remove memserve's fields from ``body``; point ``model`` at the base.
 
     Raises ``BadRequest`` (400) for conflicting or malformed selections and
     ``UnknownMemory`` (404) for a name that is not loaded.
     """
-    from_body = _name(body.pop("domain", None), "domain")
-    from_header = _name(headers.get(HEADER), "X-Domain header")
-    weight = body.pop("memory_weight", None)
+    fields = protocol.pop_memory_fields(body)
+    from_body = protocol.memory_name(fields["domain"], "domain")
+    from_header = protocol.memory_name(headers.get(HEADER), "X-Domain header")
+    weight = fields["memory_weight"]
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict):  # clients cannot address the engine directly
         body["vllm_xargs"] = {k: v for k, v in xargs.items() if not str(k).startswith(keys.PREFIX)} or None
@@ -112,4 +96,4 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         if weight is not None:
             raise no_weight(name, "calm")
         body["cache_salt"] = calm_cache_salt(memory.key, body.get("cache_salt"))
-    return Selection(memory, memory.card.weight if weight is None else _weight(weight), model if isinstance(model, str) and model else base_name)
+    return Selection(memory, memory.card.weight if weight is None else protocol.memory_weight(weight), model if isinstance(model, str) and model else base_name)
