@@ -211,6 +211,16 @@ def build_profile(
     return calibrate(count_profile(train_ids, vocab_size, source, tokenizer_sha256), validation, out_of_domain)
 
 
+def profile_from_corpus_stage(corpus_dir: str | os.PathLike, tokenizer, source: str = "train split") -> Profile:
+    """The build's profile: counts from the corpus stage's train stream, threshold from its validation stream's windows."""
+    from memories.artifact import tokenizer_sha256
+
+    d = Path(corpus_dir)
+    train = np.load(d / "train.npy")
+    validation = np.load(d / "validation.npy") if (d / "validation.npy").exists() else np.zeros(0, dtype=np.int64)
+    return build_profile(train, len(tokenizer), windows(validation), source=source, tokenizer_sha256=tokenizer_sha256(tokenizer))
+
+
 def profile_from_texts(texts: Sequence[str], tokenizer, source: str = "prompts", out_of_domain: Sequence[str] = ()) -> Profile:
     """A profile from texts (prompts): counts from all; threshold from every other text held out of a profile of the rest."""
     from memories.artifact import tokenizer_sha256
