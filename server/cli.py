@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--default-memory-weight", type=_fraction, default=None, metavar="λ", help="λ for memories whose memory.json sets none (default 0.5)")
+    serve.add_argument(
+        "--default-domain", choices=("none", "auto"), default="none",
+        help="memory for requests that name none (no domain, X-Domain or memory model): none, the base alone; or auto, the memory "
+        "the router picks for the prompt, or none when no memory fits, as with domain 'auto' (default: %(default)s)",
+    )  # fmt: skip
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes (default: none, /v1 is open)")
     serve.add_argument("--tensor-parallel-size", type=int, default=1, help="devices every layer of the base is split across (vLLM tensor parallelism; default: %(default)s)")

@@ -20,6 +20,7 @@ from server.errors import BadRequest, no_weight
 from server.serving.generation import MemoryGeneration
 from server.serving.completions import read_json_object
 
+MAX_ROUTING_PROMPTS = 1000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -33,6 +34,10 @@ class LoadRequest(BaseModel):
         description="instead of a path: unlabeled texts of the domain; the server's --generator turns them into a lora memory",
     )  # fmt: skip
     description: str = Field(default="", max_length=1000, description="with prompts: the generated memory's description")
+    routing_prompts: list[str] | None = Field(
+        default=None,
+        description="with path: texts of the memory's domain; domain 'auto' routes on a profile made from them (default: the artifact's routing.json, if any)",
+    )  # fmt: skip
     memory_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="λ; default: the memory's own")
     replace: bool = Field(default=False, description="swap a loaded memory of the same name")
 
@@ -40,6 +45,8 @@ class LoadRequest(BaseModel):
     def _path_or_prompts(self) -> "LoadRequest":
         if (self.path is None) == (self.prompts is None):
             raise ValueError("give exactly one of 'path' (an artifact directory) and 'prompts' (texts to generate a lora memory from)")
+        if self.routing_prompts is not None and self.path is None:
+            raise ValueError("'routing_prompts' goes with 'path'; a memory generated from 'prompts' is routed on those prompts")
         return self
 
     @field_validator("name")
@@ -88,7 +95,14 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             card = await generation.create(req.name, req.prompts, replace=req.replace, description=req.description)
             return JSONResponse(card, status_code=201)
         path = catalog.store.resolve(req.path)
-        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace)
+        if req.routing_prompts is not None:
+            from memories.lora.generate import PromptError, validate_prompts
+
+            try:
+                validate_prompts(req.routing_prompts, max_count=MAX_ROUTING_PROMPTS)
+            except PromptError as e:
+                raise BadRequest(f"routing_prompts: {e}", "routing_prompts") from None
+        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace, routing_prompts=req.routing_prompts)
         return JSONResponse(loaded.describe(), status_code=201)
 
     @router.delete("/memories/{name}")

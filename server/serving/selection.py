@@ -15,6 +15,7 @@ from typing import Any
 
 from server.engine import keys
 from server.serving.catalog import LoadedMemory, MemoryCatalog
+from server.serving.routing import route_auto
 from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
@@ -73,6 +74,7 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
     Raises ``BadRequest`` (400) for conflicting or malformed selections and
     ``UnknownMemory`` (404) for a name that is not loaded.
     """
+    headers = route_auto(body, headers, catalog, base_name)  # "auto": the routed memory's name, or none (server/serving/routing.py)
     from_body = _name(body.pop("domain", None), "domain")
     from_header = _name(headers.get(HEADER), "X-Domain header")
     weight = body.pop("memory_weight", None)
