@@ -99,6 +99,7 @@ class Profile:
     source: str = ""
     tokenizer_sha256: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    _column: np.ndarray | None = field(default=None, repr=False, compare=False)  # log_ratios, computed once
 
     @property
     def tokens(self) -> int:
@@ -111,12 +112,15 @@ class Profile:
         return float(min(0.5, max(MIN_SMOOTHING, u / (u + n)))) if n else 1.0
 
     def log_ratios(self) -> np.ndarray:
-        """``log p_m(v) − log b(v)`` for every id ``v`` of the vocabulary (float32 ``[vocab]``)."""
+        """``log p_m(v) − log b(v)`` for every id ``v`` of the vocabulary (float32 ``[vocab]``; computed once, do not modify)."""
+        if self._column is not None and len(self._column) == self.vocab_size:
+            return self._column
         s, v = self.smoothing, self.vocab_size
         column = np.full(v, math.log(s), dtype=np.float64)  # unseen: s · b(v) / b(v)
         if len(self.ids):
             column[self.ids] = np.log((1.0 - s) * self.counts / self.tokens * v + s)
-        return column.astype(np.float32)
+        self._column = column.astype(np.float32)
+        return self._column
 
     def score(self, ids: Sequence[int]) -> float:
         ids = _clean_ids(ids, self.vocab_size)

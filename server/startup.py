@@ -36,6 +36,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     default_memory_weight: float | None = None
+    default_domain: str = "none"  # none | auto: route requests that name no memory (server/serving/routing.py)
     max_model_len: int | None = None
     api_key: str | None = None
     tensor_parallel_size: int = 1
