@@ -9,6 +9,7 @@ memory's domain, says so in ``X-Memserve-Memory`` and ``/metrics``, and
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -81,3 +82,23 @@ def test_models_say_which_memories_are_routable(client):
     assert cards["bio"].model_extra["routable"] is True and cards["law"].model_extra["routable"] is True
     assert cards["plain"].model_extra["routable"] is False
     assert "routable" not in cards["tiny-base"].model_extra
+
+
+def test_route_eval_reports_routing_and_perplexities(server, tmp_path):
+    import argparse
+
+    from server.route_eval import run
+
+    files = {}
+    for name, words, seed in (("bio", BIO, 20), ("law", LAW, 30), ("football", FOOTBALL, 40)):
+        files[name] = tmp_path / f"{name}.txt"
+        files[name].write_text("\n".join(text(words, 3, seed + i) for i in range(3)))
+    opts = argparse.Namespace(url=server.url, api_key=None, memory=[f"bio={files['bio']}", f"law={files['law']}"], ood=[str(files["football"])], out=str(tmp_path / "out"), max_docs=3, doc_tokens=256)
+    assert run(opts) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    o = report["overall"]
+    assert o["documents"] == 9 and report["options"] == ["none", "bio", "law"]
+    assert o["accuracy_vs_label"]["256"] == 1.0  # every document routed to its memory, football to none
+    assert set(o["perplexity"]) >= {"auto@16", "auto@64", "auto@256", "oracle", "base", "bio", "law"}
+    assert o["perplexity"]["oracle"] <= min(o["perplexity"][k] for k in ("base", "bio", "law"))  # the oracle picks per document
+    assert (tmp_path / "out" / "confusion.png").stat().st_size > 1000 and "accuracy vs oracle" in (tmp_path / "out" / "report.md").read_text()
