@@ -37,9 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory_commands = memory.add_subparsers(dest="memory_command", required=True)
     from memories.cli import add_memory_commands
     from server.admin_client import add_admin_client_commands
+    from server.route_eval import add_route_eval_command
 
     add_memory_commands(memory_commands)
     add_admin_client_commands(memory_commands)
+    add_route_eval_command(memory_commands)
 
     generator = commands.add_parser(
         "generator",

@@ -88,6 +88,11 @@ class ServeOptions:
     host: str = option("127.0.0.1", "interface to listen on (default: %(default)s)")
     port: int = option(8000, "port (default: %(default)s)")
     default_memory_weight: float | None = option(None, "λ for memories whose memory.json sets none (default 0.5)", type=_fraction, metavar="λ")
+    default_domain: str = option(
+        "none", "memory for requests that name none (no domain, X-Domain or memory model): none, the base alone; or auto, the memory "
+        "the router picks for the prompt, or none when no memory fits, as with domain 'auto' (default: %(default)s)",
+        choices=("none", "auto"),
+    )  # fmt: skip
     max_model_len: int | None = option(None, "context length (default: the model's)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 routes (default: none, /v1 is open)")
     tensor_parallel_size: int = option(1, "devices every layer of the base is split across (vLLM tensor parallelism; default: %(default)s)")

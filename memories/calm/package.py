@@ -29,7 +29,8 @@ def copy_augment(src: Path, dst: Path, base_tokenizer) -> None:
         base_tokenizer.save_pretrained(dst)
 
 
-def package_calm(final: Path, *, name: str, domain: str, description: str, base: str, augment: str, base_tokenizer, spec: CompositionSpec, composition_file: Path, corpus_summary: dict, metrics: dict) -> Path:
+def package_calm(final: Path, *, name: str, domain: str, description: str, base: str, augment: str, base_tokenizer, spec: CompositionSpec, composition_file: Path, corpus_summary: dict, metrics: dict, routing=None) -> Path:
+    """``routing``: a ``memories.routing.Profile`` written as ``routing.json`` (None: the memory is not routable)."""
     from memories.artifact import tokenizer_sha256
     from memories.calm.artifact import check_calm_compatible, read_calm_card
 
@@ -54,6 +55,10 @@ def package_calm(final: Path, *, name: str, domain: str, description: str, base:
         **spec.card_fields(),
     }
     write_json_atomic(tmp / MEMORY_JSON, card)
+    if routing is not None:
+        from memories.routing import write_profile
+
+        write_profile(tmp, routing)
     for f in tmp.rglob("*"):  # temp-file writers create 0600 files; a memory is meant to be shared
         f.chmod(0o755 if f.is_dir() else 0o644)
     base_config = json.loads((Path(base) / "config.json").read_text())

@@ -344,6 +344,7 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
     """OUT/NAME from the train and evaluate stages, checked with the server's own checks before it appears."""
     from memories.calm.composition import COMPOSITION_FILE
     from memories.calm.package import package_calm
+    from memories.routing import profile_from_corpus_stage
 
     spec = spec or composition_spec(cfg)
     corpus = require(cfg.work / "corpus", "corpus stage", "`memserve memory compose`")
@@ -377,7 +378,7 @@ def stage_package(cfg: ComposeConfig, spec=None) -> Path:
         cfg.artifact, name=cfg.name, domain=cfg.domain or cfg.name,
         description=cfg.description or f"calm memory: {Path(cfg.augment).name} composed into {Path(cfg.base).name}, trained on {cfg.corpus}",
         base=cfg.base, augment=cfg.augment, base_tokenizer=tok, spec=spec, composition_file=cfg.work / "train" / COMPOSITION_FILE,
-        corpus_summary=corpus_summary, metrics=metrics,
+        corpus_summary=corpus_summary, metrics=metrics, routing=profile_from_corpus_stage(cfg.work / "corpus", tok),
     )  # fmt: skip
 
 

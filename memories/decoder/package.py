@@ -2,7 +2,8 @@
 
 The directory gets the HF weights and config from the train stage, the base's
 tokenizer (so the server can prove the ids mean the same tokens), and
-``memory.json`` with the λ chosen on validation and the evaluation numbers.
+``memory.json`` with the λ chosen on validation and the evaluation numbers,
+and ``routing.json``, the routing profile of the train split (``memories.routing``).
 A thin memory (``embeddings="base"``) leaves the token embedding and head out
 of its weights: the server uses the base's own.
 It is assembled in a temporary sibling, checked with the same
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 
 from memories.artifact import BASE_TENSORS, FORMAT_VERSION, MEMORY_JSON, check_compatible, read_card, tokenizer_sha256, write_json_atomic
+from memories.routing import profile_from_corpus_stage, write_profile
 from memories.stage import publish_dir
 
 
@@ -69,6 +71,7 @@ def package_memory(cfg, corpus_summary: dict, evaluation: dict, index: dict, tim
         },
     }
     write_json_atomic(tmp / MEMORY_JSON, card)
+    write_profile(tmp, profile_from_corpus_stage(cfg.work / "corpus", tok))  # routing.json: what domain "auto" reads
     for f in tmp.iterdir():  # temp-file writers create 0600 files; a memory is meant to be shared
         f.chmod(0o644)
     base_config = json.loads((Path(cfg.base) / "config.json").read_text())

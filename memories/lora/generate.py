@@ -272,8 +272,8 @@ def adapter_config(gen: Generator) -> dict:
     }
 
 
-def write_adapter(gen: Generator, adapter: dict[str, torch.Tensor], target: Path, card: dict, overwrite: bool = False) -> None:
-    """PEFT dir + memory.json, written into a temporary sibling and renamed into place."""
+def write_adapter(gen: Generator, adapter: dict[str, torch.Tensor], target: Path, card: dict, overwrite: bool = False, routing=None) -> None:
+    """PEFT dir + memory.json (+ routing.json from ``routing``, a ``memories.routing.Profile``), written into a temporary sibling and renamed into place."""
     from safetensors.torch import save_file
 
     from memories.artifact import write_json_atomic
@@ -290,6 +290,10 @@ def write_adapter(gen: Generator, adapter: dict[str, torch.Tensor], target: Path
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         write_json_atomic(tmp / ADAPTER_CONFIG, adapter_config(gen))
         write_json_atomic(tmp / "memory.json", card)
+        if routing is not None:
+            from memories.routing import write_profile
+
+            write_profile(tmp, routing)
         publish_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +325,10 @@ def generate_memory(generator: Generator | str | os.PathLike, prompts: list[str]
         "generator": gen.sha256,
         "prompts": {"count": len(prompts), "sha256": prompts_sha256(prompts)},
     }
-    write_adapter(gen, adapter, Path(path), card, overwrite=overwrite)
+    from memories.routing import profile_from_texts
+
+    routing = profile_from_texts(prompts, gen.tokenizer(), source="prompts")  # the base's tokenizer: domain "auto" routes on it
+    write_adapter(gen, adapter, Path(path), card, overwrite=overwrite, routing=routing)
     seconds = round(time.time() - started, 3)
     log.info("generated lora memory %r from %d prompts in %.2fs → %s", name, len(prompts), seconds, path)
     return {**card, "seconds": seconds}

@@ -19,6 +19,7 @@ from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, no_weight
 from server.serving.generation import MemoryGeneration
 
+MAX_ROUTING_PROMPTS = 1000
 ADMIN_ERRORS = {**ERROR_RESPONSES, 409: {**ERROR_RESPONSES[400], "description": "a memory of that name is loaded (without replace), or a limit is reached"}}
 
 
@@ -60,7 +61,14 @@ def install_admin(app: FastAPI, catalog: MemoryCatalog, base_name: str, token: s
             card = await generation.create(req.name, req.prompts, replace=req.replace, description=req.description)
             return JSONResponse(card, status_code=201)
         path = catalog.store.resolve(req.path)
-        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace)
+        if req.routing_prompts is not None:
+            from memories.lora.generate import PromptError, validate_prompts
+
+            try:
+                validate_prompts(req.routing_prompts, max_count=MAX_ROUTING_PROMPTS)
+            except PromptError as e:
+                raise BadRequest(f"routing_prompts: {e}", "routing_prompts") from None
+        loaded = await catalog.load_dir(req.name, str(path), req.memory_weight, replace=req.replace, routing_prompts=req.routing_prompts)
         return JSONResponse(loaded.describe(), status_code=201)
 
     @router.delete("/memories/{name}")

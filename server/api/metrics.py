@@ -17,6 +17,8 @@ DEVICE_BYTES = Gauge("memserve_memory_device_bytes", "Device bytes held by a mem
 # a decoder memory's KV pool, a calm memory's augmenting-model pool and cross-attention caches; refreshed with GET /admin/memories and every 10 s
 CACHE_BYTES = Gauge("memserve_memory_cache_bytes", "Bytes of a memory's per-request caches as allocated now", ["memory"])
 CACHE_BUDGET_BYTES = Gauge("memserve_memory_cache_budget_bytes", "The --memory-kv-budget a memory's caches are held to (absent: unbounded)", ["memory"])
+# domain "auto": the router's choices, by memory ("none": no memory fits); exposed as memserve_routed_total
+ROUTED = Counter("memserve_routed", "Requests routed by domain auto, by chosen memory", ["memory"])
 # 1 per loaded memory: join on ``memory`` to split the usage counters by kind (decoder, lora)
 MEMORY_INFO = Gauge("memserve_memory_info", "Loaded memories, by kind", ["memory", "memory_kind"])
 

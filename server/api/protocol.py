@@ -65,6 +65,10 @@ class LoadRequest(BaseModel):
         description="instead of a path: unlabeled texts of the domain; the server's --generator turns them into a lora memory",
     )  # fmt: skip
     description: str = Field(default="", max_length=1000, description="with prompts: the generated memory's description")
+    routing_prompts: list[str] | None = Field(
+        default=None,
+        description="with path: texts of the memory's domain; domain 'auto' routes on a profile made from them (default: the artifact's routing.json, if any)",
+    )  # fmt: skip
     memory_weight: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False, description="λ; default: the memory's own")
     replace: bool = Field(default=False, description="swap a loaded memory of the same name")
 
@@ -72,6 +76,8 @@ class LoadRequest(BaseModel):
     def _path_or_prompts(self) -> LoadRequest:
         if (self.path is None) == (self.prompts is None):
             raise ValueError("give exactly one of 'path' (an artifact directory) and 'prompts' (texts to generate a lora memory from)")
+        if self.routing_prompts is not None and self.path is None:
+            raise ValueError("'routing_prompts' goes with 'path'; a memory generated from 'prompts' is routed on those prompts")
         return self
 
     @field_validator("name")

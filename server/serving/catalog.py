@@ -21,6 +21,7 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
+from memories.routing import Profile, Router, RoutingError, profile_from_texts, read_profile
 from server.api import metrics
 from server.engine.client import EngineAdapter
 from server.errors import Conflict, Unavailable, UnknownMemory, no_weight
@@ -40,6 +41,7 @@ class LoadedMemory:
     cache_bytes: int = 0  # per-request caches as allocated (see MemoryCatalog.refresh_cache_bytes)
     cache_budget_bytes: int | None = None  # --memory-kv-budget, for decoder and calm memories
     max_rows: int | None = None  # calm: rows its cache budget holds; requests beyond get 503
+    profile: Profile | None = None  # routing profile (routing.json or the admin's routing_prompts); None: not routable
     requests: int = 0
     rows: int = 0  # engine rows (choices × prompts) of the running requests
     prompt_tokens: int = 0
@@ -97,6 +99,8 @@ class LoadedMemory:
             "device_bytes": self.device_bytes,
             **({"cache_bytes": self.cache_bytes, "cache_budget_bytes": self.cache_budget_bytes} if c.kind != "lora" else {}),
             **({"max_rows": self.max_rows, "active_rows": self.rows} if c.kind == "calm" else {}),
+            "routable": self.profile is not None,
+            "routing": {"source": self.profile.source, "tokens": self.profile.tokens, "threshold": self.profile.threshold} if self.profile else None,
             "content_sha256": c.content_sha256,
             "managed": self.managed,
             "loaded_at": self.loaded_at,
@@ -142,6 +146,24 @@ class MemoryCatalog:
         self._background: set[asyncio.Task] = set()
         self._epochs: collections.Counter[str] = collections.Counter()  # name → unloads so far (see :meth:`epoch`)
         self._pinned: collections.Counter[Path] = collections.Counter()  # generated folders an in-flight generation will load
+        self.default_domain = "none"  # --default-domain: "auto" routes requests that name no memory
+        self.router = Router({}, self.vocab_size)  # the routable loaded memories (domain "auto"), rebuilt on every load and unload
+
+    @property
+    def vocab_size(self) -> int | None:
+        return len(self.base_tokenizer) if self.base_tokenizer is not None else None
+
+    def routing_profile(self, card: MemoryCard, routing_prompts: list[str] | None = None) -> Profile | None:
+        """The memory's routing profile: made from ``routing_prompts`` when given, else its ``routing.json``, else None (not routable)."""
+        try:
+            if routing_prompts:
+                return profile_from_texts(routing_prompts, self.base_tokenizer, source="routing_prompts")
+            return read_profile(card.path, self.vocab_size)
+        except RoutingError as e:
+            raise ArtifactError(card.name, "routing profile", str(e)) from None
+
+    def _rebuild_router(self) -> None:
+        self.router = Router({n: m.profile for n, m in self._memories.items() if m.profile is not None}, self.vocab_size)
 
     def validate(self, name: str, path: str, weight: float | None = None) -> MemoryCard:
         """All checks that need no engine, by kind: metadata, weight headers, tokenizer, shapes against the base."""
@@ -189,21 +211,26 @@ class MemoryCatalog:
                     "name",
                 )
 
-    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False, epoch: int | None = None) -> LoadedMemory:
+    async def load_dir(self, name: str, path: str, weight: float | None = None, replace: bool = False, epoch: int | None = None, routing_prompts: list[str] | None = None) -> LoadedMemory:
         """Check a memory directory of any kind, load it and add it to the persisted set: what an admin load does.
 
         The one entry point for code in the server that writes a memory and then serves it
         (e.g. a generated LoRA): ``path`` must already be inside the memory root.
         ``epoch``: :meth:`epoch` of the name when that work began; refused (409) if it was unloaded since.
+        ``routing_prompts``: texts of the memory's domain its routing profile is made from (instead of its routing.json).
         """
         card = await asyncio.to_thread(self.validate_stored, name, path, weight)  # reads every weight file
-        return await self.load(card, replace=replace, managed=True, epoch=epoch)
+        profile = await asyncio.to_thread(self.routing_profile, card, routing_prompts)
+        return await self.load(card, replace=replace, managed=True, epoch=epoch, profile=profile)
 
-    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True, epoch: int | None = None) -> LoadedMemory:
+    async def load(self, card: MemoryCard, replace: bool = False, managed: bool = False, persist: bool = True, epoch: int | None = None, profile: Profile | None = None) -> LoadedMemory:
+        """``profile``: the routing profile (default: the artifact's routing.json, if any)."""
+        if profile is None:
+            profile = await asyncio.to_thread(self.routing_profile, card)
         async with self._ops:
             if epoch is not None and self._epochs[card.name] != epoch:
                 raise Conflict(f"memory {card.name!r} was unloaded while it was being generated; the generated memory was not loaded", "name")
-            return await self._load(card, replace, managed, persist)
+            return await self._load(card, replace, managed, persist, profile)
 
     def epoch(self, name: str) -> int:
         """How many times ``name`` was unloaded so far: work that takes a while (a generation) notes it first,
@@ -245,7 +272,7 @@ class MemoryCatalog:
         log.info("generated folder %s deleted: no memory uses it any more", folder)
         return True
 
-    async def _load(self, card: MemoryCard, replace: bool, managed: bool, persist: bool) -> LoadedMemory:
+    async def _load(self, card: MemoryCard, replace: bool, managed: bool, persist: bool, profile: Profile | None = None) -> LoadedMemory:
         if card.name in self._memories and not replace:
             raise Conflict(f"memory {card.name!r} is already loaded; pass replace=true to swap it", "name")
         self._check_limits(card)
@@ -259,8 +286,10 @@ class MemoryCatalog:
             info = await self.engine.load_memory(key, card.path)
         loaded = LoadedMemory(card, key, managed=managed, load_seconds=time.perf_counter() - start, device_bytes=info.get("bytes", 0))
         loaded.cache_bytes, loaded.cache_budget_bytes, loaded.max_rows = info.get("cache_bytes", 0), info.get("cache_budget_bytes"), info.get("max_rows")
+        loaded.profile = profile
         previous = self._memories.get(card.name)
         self._memories[card.name] = loaded
+        self._rebuild_router()
         self.problems.pop(card.name, None)
         self._failed.pop(card.name, None)
         metrics.LOADED.set(len(self._memories))
@@ -294,6 +323,7 @@ class MemoryCatalog:
         if loaded is None:
             raise UnknownMemory(f"memory {name!r} is not loaded", "name")
         self._epochs[name] += 1
+        self._rebuild_router()
         metrics.LOADED.set(len(self._memories))
         metrics.DEVICE_BYTES.remove(name)
         for gauge in (metrics.CACHE_BYTES, metrics.CACHE_BUDGET_BYTES):
@@ -369,7 +399,8 @@ class MemoryCatalog:
                     card = await asyncio.to_thread(self.validate_stored, name, str(path), want.memory_weight)
                     if card.content_sha256 != want.content_sha256:
                         raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
-                    await self._load(card, replace=True, managed=True, persist=False)
+                    profile = await asyncio.to_thread(self.routing_profile, card)
+                    await self._load(card, replace=True, managed=True, persist=False, profile=profile)
                     log.info("reconcile: memory %s loaded from the store", name)
                 except Exception as e:  # reported in /admin/memories, the server keeps serving
                     self._fail(name, str(e), attempt)

@@ -24,6 +24,7 @@ from server.api import metrics
 from server.config import RequestLimits
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Unavailable, error_body
+from server.serving import routing
 from server.serving.selection import Selection, select_memory
 
 log = logging.getLogger("memserve.requests")
@@ -49,11 +50,12 @@ class CompletionsServing:
     async def _generate(self, body: dict[str, Any], raw_request: Request, request_cls, handler) -> Response:
         started = time.perf_counter()
         selection = select_memory(body, raw_request.headers, self.catalog, self.base_name)
+        path = _routed_path(raw_request.url.path, routing.take())  # what the request log line names
         request = _validate(request_cls, body)
         self._check_limits(request, selection)
         if selection is None:
             result = await handler(request, raw_request)
-            return self._respond(result, request, None, raw_request.url.path, started, False)
+            return self._respond(result, request, None, path, started, False)
 
         memory = selection.memory
         request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()} or None
@@ -70,7 +72,7 @@ class CompletionsServing:
             await asyncio.wait([work, evicted], return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
                 raise Unavailable(_evicted_message(memory.name), "domain")
-            response = self._respond(work.result(), request, selection, raw_request.url.path, started, hide_usage)
+            response = self._respond(work.result(), request, selection, path, started, hide_usage)
         except BaseException:
             memory.release(rows)
             raise
@@ -168,6 +170,11 @@ def _choices(request) -> int:
     return max(getattr(request, "n", None) or 1, getattr(request, "best_of", None) or 1)
 
 
+def _routed_path(path: str, routed: routing.Routed | None) -> str:
+    """The request's path for its log line; a routed request says so: ``/v1/completions (routed: auto → bio)``."""
+    return path if routed is None else f"{path} (routed: auto → {routed.memory or metrics.BASE_LABEL})"
+
+
 def _log_done(route: str, label: str, prompt: int, completion: int, started: float) -> None:
     log.info("%s 200 memory=%s prompt_tokens=%d completion_tokens=%d %.2fs", route, label, prompt, completion, time.perf_counter() - started)
 
@@ -184,11 +191,17 @@ class ModelsServing:
         models.data = [card for card in models.data if card.id not in self.state.openai_serving_models.lora_requests]
         for card in models.data:
             card.root = card.id  # vLLM puts the base's directory here; clients need no server paths
+        routable = {}
         for memory in self.catalog.all():
             models.data.append(
                 ModelCard(id=memory.name, root=memory.name, parent=self.base_name, owned_by="memserve", max_model_len=models.data[0].max_model_len)
             )
-        return models.model_dump()
+            routable[memory.name] = memory.profile is not None
+        listing = models.model_dump()
+        for card in listing["data"]:  # memory cards: whether domain "auto" can pick it (it has a routing profile)
+            if card["id"] in routable:
+                card["routable"] = routable[card["id"]]
+        return listing
 
 
 def _evicted_message(name: str) -> str:

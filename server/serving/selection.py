@@ -16,6 +16,7 @@ from typing import Any
 from server.api import protocol
 from server.engine import keys
 from server.serving.catalog import LoadedMemory, MemoryCatalog
+from server.serving.routing import route_auto
 from server.errors import BadRequest, Unavailable, UnknownMemory, no_weight
 
 HEADER = "x-domain"
@@ -56,6 +57,7 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
     Raises ``BadRequest`` (400) for conflicting or malformed selections and
     ``UnknownMemory`` (404) for a name that is not loaded.
     """
+    headers = route_auto(body, headers, catalog, base_name)  # "auto": the routed memory's name, or none (server/serving/routing.py)
     fields = protocol.pop_memory_fields(body)
     from_body = protocol.memory_name(fields["domain"], "domain")
     from_header = protocol.memory_name(headers.get(HEADER), "X-Domain header")

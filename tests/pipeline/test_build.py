@@ -103,6 +103,24 @@ def test_artifact_is_servable(built, tiny_base):
     assert not any(p.name.startswith(".") for p in artifact.parent.iterdir() if p.name != "work")
 
 
+def test_artifact_carries_a_routing_profile_of_its_train_split(built, tiny_base):
+    from transformers import AutoTokenizer
+
+    from memories.artifact import tokenizer_sha256
+    from memories.routing import Router, read_profile
+
+    cfg, artifact = built
+    base_tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    profile = read_profile(artifact, vocab_size=len(base_tok))
+    train = np.load(cfg.work / "corpus" / "train.npy")
+    assert profile.source == "train split" and profile.tokens == len(train) and profile.vocab_size == len(base_tok)
+    assert profile.tokenizer_sha256 == tokenizer_sha256(base_tok)
+    assert profile.calibration["in_domain_windows"] > 0  # calibrated on the validation split
+    test = np.load(cfg.work / "corpus" / "test.npy")
+    router = Router({"synth": profile}, len(base_tok))
+    assert router.route(test[:256]).memory == "synth"  # held-out text of its own domain routes to it
+
+
 @pytest.mark.parametrize("init, from_base", [("first", [0, 1]), ("ends", [0, 2])])
 def test_memory_starts_from_the_base(tiny_base, init, from_base):
     """The memory's layers are copies of the base layers its init names (the 3-layer base cut to 2)."""

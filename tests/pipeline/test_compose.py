@@ -92,6 +92,9 @@ def test_cli_writes_a_calm_memory_the_server_accepts(composed_memory, models):
         assert math.isfinite(m[key]), key
     assert meta["corpus"]["splits"]["test"]["tokens"] == 1501
     assert not list(artifact.parent.glob(".*partial"))
+    from memories.routing import read_profile
+
+    assert read_profile(artifact, len(models["tokenizer"])).source == "train split"  # routable with domain "auto"
     report = out / "work" / "calm-test" / "evaluate"
     assert (report / "report.md").read_text().count("| base") >= 2 and (report / "compose.png").stat().st_size > 1000
     assert json.loads((report / "report.json").read_text())["test"]["composition"] == m["test_ppl_composition"]

@@ -212,7 +212,8 @@ def test_memory_generate_cli(built, tmp_path):
     r = _cli("memory", "generate", "--generator", str(path), "--prompts", str(prompts), "--name", "d1", "--out", str(tmp_path / "mem"))
     assert r.returncode == 0, r.stderr
     out = tmp_path / "mem" / "d1"
-    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "memory.json"}
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "memory.json", "routing.json"}
+    assert json.loads((out / "routing.json").read_text())["source"] == "prompts"  # the prompts make the routing profile
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 2 and conf["task_type"] == "CAUSAL_LM"
     # a folder of .txt prompts works too
