@@ -4,15 +4,9 @@ import json
 import shutil
 
 import pytest
-from transformers import AutoTokenizer
 
 from memories.artifact import ArtifactError, check_compatible, read_card, tokenizer_sha256
 from tests.tiny_models import build_llama, build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def base_tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
 
 
 def copy(src, tmp_path, name="m"):
@@ -80,11 +74,6 @@ def test_declared_tokenizer_hash_is_checked(tmp_path, base_tok):
     mem = build_llama(tmp_path / "mem", base_tok, layers=1, seed=5, ship_tokenizer=False, memory_json={"tokenizer_sha256": "0" * 64})
     with pytest.raises(ArtifactError, match="tokenizer_sha256 differs"):
         check_compatible(read_card(mem, "m"), base_tok)
-
-
-@pytest.fixture(scope="module")
-def base_config(tiny):
-    return json.loads((tiny["base"] / "config.json").read_text())
 
 
 def test_thin_memory_card(tiny, tmp_path, base_tok, base_config):

@@ -7,22 +7,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from memories.artifact import ArtifactError
 from memories.calm.composition import COMPOSITION_FILE, Composition, CompositionSpec
 from memories.kinds import check_any_compatible, read_any_card
 from tests.tiny_models import build_calm, build_llama
-
-
-@pytest.fixture(scope="module")
-def base_tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
-
-
-@pytest.fixture(scope="module")
-def base_config(tiny):
-    return json.loads((tiny["base"] / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")

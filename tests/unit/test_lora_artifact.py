@@ -4,23 +4,12 @@ import json
 import shutil
 
 import pytest
-from transformers import AutoTokenizer
 
 from memories.artifact import ArtifactError
 from memories.kinds import check_any_compatible, read_any_card
 from tests.tiny_models import build_llama, build_lora, edit_lora
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-
-
-@pytest.fixture(scope="module")
-def base_tok(tiny):
-    return AutoTokenizer.from_pretrained(tiny["tokenizer"])
-
-
-@pytest.fixture(scope="module")
-def base_config(tiny):
-    return json.loads((tiny["base"] / "config.json").read_text())
 
 
 @pytest.fixture(scope="module")
