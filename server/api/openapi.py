@@ -13,7 +13,16 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 MEMSERVE_FIELDS = {
-    "domain": {"type": ["string", "null"], "description": "name of a loaded memory to fuse into this request ('none' or empty: the base alone)"},
+    "domain": {
+        "anyOf": [
+            {"type": ["string", "null"]},
+            {"type": "object", "additionalProperties": {"type": ["number", "null"], "minimum": 0, "maximum": 1}, "minProperties": 1},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        ],
+        "description": "name of a loaded memory to fuse into this request ('none' or empty: the base alone); or a mixture: "
+        "an object of memory names to weights (null: the memory's own; decoder weights sum to at most 1; "
+        "at most one lora or calm memory, with null), or a list of names, each with its own weight",
+    },
     "memory_weight": {"type": ["number", "null"], "minimum": 0, "maximum": 1, "description": "λ for this request; default: the memory's own"},
 }
 

