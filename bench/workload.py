@@ -25,7 +25,7 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [[rng.randrange(100, vocab) for _ in range(length)] for _ in range(n)]
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int, domain: str | None) -> StreamResult:
+async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int, domain: str | dict | list | None) -> StreamResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
     if domain:
         body["domain"] = domain
@@ -50,8 +50,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return result
 
 
-async def run_streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, domains: list[str | None]) -> dict:
-    """All prompts at once, one stream each; throughput counts output tokens over the wall time."""
+async def run_streams(url: str, model: str, prompts: list[list[int]], max_tokens: int, domains: list[str | dict | list | None]) -> dict:
+    """All prompts at once, one stream each (``domains``: each request's ``domain``, a name or a mixture); throughput counts output tokens over the wall time."""
     async with httpx.AsyncClient(timeout=600) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(_one(client, url, model, p, max_tokens, d) for p, d in zip(prompts, domains)))

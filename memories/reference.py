@@ -21,13 +21,17 @@ class Continuation:
 
 
 class ReferenceFusion:
-    """``lora_dir``: the base runs with that PEFT adapter applied by PEFT itself (the oracle for lora memories).
+    """``memory_dir``: one decoder memory, or a list of them (a mixture: ``weight`` and ``temperature``
+    are then lists of one per memory, and the fusion is ``fuse``'s K-memory formula).
+
+    ``lora_dir``: the base runs with that PEFT adapter applied by PEFT itself (the oracle for lora memories).
 
     ``calm_dir``: the base runs composed with that calm memory through hooks on
     both transformers models (``memories.calm.hf``; the oracle for calm memories).
+    Either may come with decoder memories fused on top of the changed base.
     """
 
-    def __init__(self, base_dir: str, memory_dir: str | None, lora_dir: str | None = None, calm_dir: str | None = None):
+    def __init__(self, base_dir: str, memory_dir: str | list[str] | None, lora_dir: str | None = None, calm_dir: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -35,7 +39,10 @@ class ReferenceFusion:
             from peft import PeftModel
 
             self.base = PeftModel.from_pretrained(self.base, lora_dir).eval()
-        self.memory = AutoModelForCausalLM.from_pretrained(memory_dir, dtype=torch.float32).eval() if memory_dir else None
+        self.mixture = isinstance(memory_dir, (list, tuple))
+        dirs = list(memory_dir) if self.mixture else [memory_dir] if memory_dir else []
+        self.memories = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in dirs]
+        self.memory = self.memories[0] if self.memories and not self.mixture else None
         self.calm = None
         if calm_dir:
             from memories.calm.hf import load_calm
@@ -58,14 +65,16 @@ class ReferenceFusion:
         return logp.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
 
     @torch.inference_mode()
-    def next_logprobs(self, context: list[int], weight: float, temperature: float = 1.0) -> torch.Tensor:
+    def next_logprobs(self, context: list[int], weight: float | list[float], temperature: float | list[float] = 1.0) -> torch.Tensor:
         ids = torch.tensor([context])
         base_logits = self.base_logits(ids)[0, -1]
-        if self.memory is None:
+        if not self.memories:
             return torch.log_softmax(base_logits.float(), -1)
-        return fuse(base_logits, self.memory(ids).logits[0, -1], weight, temperature)
+        if not self.mixture:
+            return fuse(base_logits, self.memory(ids).logits[0, -1], weight, temperature)
+        return fuse(base_logits, [m(ids).logits[0, -1] for m in self.memories], list(weight), temperature)
 
-    def greedy(self, prompt: list[int], max_tokens: int, weight: float, temperature: float = 1.0, stop: set[int] = frozenset()) -> Continuation:
+    def greedy(self, prompt: list[int], max_tokens: int, weight: float | list[float], temperature: float | list[float] = 1.0, stop: set[int] = frozenset()) -> Continuation:
         context, tokens, logprobs = list(prompt), [], []
         for _ in range(max_tokens):
             logp = self.next_logprobs(context, weight, temperature)

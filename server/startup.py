@@ -56,7 +56,7 @@ async def run(opts: ServeOptions) -> int:
     from server.engine.client import EngineAdapter, engine_args, lora_limits, start_engine, unsupported
 
     from server.api.lifecycle import Lifecycle, loopback_hosts
-    from server.api.metrics import log_throughput
+    from server.metrics import log_throughput
 
     t0 = time.perf_counter()
     # SIGTERM during start-up cancels it, so the engine's context manager shuts

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import require_bearer
 from server.api.openapi import ERROR_RESPONSES, request_body
-from server.api.protocol import LoadRequest, read_json_object
+from server.protocol import LoadRequest, read_json_object
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, no_weight
 from server.serving.generation import MemoryGeneration

@@ -13,7 +13,7 @@ from server.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle
 from server.api.openapi import ERROR_RESPONSES, install_openapi, request_body
 from server.config import RequestLimits
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, read_json_object
+from server.protocol import ChatCompletionRequest, CompletionRequest, read_json_object
 from server.serving.completions import CompletionsServing, ModelsServing
 
 

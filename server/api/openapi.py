@@ -3,7 +3,7 @@
 Routes read their bodies themselves (the size and content-type checks come
 first, and memory selection must see the raw JSON before vLLM's request models
 do), so FastAPI does not infer the bodies from the routes' signatures: each
-route names its model from server/api/protocol.py (``request_body``), and the
+route names its model from server/protocol.py (``request_body``), and the
 document's schemas are generated from those models.
 """
 
@@ -16,7 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from server.api import protocol
+from server import protocol
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -43,7 +43,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 def request_body(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` for a route whose JSON body follows ``model`` (one of ``protocol.BODIES``)."""
-    assert protocol.BODIES.get(model.__name__) is model, f"{model.__name__} is not a body in server/api/protocol.py"
+    assert protocol.BODIES.get(model.__name__) is model, f"{model.__name__} is not a body in server/protocol.py"
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
@@ -61,7 +61,7 @@ def _bodies(doc: dict[str, Any]) -> list[type[BaseModel]]:
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Add the routes' request bodies (server/api/protocol.py's models) and the error shape to the document."""
+    """Add the routes' request bodies (server/protocol.py's models) and the error shape to the document."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:

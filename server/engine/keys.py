@@ -14,6 +14,10 @@ DECODER_MEMORY = "memserve_memory"  # a decoder memory's versioned key
 DECODER_WEIGHT = "memserve_weight"  # its λ for this request
 DECODER_TEMPERATURE = "memserve_temperature"  # its temperature T
 CALM_MEMORY = "memserve_calm"  # a calm memory's versioned key
+# a mixture of K ≥ 2 decoder memories: three lists of K, in the request's order (one decoder uses the keys above)
+MIXTURE_MEMORIES = "memserve_memories"  # the decoder memories' versioned keys
+MIXTURE_WEIGHTS = "memserve_weights"  # their λᵢ (summing to at most 1)
+MIXTURE_TEMPERATURES = "memserve_temperatures"  # their temperatures Tᵢ
 
 # the calm model plugin: vLLM's Llama with calm memories composed into the rows that select one
 CALM_ARCHITECTURE = "MemserveCalmLlamaForCausalLM"
@@ -27,9 +31,35 @@ def decoder_args(key: str, weight: float, temperature: float) -> dict[str, Any]:
     return {DECODER_MEMORY: key, DECODER_WEIGHT: weight, DECODER_TEMPERATURE: temperature}
 
 
+def mixture_args(keys: list[str], weights: list[float], temperatures: list[float]) -> dict[str, Any]:
+    """The decoder memories of a request, in order: one memory keeps the single-memory keys."""
+    if len(keys) == 1:
+        return decoder_args(keys[0], weights[0], temperatures[0])
+    return {MIXTURE_MEMORIES: list(keys), MIXTURE_WEIGHTS: list(weights), MIXTURE_TEMPERATURES: list(temperatures)}
+
+
 def read_decoder_args(extra: dict | None) -> dict | None:
-    """The request's decoder memory as ``{"memory", "weight", "temperature"}``, or None."""
+    """The request's single decoder memory as ``{"memory", "weight", "temperature"}``, or None."""
     extra = extra or {}
     if DECODER_MEMORY not in extra:
         return None
     return {"memory": extra[DECODER_MEMORY], "weight": extra.get(DECODER_WEIGHT), "temperature": extra.get(DECODER_TEMPERATURE, 1.0)}
+
+
+def read_decoder_parts(extra: dict | None) -> list[dict] | None:
+    """The request's decoder memories, one ``{"memory", "weight", "temperature"}`` each (a single memory: a list of one), or None.
+
+    Malformed lists (not lists, different lengths) come back as they are, for the worker's validation to refuse.
+    """
+    extra = extra or {}
+    single = read_decoder_args(extra)
+    if MIXTURE_MEMORIES not in extra:
+        return None if single is None else [single]
+    names, weights = extra[MIXTURE_MEMORIES], extra.get(MIXTURE_WEIGHTS)
+    temperatures = extra.get(MIXTURE_TEMPERATURES)
+    if single is not None or not all(isinstance(v, list) for v in (names, weights, temperatures)) or not len(names) == len(weights) == len(temperatures):
+        raise ValueError(
+            f"{MIXTURE_MEMORIES}, {MIXTURE_WEIGHTS} and {MIXTURE_TEMPERATURES} must be lists of one length, without {DECODER_MEMORY}; "
+            f"got {names!r}, {weights!r}, {temperatures!r}"
+        )
+    return [{"memory": m, "weight": w, "temperature": t} for m, w, t in zip(names, weights, temperatures)]

@@ -22,7 +22,7 @@ from pathlib import Path
 from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
 from memories.routing import Profile, Router, RoutingError, profile_from_texts, read_profile
-from server.api import metrics
+from server import metrics
 from server.engine.client import EngineAdapter
 from server.errors import Conflict, Unavailable, UnknownMemory, no_weight
 from server.serving.store import DesiredMemory, MemoryStore

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from server.engine.vllm_openai import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, StreamOptions
 
-from server.api import metrics
+from server import metrics
 from server.config import RequestLimits
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Unavailable, error_body
@@ -29,7 +29,7 @@ from server.serving.selection import Selection, select_memory
 
 log = logging.getLogger("memserve.requests")
 
-MEMORY_HEADER = "X-Memserve-Memory"  # on every response: the memory that served it, or "none"
+MEMORY_HEADER = "X-Memserve-Memory"  # on every response: the memory that served it, a mixture's "name=λ, ..." list, or "none"
 
 
 class CompletionsServing:
@@ -57,7 +57,7 @@ class CompletionsServing:
             result = await handler(request, raw_request)
             return self._respond(result, request, None, path, started, False)
 
-        memory = selection.memory
+        memories = selection.memories  # one, or a mixture's
         request.vllm_xargs = {**(request.vllm_xargs or {}), **selection.engine_args()} or None
         hide_usage = False
         if request.stream and not (request.stream_options and request.stream_options.include_usage):
@@ -65,39 +65,42 @@ class CompletionsServing:
             request.stream_options = StreamOptions(include_usage=True)
             hide_usage = True
         rows = _rows(request)
-        memory.acquire(rows)
+        _acquire(memories, rows)
         work = asyncio.ensure_future(handler(request, raw_request))
-        evicted = asyncio.ensure_future(memory.evicted.wait())
+        evicted = [asyncio.ensure_future(memory.evicted.wait()) for memory in memories]
         try:
-            await asyncio.wait([work, evicted], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([work, *evicted], return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                raise Unavailable(_evicted_message(memory.name), "domain")
+                raise Unavailable(_evicted_message(next(m.name for m in memories if m.evicted.is_set())), "domain")
             response = self._respond(work.result(), request, selection, path, started, hide_usage)
         except BaseException:
-            memory.release(rows)
+            _release(memories, rows)
             raise
         finally:
             # also on cancellation (the client went away): the engine request ends with the task
-            evicted.cancel()
+            for waiter in evicted:
+                waiter.cancel()
             work.cancel()
         if not isinstance(response, StreamingResponse):
-            memory.release(rows)
+            _release(memories, rows)
         return response
 
     def _check_limits(self, request, selection: Selection | None) -> None:
         n = _choices(request)
         if n > self.limits.max_n:
             raise BadRequest(f"n = {n} is above this server's limit of {self.limits.max_n} choices per request (--max-n)", "n")
-        if selection is not None and selection.memory.card.kind != "lora" and getattr(request, "prompt_embeds", None) is not None:
-            raise BadRequest(f"prompt_embeds cannot be combined with a {selection.memory.card.kind} memory: the memory reads token ids", "prompt_embeds")
+        reading = [m for m in selection.memories if m.card.kind != "lora"] if selection is not None else []
+        if reading and getattr(request, "prompt_embeds", None) is not None:
+            raise BadRequest(f"prompt_embeds cannot be combined with a {reading[0].card.kind} memory: the memory reads token ids", "prompt_embeds")
 
     def _respond(self, result, request, selection: Selection | None, route: str, started: float, hide_usage: bool) -> Response:
-        label = selection.memory.name if selection else metrics.BASE_LABEL
+        label = selection.label if selection else metrics.BASE_LABEL
         headers = {MEMORY_HEADER: label}
         if isinstance(result, ErrorResponse):
             log.info("%s %d memory=%s: %s", route, result.error.code, label, result.error.message)
             return JSONResponse(result.model_dump(), status_code=result.error.code, headers=headers)
-        metrics.REQUESTS.labels(label).inc()
+        for name in [m.name for m in selection.memories] if selection else [metrics.BASE_LABEL]:
+            metrics.REQUESTS.labels(name).inc()  # each memory of a mixture counts the request
         if not request.stream:
             if selection is not None:
                 result.model = selection.model_id
@@ -110,12 +113,12 @@ class CompletionsServing:
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
     async def _stream(self, chunks, selection: Selection | None, label: str, route: str, started: float, hide_usage: bool, rows: int = 1):
-        memory = selection.memory if selection else None
+        memories = selection.memories if selection else []
         prompt = completion = 0
         try:
             async for chunk in chunks:
-                if memory is not None and memory.evicted.is_set():
-                    yield f"data: {json.dumps(error_body(503, _evicted_message(memory.name), 'domain'))}\n\n"
+                if gone := [m for m in memories if m.evicted.is_set()]:
+                    yield f"data: {json.dumps(error_body(503, _evicted_message(gone[0].name), 'domain'))}\n\n"
                     break
                 if selection is None or not chunk.startswith("data: {"):
                     yield chunk
@@ -131,24 +134,43 @@ class CompletionsServing:
                 yield f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
         finally:
             try:
-                if memory is not None:
-                    memory.release(rows)
+                _release(memories, rows)
             finally:
                 await chunks.aclose()  # an early exit aborts the engine request
             _log_done(route, label, prompt, completion, started)
 
     @staticmethod
     def _count(selection: Selection | None, label: str, prompt: int, completion: int) -> None:
-        metrics.record_usage(label, prompt, completion)
-        if selection:
-            selection.memory.prompt_tokens += prompt
-            selection.memory.completion_tokens += completion
+        if not selection:
+            metrics.record_usage(label, prompt, completion)
+            return
+        for memory in selection.memories:  # a mixture's tokens count for each of its memories
+            metrics.record_usage(memory.name, prompt, completion)
+            memory.prompt_tokens += prompt
+            memory.completion_tokens += completion
+
+
+def _acquire(memories, rows: int) -> None:
+    """Count the request on every memory it uses; if one refuses (a calm memory's row budget), undo the others."""
+    done = []
+    try:
+        for memory in memories:
+            memory.acquire(rows)
+            done.append(memory)
+    except BaseException:
+        _release(done, rows)
+        raise
+
+
+def _release(memories, rows: int) -> None:
+    for memory in memories:
+        memory.release(rows)
 
 
 def _validate(request_cls, body: dict[str, Any]):
     """vLLM's request model; its validators can fail on odd shapes with any exception, and each is the body's fault.
 
-    vLLM's own class, not server/api/protocol.py's subclass of it: memserve's fields are
+    vLLM's own class, not server/protocol.py's subclass of it: memserve's fields are
     gone by now, and vLLM's refusals keep vLLM's wording.
     """
     try:

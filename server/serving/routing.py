@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from memories.routing import Route
-from server.api import metrics
+from server import metrics
 
 AUTO = "auto"
 HEADER = "x-domain"  # as selection reads it

@@ -1,12 +1,14 @@
 """The vLLM logits processor that fuses each request's memory into its next-token distribution.
 
-A request opts in through ``SamplingParams.extra_args`` keys
-``memserve_memory`` (versioned key), ``memserve_weight`` (λ) and
-``memserve_temperature`` (set by the API layer, which strips any such keys a
-client sends). For those rows, each step, the memory decoder advances
-by the tokens the row gained since the last step (the whole prompt the first
-time, one token afterwards), all rows of one memory in one batch, and the
-row's logits are replaced by ``memories.fuse.fuse``'s log-distribution.
+A request opts in through ``SamplingParams.extra_args`` (keys in
+``server/engine/keys.py``, set by the API layer, which strips any such keys a
+client sends): one decoder memory (versioned key, λ, temperature), or a
+mixture of several (lists of keys, λᵢ and Tᵢ). For those rows, each step,
+each of the row's memory decoders advances by the tokens the row gained since
+the last step (the whole prompt the first time, one token afterwards), all
+rows of one memory in one batch (a mixture row holds a slot in each of its
+memories' pools), and the row's logits are replaced by
+``memories.fuse.fuse``'s log-distribution over the base and all its memories.
 Memories that share an output head (thin memories: the base's own) apply it
 once for all their rows, so a mix of them costs about what one memory costs.
 
@@ -44,15 +46,19 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from memories.runner import MemoryDecoder
-from memories.fuse import fuse
-from server.engine.keys import read_decoder_args
+from memories.fuse import check_weights, fuse
+from server.engine.keys import read_decoder_parts
 from server.worker.extension import REGISTRY
 
 log = logging.getLogger("memserve.fusion")
 
 @dataclass
-class _Row:
-    """One request's memory state: its decoder slot and how far the decoder has read."""
+class _Part:
+    """One memory of a request's row: its decoder slot and how far the decoder has read.
+
+    A single-memory row has one part; a mixture row has one per decoder memory,
+    each with its own slot in its own memory's pool.
+    """
 
     decoder: MemoryDecoder
     weight: float
@@ -95,6 +101,17 @@ class _Row:
         self.slot = self.last_hidden = None
 
 
+@dataclass
+class _Row:
+    """One batch row's memories: one part (a single memory) or several (a mixture), fused in one formula."""
+
+    parts: list[_Part]
+
+    def park(self) -> None:
+        for part in self.parts:
+            part.park()
+
+
 class MemoryFusionProcessor(LogitsProcessor):
     """Per-request memory fusion for vLLM's V1 logits-processor interface."""
 
@@ -109,16 +126,22 @@ class MemoryFusionProcessor(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:
-        spec = read_decoder_args(params.extra_args)
-        if spec is None:
+        parts = read_decoder_parts(params.extra_args)  # malformed mixture lists: ValueError
+        if parts is None:
             return
-        if not isinstance(spec["memory"], str):
-            raise ValueError(f"memserve_memory must be a string, got {spec['memory']!r}")
-        w, t = spec.get("weight"), spec.get("temperature", 1.0)
-        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 <= w <= 1.0:
-            raise ValueError(f"memory weight must be a number in [0, 1], got {w!r}")
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not (t > 0 and math.isfinite(t)):
-            raise ValueError(f"memory temperature must be a positive number, got {t!r}")
+        for spec in parts:
+            if not isinstance(spec["memory"], str):
+                raise ValueError(f"memserve_memory must be a string, got {spec['memory']!r}")
+            w, t = spec.get("weight"), spec.get("temperature", 1.0)
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0.0 <= w <= 1.0:
+                raise ValueError(f"memory weight must be a number in [0, 1], got {w!r}")
+            if not isinstance(t, (int, float)) or isinstance(t, bool) or not (t > 0 and math.isfinite(t)):
+                raise ValueError(f"memory temperature must be a positive number, got {t!r}")
+        if len(parts) > 1:
+            names = [spec["memory"] for spec in parts]
+            if len(set(names)) != len(names):
+                raise ValueError(f"a mixture names a memory twice: {names!r}")
+            check_weights([spec["weight"] for spec in parts])
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -135,9 +158,9 @@ class MemoryFusionProcessor(LogitsProcessor):
             # fuse_batch, which knows how much of it the base computed this step.
             # (GPU only; untested on these CPU machines.)
             with torch.cuda.stream(self._side_stream):
-                for indices in self._rows_by_decoder(None).values():
-                    rows = [self.rows[i] for i in indices]
-                    self._advance([r for r in rows if r.slot is not None and r.decoder.length(r.slot) >= len(r.prompt)])
+                for entries in self._parts_by_decoder(None).values():
+                    parts = [part for _, _, part in entries]
+                    self._advance([p for p in parts if p.slot is not None and p.decoder.length(p.slot) >= len(p.prompt)])
                 self._side_done.record()
 
     def _apply_update(self, batch_update: BatchUpdate) -> None:
@@ -146,21 +169,25 @@ class MemoryFusionProcessor(LogitsProcessor):
         for index, params, prompt, output in batch_update.added:
             # A slot refilled without a matching "removed" still held the old row.
             self._drop(index)
-            spec = read_decoder_args(params.extra_args)
-            if spec is None:
-                continue
-            decoder = REGISTRY.get(spec["memory"])
-            if not isinstance(decoder, MemoryDecoder):
-                log.error("request names memory %s, which this worker has not loaded; serving the base", spec["memory"])
+            specs = read_decoder_parts(params.extra_args)
+            if specs is None:
                 continue
             if prompt is None:
                 _warn_once("embeds", "a request with prompt embeddings and no token ids selects a memory; the base alone serves it")
                 continue
-            row = _Row(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)), list(prompt), output)
-            slot = decoder.resume(output)  # a request vLLM only preempted or did not schedule comes back
-            if slot is not None:
-                row.attach(slot)
-            self.rows[index] = row
+            parts = []
+            for spec in specs:
+                decoder = REGISTRY.get(spec["memory"])
+                if not isinstance(decoder, MemoryDecoder):
+                    log.error("request names memory %s, which this worker has not loaded; the row goes without it", spec["memory"])
+                    continue
+                part = _Part(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)), list(prompt), output)
+                slot = decoder.resume(output)  # a request vLLM only preempted or did not schedule comes back
+                if slot is not None:
+                    part.attach(slot)
+                parts.append(part)
+            if parts:
+                self.rows[index] = _Row(parts)
         for a, b, direction in batch_update.moved:
             row_a = self.rows.pop(a, None)
             if direction == MoveDirectionality.SWAP:
@@ -189,7 +216,9 @@ class MemoryFusionProcessor(LogitsProcessor):
         """Replace the logits of every memory row with the fused log-distribution.
 
         Rows the base is still prefilling advance the memory by this step's chunk and keep
-        their base logits: vLLM discards their sample.
+        their base logits: vLLM discards their sample. Single-memory rows are fused per
+        output head as their memories' logits come; a mixture row's memories may sit
+        under different heads, so its parts are collected and fused once all are known.
         """
         self._fused_this_step = from_hook
         if not self.rows:
@@ -198,45 +227,73 @@ class MemoryFusionProcessor(LogitsProcessor):
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_event(self._side_done)
         computed = self.computed or []
+        limit = lambda i: computed[i] if i < len(computed) else None  # noqa: E731
+        mixtures: dict[int, dict[int, tuple]] = {}  # mixture row → part position → (mem logits, weight, temperature)
         for by_decoder in self._groups_by_head(logits.shape[0]):
-            indices = []
+            entries = []
             for group in by_decoder:
-                limits = {i: computed[i] if i < len(computed) else None for i in group}
-                self._advance([self.rows[i] for i in group], list(limits.values()))  # no-op for rows the side stream already advanced
-                indices += [i for i in group if not self.rows[i].partial(limits[i])]
-            if not indices:
+                self._advance([part for _, _, part in group], [limit(i) for i, _, _ in group])  # no-op for parts the side stream already advanced
+                entries += [(i, pos, part) for i, pos, part in group if not part.partial(limit(i))]
+            if not entries:
                 continue
-            rows = [self.rows[i] for i in indices]
-            mem_logits = rows[0].decoder.head(torch.stack([r.last_hidden for r in rows])).to(logits.device)
-            weight = torch.tensor([[r.weight] for r in rows], device=logits.device)
-            temperature = torch.tensor([[r.temperature] for r in rows], device=logits.device)
+            parts = [part for _, _, part in entries]
+            mem_logits = parts[0].decoder.head(torch.stack([p.last_hidden for p in parts])).to(logits.device)
+            weight = torch.tensor([[p.weight] for p in parts], device=logits.device)
+            temperature = torch.tensor([[p.temperature] for p in parts], device=logits.device)
             broken = ~torch.isfinite(mem_logits).all(dim=-1, keepdim=True)
-            if broken.any():  # overflow in the memory's dtype: the base alone serves the row, never NaN
-                for name in sorted({r.decoder.name for r, bad in zip(rows, broken[:, 0].tolist()) if bad}):
+            if broken.any():  # overflow in the memory's dtype: that memory gives its share back to the base, never NaN
+                for name in sorted({p.decoder.name for p, bad in zip(parts, broken[:, 0].tolist()) if bad}):
                     _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
                 mem_logits, weight = mem_logits.masked_fill(broken, 0.0), weight.masked_fill(broken, 0.0)
-            index_t = torch.tensor(indices, device=logits.device)
-            logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
+            single = [k for k, (i, _, _) in enumerate(entries) if len(self.rows[i].parts) == 1]
+            if len(single) == len(entries):
+                index_t = torch.tensor([i for i, _, _ in entries], device=logits.device)
+                logits[index_t] = fuse(logits[index_t], mem_logits, weight, temperature)
+                continue
+            if single:
+                pick = torch.tensor(single, device=logits.device)
+                index_t = torch.tensor([entries[k][0] for k in single], device=logits.device)
+                logits[index_t] = fuse(logits[index_t], mem_logits[pick], weight[pick], temperature[pick])
+            for k, (i, pos, _) in enumerate(entries):
+                if len(self.rows[i].parts) > 1:
+                    mixtures.setdefault(i, {})[pos] = (mem_logits[k], weight[k], temperature[k])
+        self._fuse_mixtures(logits, mixtures)
         return logits
 
-    def _groups_by_head(self, batch_size: int) -> list[list[list[int]]]:
-        """Batch rows by output head (the same storage), and within a head by decoder."""
-        groups: dict[tuple, list[list[int]]] = {}
-        for indices in self._rows_by_decoder(batch_size).values():
-            head = self.rows[indices[0]].decoder.head_weight
-            groups.setdefault((head.data_ptr(), tuple(head.shape), head.dtype, head.device), []).append(indices)
+    @staticmethod
+    def _fuse_mixtures(logits: torch.Tensor, mixtures: dict[int, dict[int, tuple]]) -> None:
+        """One ``fuse`` call per mixture size K: part k of every such row stacked as the k-th memory."""
+        by_size: dict[int, list[int]] = {}
+        for i, parts in mixtures.items():
+            by_size.setdefault(len(parts), []).append(i)
+        for k, indices in by_size.items():
+            ordered = [[mixtures[i][pos] for pos in sorted(mixtures[i])] for i in indices]
+            index_t = torch.tensor(indices, device=logits.device)
+            mems = [torch.stack([row[j][0] for row in ordered]) for j in range(k)]
+            weights = [torch.stack([row[j][1] for row in ordered]) for j in range(k)]
+            temperatures = [torch.stack([row[j][2] for row in ordered]) for j in range(k)]
+            logits[index_t] = fuse(logits[index_t], mems if k > 1 else mems[0], weights if k > 1 else weights[0], temperatures if k > 1 else temperatures[0])
+
+    def _groups_by_head(self, batch_size: int) -> list[list[list[tuple[int, int, _Part]]]]:
+        """Batch rows' parts by output head (the same storage), and within a head by decoder."""
+        groups: dict[tuple, list[list[tuple[int, int, _Part]]]] = {}
+        for entries in self._parts_by_decoder(batch_size).values():
+            head = entries[0][2].decoder.head_weight
+            groups.setdefault((head.data_ptr(), tuple(head.shape), head.dtype, head.device), []).append(entries)
         return list(groups.values())
 
-    def _rows_by_decoder(self, batch_size: int | None) -> dict[int, list[int]]:
-        groups: dict[int, list[int]] = {}
+    def _parts_by_decoder(self, batch_size: int | None) -> dict[int, list[tuple[int, int, _Part]]]:
+        """Every (row index, part position, part) of the batch, by decoder: each memory's rows advance in one call."""
+        groups: dict[int, list[tuple[int, int, _Part]]] = {}
         for index, row in self.rows.items():
             if batch_size is None or index < batch_size:
-                groups.setdefault(id(row.decoder), []).append(index)
+                for pos, part in enumerate(row.parts):
+                    groups.setdefault(id(part.decoder), []).append((index, pos, part))
         return groups
 
     @staticmethod
-    def _advance(rows: list[_Row], computed: list[int | None] | None = None) -> None:
-        """One decoder call for every row that gained tokens; others keep their last hidden state.
+    def _advance(rows: list[_Part], computed: list[int | None] | None = None) -> None:
+        """One decoder call for every row (part) that gained tokens; others keep their last hidden state.
 
         ``computed`` (per row, None where unknown) caps what each row reads at
         what the base has computed. A row with nothing new is a row whose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench.reference_loop import reference_throughput
@@ -74,3 +75,27 @@ def test_a_calm_memory_costs_its_augmenting_layers_and_composition_not_its_head(
     assert memory_flops_per_token(tiny["alpha"]) == flops_per_token(tiny["alpha"])  # a decoder memory: its whole forward
     base = flops_per_token(tiny["base"])
     assert compute_bound(tiny["base"], calm) == base / (base + memory_flops_per_token(calm))
+
+
+def test_mixture_compute_bound_counts_both_memories(tiny):
+    """A request fusing two memories runs the base and both: base ÷ (base + 2 × memory) FLOPs."""
+    from bench.flops import compute_bound, flops_per_token, mixture_bound
+
+    base, alpha, beta = flops_per_token(tiny["base"]), flops_per_token(tiny["alpha"]), flops_per_token(tiny["beta"])
+    assert mixture_bound(tiny["base"], [tiny["alpha"], tiny["beta"]]) == pytest.approx(base / (base + alpha + beta))
+    assert mixture_bound(tiny["base"], [tiny["alpha"]]) == compute_bound(tiny["base"], tiny["alpha"])
+    two = mixture_bound(tiny["base"], [tiny["alpha"]] * 2)
+    assert two == pytest.approx(base / (base + 2 * alpha)) and two < compute_bound(tiny["base"], tiny["alpha"])
+
+
+def test_mixture_scenario_sends_two_memories_and_reports_against_its_bound():
+    from bench.run import MEMORY_NAMES, MIXTURE, SCENARIOS, build_parser
+
+    assert "mixture" in SCENARIOS and list(MIXTURE) == list(MEMORY_NAMES[:2]) and sum(MIXTURE.values()) <= 1
+    assert build_parser().parse_args(["--scenarios", "memory,mixture"]).scenarios == ["memory", "mixture"]
+    setup = describe_setup([], {})
+    stats = lambda tps: {"output_tokens_per_s": tps, "ttft_p50_s": 0.1, "itl_p50_s": 0.01, "itl_p99_s": 0.02, "ratio_to_base": 1.0}  # noqa: E731
+    runs = [{"streams": 8, "scenarios": {"memory": stats(100.0), "mixture": stats(60.0)}}]
+    text = markdown({**setup, "compute_bound": 0.75, "mixture_bound": 0.6, "prompt_len": 32, "output_len": 32, "runs": runs})
+    assert "| 8 | mixture |" in text
+    assert "mixture of two ÷ single-memory = 0.600" in text and "= 0.800, so 0.75 × the bound" in text

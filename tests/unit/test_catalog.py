@@ -432,7 +432,7 @@ def test_the_memory_budget_counts_a_calm_memorys_cache_budget(tiny, tok, calm_me
 
 
 def test_calm_requests_beyond_the_rows_its_cache_budget_holds_get_503_naming_the_flag(tiny, tok, calm_memory):
-    from server.api import metrics
+    from server import metrics
     from server.errors import Unavailable
 
     async def go():

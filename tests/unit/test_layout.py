@@ -4,6 +4,8 @@
 - In ``server/``, only ``server/engine/`` (the engine client, the one door into vLLM for the API
   process) and ``server/worker/`` (code that runs inside vLLM's processes) import vLLM.
 - The API process never imports ``server/worker/``: the two sides share only ``server/engine/keys.py``.
+- Layers call downwards only: ``server/api`` → ``server/serving`` → ``server/engine``; neither
+  ``serving/`` nor ``engine/`` imports ``api/``, and ``engine/`` does not import ``serving/``.
 - Nothing but ``bench/`` and ``tests/`` imports ``bench``.
 - No module imports another package's private (``_``-prefixed) name.
 """
@@ -58,6 +60,8 @@ def violations(path: Path, source: str | None = None) -> list[str]:
             out.append(f"{rel} imports {module}: the API process reaches vLLM through server/engine/")
         if rel.startswith("server/") and side != "worker" and module.startswith("server.worker"):
             out.append(f"{rel} imports {module}: the API process never imports worker code")
+        if side in ("serving", "engine") and module.startswith("server.api") or side == "engine" and module.startswith("server.serving"):
+            out.append(f"{rel} imports {module}: a layer never imports the one above it (api → serving → engine)")
         if top(module) == "bench" and not rel.startswith(("bench/", "tests/")):
             out.append(f"{rel} imports {module}: only bench/ and tests/ import bench")
         if top(module) in PACKAGES and module_package(module) != package_of(path):
@@ -80,6 +84,8 @@ def test_every_module_keeps_the_import_rules():
         ("server/serving/catalog.py", "from vllm import SamplingParams", "through server/engine/"),
         ("server/api/app.py", "from server.worker.extension import REGISTRY", "never imports worker code"),
         ("server/cli.py", "from bench.run import main", "only bench/ and tests/"),
+        ("server/serving/catalog.py", "from server.api.app import create_app", "never imports the one above"),
+        ("server/engine/client.py", "from server.serving.catalog import MemoryCatalog", "never imports the one above"),
         ("memories/calm/augment.py", "from memories.decoder.pipeline import _tokenize", "private name"),
     ],
 )

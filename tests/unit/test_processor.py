@@ -54,9 +54,9 @@ def test_batch_lifecycle(memory):
     assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2], 0.8), atol=1e-4)
 
     # a chunked-prefill row seen again with nothing new: the decoder does not advance
-    length = decoder.length(proc.rows[0].slot)
+    length = decoder.length(proc.rows[0].parts[0].slot)
     base, fused = step(proc, 3)
-    assert decoder.length(proc.rows[0].slot) == length
+    assert decoder.length(proc.rows[0].parts[0].slot) == length
     assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[0]), atol=1e-4)
 
     # decode: vLLM appends to the live output lists
@@ -151,12 +151,12 @@ def test_row_that_leaves_the_batch_and_returns_resumes_its_slot(memory):
     step(proc, 1)
     out += [20, 21]  # decoded while it was still in the batch, then left
     step(proc, 1)
-    slot = proc.rows[0].slot
+    slot = proc.rows[0].parts[0].slot
     proc.update_state(update(0, removed=[0]))
     proc.update_state(update(1, added=[(0, params(False), [1, 2], [])]))  # another request meanwhile
     step(proc, 1)
     proc.update_state(update(2, added=[(1, params(True), prompt, out)]))  # the same request object returns
-    assert proc.rows[1].slot == slot and decoder.length(slot) == len(prompt + out) - 1
+    assert proc.rows[1].parts[0].slot == slot and decoder.length(slot) == len(prompt + out) - 1
     base, fused = step(proc, 2)
     assert decoder.length(slot) == len(prompt + out)  # one token fed, not the whole context
     assert torch.allclose(fused[1], expected_row(memory, base[1], prompt + out), atol=1e-4)
@@ -199,9 +199,9 @@ def test_non_finite_memory_logits_leave_the_base_distribution(memory):
     proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
     proc.update_state(update(2, added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])]))
     step(proc, 2)
-    broken = proc.rows[0].last_hidden.clone()
+    broken = proc.rows[0].parts[0].last_hidden.clone()
     broken[3] = float("inf")  # as an overflow in a low-precision dtype would leave it
-    proc.rows[0].last_hidden = broken
+    proc.rows[0].parts[0].last_hidden = broken
     base, fused = step(proc, 2)  # nothing new to read: the stored hidden state is reused
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
@@ -306,3 +306,73 @@ def test_thin_memories_share_one_head_call_per_step(tiny, tmp_path, monkeypatch)
     finally:
         for key in keys:
             REGISTRY.pop(key)
+
+
+def test_mixture_rows_beside_single_and_base_rows(tiny, memory, monkeypatch):
+    """Rows of alpha, beta, a base row and two mixtures of both: each memory advances once per step for all its rows."""
+    from transformers import AutoModelForCausalLM
+
+    beta_key = "beta@mix"
+    REGISTRY.add(beta_key, MemoryDecoder(tiny["beta"], name=beta_key))
+    beta_hf = AutoModelForCausalLM.from_pretrained(tiny["beta"]).eval()
+    hf = {KEY: memory, beta_key: beta_hf}
+    calls = {KEY: [], beta_key: []}
+    for key in calls:
+        decoder = REGISTRY.get(key)
+        original = decoder.advance
+        monkeypatch.setattr(decoder, "advance", lambda slots, tokens, key=key, original=original: calls[key].append(len(slots)) or original(slots, tokens))
+    try:
+        mix = lambda keys, ws, ts: SamplingParams(extra_args={"memserve_memories": keys, "memserve_weights": ws, "memserve_temperatures": ts})  # noqa: E731
+        rows = [
+            (params(True, 0.5), [([KEY], [0.5], [1.0])]),
+            (mix([KEY, beta_key], [0.3, 0.2], [1.0, 0.8]), [([KEY, beta_key], [0.3, 0.2], [1.0, 0.8])]),
+            (params(False), None),
+            (SamplingParams(extra_args={"memserve_memory": beta_key, "memserve_weight": 0.4, "memserve_temperature": 0.8}), [([beta_key], [0.4], [0.8])]),
+            (mix([beta_key, KEY], [0.5, 0.5], [0.8, 1.0]), [([beta_key, KEY], [0.5, 0.5], [0.8, 1.0])]),
+        ]
+        prompts = [[5, 6, 7], [8, 9], [10, 11], [12, 13, 14], [15]]
+        outs = [[] for _ in rows]
+        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+        proc.update_state(update(len(rows), added=[(i, p, prompts[i], outs[i]) for i, (p, _) in enumerate(rows)]))
+        for step_no in range(3):
+            for c in calls.values():
+                c.clear()
+            base, fused = step(proc, len(rows))
+            assert calls == {KEY: [3], beta_key: [3]}  # one call per memory, all its rows (single and mixture) together
+            for i, (_, spec) in enumerate(rows):
+                if spec is None:
+                    assert torch.equal(fused[i], base[i])  # base rows untouched
+                    continue
+                (keys, ws, ts), = spec
+                with torch.no_grad():
+                    mems = [hf[k](torch.tensor([prompts[i] + outs[i]])).logits[0, -1] for k in keys]
+                expected = fuse(base[i], mems[0], ws[0], ts[0]) if len(keys) == 1 else fuse(base[i], mems, ws, ts)
+                assert torch.allclose(fused[i], expected, atol=1e-4), (step_no, i)
+            # the mixture row with Σλ = 1 has no base share: the direct probability-space formula agrees
+            with torch.no_grad():
+                ctx = torch.tensor([prompts[4] + outs[4]])
+                direct = 0.5 * torch.softmax(beta_hf(ctx).logits[0, -1] / 0.8, -1) + 0.5 * torch.softmax(memory(ctx).logits[0, -1], -1)
+            assert torch.allclose(fused[4].exp(), direct, atol=1e-5)
+            for i, o in enumerate(outs):
+                o.append(20 + i + step_no)
+            proc.update_state(None)
+        assert len(proc.rows[1].parts) == 2 and proc.rows[1].parts[0].slot is not None and proc.rows[1].parts[1].slot is not None
+        proc.update_state(update(0, removed=list(range(len(rows)))))
+        assert REGISTRY.get(KEY).running == 0 and REGISTRY.get(beta_key).running == 0
+    finally:
+        REGISTRY.pop(beta_key)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        ({"memserve_memories": ["a", "b"], "memserve_weights": [0.7, 0.4], "memserve_temperatures": [1.0, 1.0]}, "sum to at most 1"),
+        ({"memserve_memories": ["a", "b"], "memserve_weights": [0.5], "memserve_temperatures": [1.0, 1.0]}, "one length"),
+        ({"memserve_memories": ["a", "a"], "memserve_weights": [0.1, 0.1], "memserve_temperatures": [1.0, 1.0]}, "twice"),
+        ({"memserve_memories": ["a", "b"], "memserve_weights": [0.1, 0.1], "memserve_temperatures": [1.0, -1.0]}, "positive"),
+    ],
+)
+def test_validate_mixture_params(extra, match):
+    with pytest.raises(ValueError, match=match):
+        MemoryFusionProcessor.validate_params(SamplingParams(extra_args=extra))
+    MemoryFusionProcessor.validate_params(SamplingParams(extra_args={"memserve_memories": ["a", "b"], "memserve_weights": [0.6, 0.4], "memserve_temperatures": [1.0, 2.0]}))

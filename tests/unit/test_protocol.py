@@ -1,4 +1,4 @@
-"""memserve's wire schema (server/api/protocol.py): vLLM's request models plus memserve's fields, and the admin load body."""
+"""memserve's wire schema (server/protocol.py): vLLM's request models plus memserve's fields, and the admin load body."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from server.api import protocol
+from server import protocol
 from server.engine import vllm_openai
 from server.errors import BadRequest
 

@@ -6,7 +6,7 @@ import pytest
 
 from memories.artifact import MemoryCard
 from memories.routing import Router, profile_from_texts
-from server.api import metrics
+from server import metrics
 from server.serving import routing
 from server.serving.catalog import LoadedMemory
 from server.serving.selection import select_memory

@@ -35,10 +35,12 @@ MemoryWeight = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan
 class MemoryFields(BaseModel):
     """memserve's own fields of a completion or chat body; removed before the body reaches vLLM."""
 
-    domain: MemoryName | None = Field(
+    domain: MemoryName | dict[str, MemoryWeight | None] | list[str] | None = Field(
         default=None,
-        description="name of a loaded memory to fuse into this request ('none' or empty: the base alone). "
-        "The X-Domain header, or 'model' set to a memory's name, selects one too; all that are given must agree",
+        description="name of a loaded memory to fuse into this request ('none' or empty: the base alone; 'auto': the memory "
+        "the router picks for the prompt, or none). The X-Domain header, or 'model' set to a memory's name, selects one too; "
+        "all that are given must agree. Or a mixture: an object of memory names to weights (null: the memory's own; decoder "
+        "weights sum to at most 1; at most one lora or calm memory, with null), or a list of names, each with its own weight",
     )  # fmt: skip
     memory_weight: MemoryWeight | None = Field(
         default=None, description="λ for this request, in [0, 1]; default: the memory's own. Decoder memories only: a lora or calm memory has no weight",
