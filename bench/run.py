@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def build_parser(prog: str = "memserve bench") -> argparse.ArgumentParser:
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
     p.add_argument("--json", type=Path, help="also write the results to this file (default: print only)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's prompts (default: %(default)s)")
+    p.add_argument(
+        "--rounds", type=int, default=3,
+        help="rounds per stream count; each round runs every scenario once, in an order rotated by one each round, and ratios are "
+        "taken within a round, so a load change on a shared machine moves both sides of a ratio (default: %(default)s)",
+    )  # fmt: skip
     p.add_argument("engine_args", nargs=argparse.REMAINDER, help="-- then vLLM engine flags for the server, passed unchanged (default: none)")
     return p
 
@@ -157,9 +163,14 @@ def main(opts: argparse.Namespace) -> int:
                 "mixed": [(*MEMORY_NAMES, None)[i % 4] for i in range(n)],
                 "mixture": [MIXTURE] * n,
             }
-            for name in opts.scenarios:
-                runs[n][name] = served(n, domains[name])
-                log.info("%d streams, %s: %.1f tok/s", n, name, runs[n][name]["output_tokens_per_s"])
+            rounds = []
+            for r in range(opts.rounds):
+                order = opts.scenarios[r % len(opts.scenarios) :] + opts.scenarios[: r % len(opts.scenarios)]
+                rounds.append({})
+                for name in order:
+                    rounds[-1][name] = served(n, domains[name])
+                    log.info("%d streams, round %d, %s: %.1f tok/s", n, r + 1, name, rounds[-1][name]["output_tokens_per_s"])
+            runs[n] = summarize_rounds(rounds)
     finally:
         server.stop()
     engine = setup["engine"]
@@ -172,9 +183,9 @@ def main(opts: argparse.Namespace) -> int:
         for n in opts.streams:
             runs[n]["reference"] = reference_throughput(str(base), str(memory), prompts[n], opts.output_len, dtype, engine["worker_threads"])
     for scenarios in runs.values():
-        base_tps = scenarios.get("base", {}).get("output_tokens_per_s", math.nan)
-        for s in scenarios.values():
-            s["ratio_to_base"] = s["output_tokens_per_s"] / base_tps
+        if "reference" in scenarios:  # measured once, after the server rounds
+            base_tps = scenarios.get("base", {}).get("output_tokens_per_s", math.nan)
+            scenarios["reference"]["ratio_to_base"] = scenarios["reference"]["output_tokens_per_s"] / base_tps
     result = {
         **setup,
         "compute_bound": compute_bound(base, memory),
@@ -190,6 +201,26 @@ def main(opts: argparse.Namespace) -> int:
     return 0
 
 
+def summarize_rounds(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each scenario's medians over the rounds, and its ratio to base as the median (and spread) of per-round ratios.
+
+    A ratio is taken within a round, base and scenario measured minutes apart at
+    most, rather than between medians gathered at different times.
+    """
+    out = {}
+    for name in rounds[0]:
+        stats = [r[name] for r in rounds]
+        out[name] = {key: statistics.median(s[key] for s in stats) for key in stats[0]}
+        out[name]["rounds"] = len(stats)
+        if all("base" in r for r in rounds):
+            ratios = [r[name]["output_tokens_per_s"] / r["base"]["output_tokens_per_s"] for r in rounds]
+            out[name]["ratio_to_base"] = statistics.median(ratios)
+            out[name]["ratio_spread"] = [min(ratios), max(ratios)]
+        else:
+            out[name]["ratio_to_base"] = math.nan
+    return out
+
+
 def markdown(r: dict) -> str:
     m, e, v = r["machine"], r["engine"], r["versions"]
     ref = e.get("reference")
@@ -200,13 +231,14 @@ def markdown(r: dict) -> str:
         f"versions: {', '.join(v.values())}",
         f"{r['prompt_len']}-token prompts, {r['output_len']}-token outputs; compute bound (base FLOPs ÷ base+memory FLOPs): {r['compute_bound']:.3f}",
         "",
-        "| streams | scenario | output tok/s | TTFT p50 (s) | ITL p50 (s) | ITL p99 (s) | ÷ base |",
+        "| streams | scenario | output tok/s (median) | TTFT p50 (s) | ITL p50 (s) | ITL p99 (s) | ÷ base (median of rounds, min–max) |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in r["runs"]:
         for name, s in run["scenarios"].items():
+            spread = f" ({s['ratio_spread'][0]:.3f}–{s['ratio_spread'][1]:.3f}, {s['rounds']} rounds)" if "ratio_spread" in s else ""
             rows.append(
-                f"| {run['streams']} | {name} | {s['output_tokens_per_s']:.1f} | {s['ttft_p50_s']:.3f} | {s['itl_p50_s']:.4f} | {s['itl_p99_s']:.4f} | {s['ratio_to_base']:.3f} |"
+                f"| {run['streams']} | {name} | {s['output_tokens_per_s']:.1f} | {s['ttft_p50_s']:.3f} | {s['itl_p50_s']:.4f} | {s['itl_p99_s']:.4f} | {s['ratio_to_base']:.3f}{spread} |"
             )
     rows.append("")
     for run in r["runs"]:

@@ -99,3 +99,19 @@ def test_mixture_scenario_sends_two_memories_and_reports_against_its_bound():
     text = markdown({**setup, "compute_bound": 0.75, "mixture_bound": 0.6, "prompt_len": 32, "output_len": 32, "runs": runs})
     assert "| 8 | mixture |" in text
     assert "mixture of two ÷ single-memory = 0.600" in text and "= 0.800, so 0.75 × the bound" in text
+
+
+def test_rounds_give_medians_and_within_round_ratios_with_their_spread():
+    from bench.run import summarize_rounds
+
+    def stats(tps):
+        return {"output_tokens_per_s": tps, "ttft_p50_s": 0.1, "itl_p50_s": 0.01, "itl_p99_s": 0.02}
+
+    # the machine slows down in round 2: both scenarios move, their ratio does not
+    rounds = [{"base": stats(100.0), "memory": stats(50.0)}, {"memory": stats(20.0), "base": stats(40.0)}, {"base": stats(90.0), "memory": stats(54.0)}]
+    out = summarize_rounds(rounds)
+    assert out["base"]["output_tokens_per_s"] == 90.0 and out["memory"]["output_tokens_per_s"] == 50.0
+    assert out["memory"]["ratio_to_base"] == 0.5 and out["memory"]["ratio_spread"] == [0.5, 0.6]
+    assert out["memory"]["rounds"] == 3
+    text = markdown({**describe_setup([], {}), "compute_bound": 0.5, "prompt_len": 32, "output_len": 32, "runs": [{"streams": 1, "scenarios": out}]})
+    assert "| 1 | memory | 50.0 |" in text and "0.500 (0.500–0.600, 3 rounds)" in text
