@@ -28,7 +28,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from memories.calm.runtime import CalmMemory, CalmRow
 from server.engine.keys import CALM_MEMORY as ARG
-from server.worker.extension import REGISTRY
+from server.worker.extension import REGISTRY, install_patches
 
 log = logging.getLogger("memserve.calm")
 
@@ -53,6 +53,7 @@ class CalmRowsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.requests: dict[int, _Request] = {}
         CalmRowsProcessor.active = self
+        install_patches()
 
     @classmethod
     def validate_params(cls, params: SamplingParams) -> None:

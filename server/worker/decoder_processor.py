@@ -25,7 +25,8 @@ Where the fusion happens: vLLM computes the logprobs it returns *before*
 logits processors run (``logprobs_mode=raw_logprobs``). So that returned
 logprobs are the fused ones and ``logit_bias``, penalties, temperature, top-p
 and top-k act on the fused distribution exactly as they act on a plain base,
-``install_sampler_hook`` makes the V1 sampler call :meth:`fuse_batch` first
+``install_sampler_hook`` (installed when vLLM builds the processor in a
+worker, never at import) makes the V1 sampler call :meth:`fuse_batch` first
 thing; :meth:`apply` then has nothing left to do. Without the hook (another
 vLLM build), :meth:`apply` fuses, and only the returned logprobs are the
 base's.
@@ -48,7 +49,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from memories.runner import MemoryDecoder
 from memories.fuse import check_weights, fuse
 from server.engine.keys import read_decoder_parts
-from server.worker.extension import REGISTRY
+from server.worker.extension import REGISTRY, install_patches
 
 log = logging.getLogger("memserve.fusion")
 
@@ -122,6 +123,8 @@ class MemoryFusionProcessor(LogitsProcessor):
         self.computed: list[int] | None = None  # per batch row, set by the hook for one step
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._side_done = torch.cuda.Event() if self._side_stream is not None else None
+        install_patches()
+        install_sampler_hook()
         install_runner_hook()
 
     @classmethod
@@ -386,6 +389,3 @@ def install_runner_hook() -> None:
 
     _sample._memserve = True
     GPUModelRunner._sample = _sample
-
-
-install_sampler_hook()

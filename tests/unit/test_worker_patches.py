@@ -121,3 +121,22 @@ def test_prompt_logprobs_beside_other_requests_with_lora_on():
     assert torch.equal(got, expected) and not torch.equal(got, logits[:3])
     with pytest.raises(NotImplementedError, match="head LoRA"):
         fixed(_punica([0, -1, 1]), logits.clone(), x, lora_a, lora_b, 1.0)
+
+
+def test_importing_the_worker_modules_patches_nothing():
+    """vLLM imports the processor classes in the API process too (for validate_params): only building them in a worker patches."""
+    import subprocess
+    import sys
+
+    code = """
+import server.worker.decoder_processor, server.worker.calm_model, server.worker.extension
+from vllm.v1.sample.sampler import Sampler
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+from vllm.lora.punica_wrapper import punica_cpu
+marked = [f for f in (Sampler.forward, GPUModelRunner._sample, GPUModelRunner.sample_tokens, punica_cpu.bgmv_shrink, punica_cpu.PunicaWrapperCPU.add_lora_logits)
+          if getattr(f, "_memserve", False) or getattr(f, "_memserve_fix", False)]
+print("patched:", [f.__qualname__ for f in marked])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "patched: []" in out.stdout
