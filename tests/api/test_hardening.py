@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.api.test_errors import assert_error
+from tests.openai_errors import assert_error
 
 BASE = {"model": "tiny-base", "prompt": "the gene", "max_tokens": 2}
 MEMORY = {**BASE, "model": "alpha"}
