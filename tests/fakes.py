@@ -27,3 +27,6 @@ class FakeEngine:
     async def unload_lora(self, key):
         self.unloaded.append(("lora", key))
         self.loras.pop(key, None)
+
+    async def cache_bytes(self, keys):
+        return {}
