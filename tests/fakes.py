@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
+
+class WatchedEvent(asyncio.Event):
+    """An event that tells when someone starts waiting for it (``waited``): a race's step you can await instead of sleeping."""
+
+    def __init__(self):
+        super().__init__()
+        self.waited = asyncio.Event()
+
+    async def wait(self):
+        self.waited.set()
+        return await super().wait()
+
 
 class FakeEngine:
     """What MemoryCatalog calls on ``server.engine.client.EngineAdapter``: records loads and unloads."""

@@ -51,7 +51,8 @@ class FakeServing:
     streamed, it yields vLLM's SSE lines (a usage chunk only when the request asks
     for one, then ``[DONE]``). ``answer``: an ``ErrorResponse`` to return or an
     exception to raise instead. ``hold``: an event each request waits for before
-    answering (a request still running); ``running`` is set once one waits.
+    answering (a request still running); ``running`` is set once one waits, and
+    ``cancelled`` once a waiting one is cancelled (its client went away, its memory was unloaded).
     """
 
     def __init__(self):
@@ -59,7 +60,7 @@ class FakeServing:
         self.answer = None
         self.hold: asyncio.Event | None = None
         self.running = asyncio.Event()
-        self.cancelled = 0
+        self.cancelled = asyncio.Event()
 
     async def create_completion(self, request, raw_request):
         return await self._serve(request, chat=False)
@@ -94,7 +95,7 @@ class FakeServing:
         try:
             await self.hold.wait()
         except asyncio.CancelledError:
-            self.cancelled += 1
+            self.cancelled.set()
             raise
 
     async def _stream(self, request, chat: bool, usage):

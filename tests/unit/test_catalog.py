@@ -9,23 +9,11 @@ from transformers import AutoTokenizer
 from memories.artifact import ArtifactError
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict, UnknownMemory
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, WatchedEvent
 
 
 def run(coro):
     return asyncio.run(coro)
-
-
-class WatchedEvent(asyncio.Event):
-    """An event that tells when someone starts waiting for it."""
-
-    def __init__(self):
-        super().__init__()
-        self.waited = asyncio.Event()
-
-    async def wait(self):
-        self.waited.set()
-        return await super().wait()
 
 
 @pytest.fixture(scope="module")
