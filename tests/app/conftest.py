@@ -182,34 +182,42 @@ def memory_root(tiny, tmp_path_factory) -> Path:
     return root
 
 
+async def build_app(
+    tok,
+    base_config: dict,
+    cards: dict,
+    memories=("alpha", "beta"),
+    api_key: str | None = None,
+    admin_token: str | None = None,
+    admin_insecure_local: bool = False,
+    limits: RequestLimits = RequestLimits(),
+    store: MemoryStore | None = None,
+    max_memories: int | None = None,
+    max_loras: int = 2,
+    allowed_hosts=loopback_hosts("127.0.0.1", 8000),
+    shutdown_grace: float = 30.0,
+) -> Served:
+    """An app as ``memserve serve`` builds it (server/startup.py), the flags as keywords; run it on the loop that will serve it."""
+    engine = FakeEngine()
+    catalog = MemoryCatalog(engine, tok, max_memories=max_memories, store=store, base_config=base_config, max_loras=max_loras, max_lora_rank=16)
+    for name in memories:
+        await catalog.load(cards[name])
+    health = FakeEngineClient()
+    lifecycle = Lifecycle(shutdown_grace, allowed_hosts)
+    app = create_app(health, catalog, BASE, lifecycle, api_key=api_key, limits=limits)
+    install_admin(app, catalog, BASE, admin_token, admin_insecure_local)
+    completions, chat = FakeServing(), FakeServing()
+    app.state.openai_serving_completion = completions
+    app.state.openai_serving_chat = chat
+    app.state.openai_serving_models = FakeModels(engine.loras)
+    return Served(lifecycle.middleware(app), app, catalog, engine, completions, chat, health, lifecycle)
+
+
 @pytest.fixture
 def serve(tok, base_config, cards):
-    """``await serve(...)``: an app as ``memserve serve`` builds it (server/startup.py), with the flags as keywords."""
+    """``await serve(...)``: :func:`build_app` with the session's memories."""
 
-    async def build(
-        memories=("alpha", "beta"),
-        api_key: str | None = None,
-        admin_token: str | None = None,
-        admin_insecure_local: bool = False,
-        limits: RequestLimits = RequestLimits(),
-        store: MemoryStore | None = None,
-        max_memories: int | None = None,
-        max_loras: int = 2,
-        allowed_hosts=loopback_hosts("127.0.0.1", 8000),
-        shutdown_grace: float = 30.0,
-    ) -> Served:
-        engine = FakeEngine()
-        catalog = MemoryCatalog(engine, tok, max_memories=max_memories, store=store, base_config=base_config, max_loras=max_loras, max_lora_rank=16)
-        for name in memories:
-            await catalog.load(cards[name])
-        health = FakeEngineClient()
-        lifecycle = Lifecycle(shutdown_grace, allowed_hosts)
-        app = create_app(health, catalog, BASE, lifecycle, api_key=api_key, limits=limits)
-        install_admin(app, catalog, BASE, admin_token, admin_insecure_local)
-        completions, chat = FakeServing(), FakeServing()
-        app.state.openai_serving_completion = completions
-        app.state.openai_serving_chat = chat
-        app.state.openai_serving_models = FakeModels(engine.loras)
-        return Served(lifecycle.middleware(app), app, catalog, engine, completions, chat, health, lifecycle)
+    async def build(**flags) -> Served:
+        return await build_app(tok, base_config, cards, **flags)
 
     return build
