@@ -44,6 +44,14 @@ def anyio_backend():
     return "asyncio"
 
 
+async def served_count(http: httpx.AsyncClient, memory: str) -> float:
+    """memserve_memory_requests_total for ``memory`` as /metrics shows it."""
+    import re
+
+    m = re.search(rf'^memserve_memory_requests_total{{memory="{memory}"}} (\S+)$', (await http.get("/metrics")).text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 class FakeServing:
     """vLLM's OpenAIServingCompletion and OpenAIServingChat as CompletionsServing calls them.
 

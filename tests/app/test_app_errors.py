@@ -7,7 +7,7 @@ import json
 import pytest
 
 from server.serving.completions import RequestLimits
-from tests.app.conftest import BASE, CHAT, COMPLETION
+from tests.app.conftest import BASE, CHAT, COMPLETION, served_count
 from tests.openai_errors import assert_error
 
 pytestmark = pytest.mark.anyio
@@ -172,10 +172,3 @@ async def test_exceptions_vllm_raises_are_classified_in_place(serve, exc, status
         err = assert_error(await http.post("/v1/completions", json={**COMPLETION, "domain": "beta"}), status)
     assert needle in err["message"]
     assert served.catalog.get("beta").active == 0
-
-
-async def served_count(http, memory: str) -> float:
-    import re
-
-    m = re.search(rf'^memserve_memory_requests_total{{memory="{memory}"}} (\S+)$', (await http.get("/metrics")).text, re.M)
-    return float(m.group(1)) if m else 0.0

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.app.conftest import BASE, BASE_PATH, CHAT, COMPLETION
+from tests.app.conftest import BASE, BASE_PATH, CHAT, COMPLETION, served_count
 
 pytestmark = pytest.mark.anyio
 
@@ -127,8 +127,6 @@ async def test_usage_is_counted_by_memory(serve):
 
 
 async def test_the_request_counter_counts_served_requests_only(serve):
-    from tests.app.test_app_errors import served_count
-
     served = await serve()
     async with served.client() as http:
         before = await served_count(http, "alpha"), await served_count(http, "none")
