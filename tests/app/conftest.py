@@ -58,9 +58,11 @@ class FakeServing:
     Records every request it is handed and answers with vLLM's response models;
     streamed, it yields vLLM's SSE lines (a usage chunk only when the request asks
     for one, then ``[DONE]``). ``answer``: an ``ErrorResponse`` to return or an
-    exception to raise instead. ``hold``: an event each request waits for before
-    answering (a request still running); ``running`` is set once one waits, and
-    ``cancelled`` once a waiting one is cancelled (its client went away, its memory was unloaded).
+    exception to raise instead. ``hold``: an event the first request to arrive
+    waits for before answering (a request still running; later ones answer at once,
+    so a test whose refusal fails sees a 200 instead of hanging); ``running`` is set
+    once it waits, and ``cancelled`` once it is cancelled (its client went away, its
+    memory was unloaded).
     """
 
     def __init__(self):
@@ -80,8 +82,11 @@ class FakeServing:
         from vllm.entrypoints.serve.engine.protocol import UsageInfo
 
         self.requests.append(request)
-        if self.hold is not None and not request.stream:
-            await self._wait()
+        held = self.hold is not None and not self.running.is_set()
+        if held:
+            self.running.set()
+            if not request.stream:
+                await self._wait()
         if isinstance(self.answer, BaseException):
             raise self.answer
         if self.answer is not None:
@@ -89,7 +94,7 @@ class FakeServing:
         completion_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens or 1
         usage = UsageInfo(prompt_tokens=3, completion_tokens=completion_tokens, total_tokens=3 + completion_tokens)
         if request.stream:
-            return self._stream(request, chat, usage)
+            return self._stream(request, chat, usage, held)
         if chat:
             from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse, ChatCompletionResponseChoice, ChatMessage
 
@@ -99,17 +104,16 @@ class FakeServing:
         return CompletionResponse(model=request.model, choices=[CompletionResponseChoice(index=0, text="ok")], usage=usage)
 
     async def _wait(self):
-        self.running.set()
         try:
             await self.hold.wait()
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
 
-    async def _stream(self, request, chat: bool, usage):
+    async def _stream(self, request, chat: bool, usage, held: bool):
         choice = {"index": 0, "delta": {"content": "ok"}} if chat else {"index": 0, "text": "ok"}
         yield f"data: {json.dumps({'id': 'x', 'model': request.model, 'choices': [choice]})}\n\n"
-        if self.hold is not None:
+        if held:
             await self._wait()
         if request.stream_options and request.stream_options.include_usage:
             yield f"data: {json.dumps({'id': 'x', 'model': request.model, 'choices': [], 'usage': usage.model_dump()})}\n\n"
