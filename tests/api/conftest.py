@@ -1,12 +1,25 @@
-"""A server with every kind and LoRA on, computing prompts in 32-token chunks: shared by the chunked-prefill and load tests."""
+"""Real servers: every test here is marked ``engine``; a server with every kind and LoRA on, computing prompts in 32-token chunks, shared by the chunked-prefill and load tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from server.launcher import ServerProcess
 from tests.conftest import FP32
 from tests.tiny_models import build_calm, build_llama, build_lora
+
+ENGINE_FREE = {"test_startup.py"}  # start-up refusals: the server exits before it starts an engine
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test of this folder that starts a real vLLM engine: ``pytest -m "not engine"`` runs the fast suite."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.parent == here and item.path.name not in ENGINE_FREE:
+            item.add_marker(pytest.mark.engine)
+
 
 LONG = [(7 * i + 3) % 300 + 10 for i in range(100)]  # 100 tokens: four chunks of at most 32
 

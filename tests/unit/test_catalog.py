@@ -9,27 +9,7 @@ from transformers import AutoTokenizer
 from memories.artifact import ArtifactError
 from server.serving.catalog import MemoryCatalog
 from server.errors import BadRequest, Conflict, UnknownMemory
-
-
-class FakeEngine:
-    kv_budget_bytes = 1000
-    bytes_per_parameter = 2  # a bf16 engine
-
-    def __init__(self):
-        self.loaded, self.unloaded = [], []
-
-    async def load_memory(self, key, path):
-        self.loaded.append(key)
-        return {"bytes": 123}
-
-    async def unload_memory(self, key):
-        self.unloaded.append(key)
-
-    async def load_lora(self, key, path):
-        self.loaded.append(("lora", key))
-
-    async def unload_lora(self, key):
-        self.unloaded.append(("lora", key))
+from tests.fakes import FakeEngine, WatchedEvent
 
 
 def run(coro):
@@ -62,12 +42,13 @@ def test_replace_gets_a_new_key_and_retires_the_old_one(tiny, tok):
         catalog = MemoryCatalog(engine, tok)
         first = await catalog.load(catalog.validate("m", str(tiny["alpha"])))
         first.acquire()  # a request still running on the old version
+        first.idle = WatchedEvent()  # (acquired: not set)
         second = await catalog.load(catalog.validate("m", str(tiny["beta"])), replace=True)
         assert (first.key, second.key) == ("m@1", "m@2") and catalog.get("m") is second
-        await asyncio.sleep(0.05)
+        await first.idle.waited.wait()  # the retirement is waiting for the request
         assert engine.unloaded == []  # the old version waits for its request
         first.release()
-        await asyncio.sleep(0.05)
+        await drained(catalog)
         assert engine.unloaded == ["m@1"]
         with pytest.raises(Conflict):
             await catalog.load(catalog.validate("m", str(tiny["alpha"])))
@@ -87,6 +68,7 @@ def test_reconcile_never_acts_on_a_stale_desired_set(tiny, tok, tmp_path):
     loads q again. Reconcile used to go on from its old list and unload q.
     """
     import shutil
+    import threading
 
     from server.serving.store import MemoryStore
 
@@ -98,17 +80,29 @@ def test_reconcile_never_acts_on_a_stale_desired_set(tiny, tok, tmp_path):
         catalog = MemoryCatalog(FakeEngine(), tok, store=store)
         for name in ("z", "q"):
             await catalog.load(catalog.validate(name, str(tmp_path / name)), managed=True)
-        catalog.get("z").acquire()  # a request still running on z
+        z = catalog.get("z")
+        z.acquire()  # a request still running on z
         store.remove("z"), store.remove("q")  # the other replica's change
+        card = catalog.validate("q", str(tmp_path / "q"))
+        reading, proceed, desired = threading.Event(), threading.Event(), store.desired
+
+        def held_read():  # reconcile reads the desired set under the catalog's lock; it waits here for the admin load
+            reading.set()
+            proceed.wait()
+            return desired()
+
+        store.desired = held_read
         reconciling = asyncio.ensure_future(catalog.reconcile())
-        await asyncio.sleep(0.05)
-        await catalog.load(catalog.validate("q", str(tmp_path / "q")), replace=True, managed=True)
-        catalog_z = catalog.get("z")
-        if catalog_z is not None:
-            catalog_z.release()
-        await asyncio.sleep(0.05)
+        await asyncio.to_thread(reading.wait)
+        loading = asyncio.ensure_future(catalog.load(card, replace=True, managed=True))
+        await asyncio.sleep(0)  # one turn of the loop: the load is queued behind reconcile
+        assert not loading.done()
+        proceed.set()
         await reconciling
-        return catalog.names(), sorted(store.desired())
+        await loading
+        z.release()
+        await drained(catalog)
+        return catalog.names(), sorted(desired())
 
     names, desired = run(go())
     assert names == ["q"] and desired == ["q"]
