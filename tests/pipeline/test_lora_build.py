@@ -116,8 +116,10 @@ def test_bad_input_exits_2_with_one_clear_line(tiny_base, synthetic_corpus, tmp_
     from memories.cli import main
 
     args = _args(tiny_base, synthetic_corpus, tmp_path)
-    i = args.index(change[0])
-    args[i + 1] = change[1]
+    if change[0] in args:
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += change
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
