@@ -268,11 +268,11 @@ def stage_train(cfg: LoraBuildConfig, base=None) -> dict:
         model = get_peft_model(_base(cfg, base), lora_config(cfg))
         rec = train_lora(model, _stream(cfg, "train"), cfg)
         model.save_pretrained(str(tmp))
+        trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         model.unload()  # the base modules back as they were (a caller's base stays the base)
         (tmp / "train_log.json").write_text(json.dumps({"steps": rec.pop("history")}, indent=1))
         hist = json.loads((tmp / "train_log.json").read_text())["steps"]
         log.info("train: %d steps, loss %.4f → %.4f in %.1fs", rec["steps"], hist[0]["loss"], hist[-1]["loss"], rec["train_seconds"])
-        trainable = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         return {**rec, "parameters": trainable, "first_loss": hist[0]["loss"], "last_loss": hist[-1]["loss"]}
 
     return run_stage("train", cfg.work / "train", fp, produce)
@@ -355,7 +355,7 @@ def stage_package(cfg: LoraBuildConfig) -> Path:
         "base_model": Path(cfg.base).name,
         "tokenizer_sha256": tokenizer_sha256(tok),
         "rank": cfg.rank,
-        "alpha": cfg.alpha,
+        "lora_alpha": cfg.alpha,
         "target_modules": sorted(cfg.targets),
         "corpus": {k: s[k] for k in ("spec", "description", "documents", "splits") if k in s},
         "metrics": {
