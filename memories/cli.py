@@ -1,4 +1,4 @@
-"""``memserve memory ...`` sub-commands that build memories offline: ``build --kind decoder|calm``, the decoder build's stages one by one, demo, and generate (a lora memory from prompts).
+"""``memserve memory ...`` sub-commands that build memories offline: ``build --kind decoder|calm|lora``, the decoder build's stages one by one, demo, and generate (a lora memory from prompts).
 
 ``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
 parser; every sub-command sets ``func`` (taking the argparse Namespace).
@@ -29,11 +29,11 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 # each kind's build command; ``build --kind K`` runs it with that kind's own flags (``route_kind``)
-KIND_BUILDS = {"decoder": "build", "calm": "compose"}
+KIND_BUILDS = {"decoder": "build", "calm": "compose", "lora": "build-lora"}
 
 
 def route_kind(argv: list[str]) -> list[str]:
-    """``build --kind K ...`` as the command that builds kind K: ``build --kind calm`` is ``compose``, flags and --help its own."""
+    """``build --kind K ...`` as the command that builds kind K: ``build --kind calm`` is ``compose``, ``--kind lora`` ``build-lora``, flags and --help their own."""
     if argv[:1] != ["build"]:
         return argv
     rest = argv[1:]
@@ -52,7 +52,8 @@ def _add_build_options(p: argparse.ArgumentParser, with_kind: bool = False) -> N
         g.add_argument(
             "--kind", choices=tuple(KIND_BUILDS), default="decoder",
             help="decoder: the flags below; calm: a calm memory, with its own flags (`memserve memory build --kind calm --help`); "
-            "lora memories are made from prompts by `memserve memory generate` (default: %(default)s)",
+            "lora: a PEFT LoRA trained on the corpus, with its own flags (`memserve memory build --kind lora --help`; "
+            "`memserve memory generate` makes one from prompts instead) (default: %(default)s)",
         )  # fmt: skip
     g.add_argument("--base", required=True, help="base model: a Hugging Face directory")
     g.add_argument("--corpus", required=True, help="text file, .jsonl file, folder of .txt files, or demo:biomed|law|finance")
@@ -152,7 +153,7 @@ HELP = {
 
 
 def add_memory_commands(subparsers) -> None:
-    """Attach ``build``, the decoder build's stages, ``compose`` (= ``build --kind calm``), ``demo`` and ``generate`` to ``memserve memory``."""
+    """Attach ``build``, the decoder build's stages, ``compose`` (= ``build --kind calm``), ``build-lora`` (= ``build --kind lora``), ``demo`` and ``generate`` to ``memserve memory``."""
     for name, text in HELP.items():
         p = subparsers.add_parser(name, help=text if name == "build" else f"decoder build stage: {text}", description=text)
         _add_build_options(p, with_kind=name == "build")
@@ -168,8 +169,9 @@ def add_memory_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_demo)
-    from memories.lora.cli import add_generate_command
+    from memories.lora.cli import add_build_lora_command, add_generate_command
 
+    add_build_lora_command(subparsers)
     add_generate_command(subparsers)
     from memories.calm.augment import add_augment_command
     from memories.calm.demo import add_calm_demo_command

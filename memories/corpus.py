@@ -313,3 +313,45 @@ def tokenize(tok, docs, cap: int) -> tuple[np.ndarray, int]:
             if total >= cap:
                 return np.concatenate(parts)[:cap], used
     return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), used
+
+
+# --- the corpus stage ----------------------------------------------------------------------
+
+
+def stage_corpus(cfg) -> dict:
+    """The corpus stage of every build: the corpus split by document, each split tokenized (capped) to ``WORK/corpus/SPLIT.npy`` + ``summary.json``.
+
+    ``cfg`` is any build config with ``corpus``, ``text_field``, ``base``, ``max_tokens``,
+    ``eval_tokens``, ``validation_fraction``, ``test_fraction`` and ``work``: the decoder,
+    calm and lora builds call this one stage, so the same options give the same
+    splits, the same test positions and the same fingerprint.
+    """
+    from transformers import AutoTokenizer
+
+    from memories.artifact import tokenizer_sha256
+    from memories.stage import fingerprint, run_stage
+
+    corpus = load_corpus(cfg.corpus, cfg.text_field)
+    tok = AutoTokenizer.from_pretrained(cfg.base)
+    fp = fingerprint(corpus=corpus.identity, tokenizer=tokenizer_sha256(tok), max_tokens=cfg.max_tokens, eval_tokens=cfg.eval_tokens, fractions=[cfg.validation_fraction, cfg.test_fraction])
+
+    def produce(tmp: Path) -> dict:
+        splits = split_documents(corpus, cfg.validation_fraction, cfg.test_fraction)
+        for s in SPLITS:
+            if not splits[s]:
+                raise CorpusError(
+                    f"corpus {cfg.corpus!r} has {len(corpus.documents)} documents and none fell into the {s} split; "
+                    "add documents (a few dozen at least) or raise --validation-fraction / --test-fraction"
+                )
+        summary = {"spec": cfg.corpus, "description": corpus.description, "documents": len(corpus.documents), "splits": {}}
+        for s in SPLITS:
+            cap = cfg.max_tokens if s == "train" else cfg.eval_tokens
+            stream, used = tokenize(tok, splits[s], cap + 1)
+            if len(stream) < 2:
+                raise CorpusError(f"corpus {cfg.corpus!r}: the {s} split tokenizes to fewer than 2 tokens")
+            np.save(tmp / f"{s}.npy", stream)
+            summary["splits"][s] = {"documents": len(splits[s]), "documents_used": used, "tokens": int(len(stream))}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        return {"summary": summary}
+
+    return run_stage("corpus", cfg.work / "corpus", fp, produce)

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser(
         "memory",
         help="build memories; load, unload and list them on a running server",
-        description="Offline builds: build --kind decoder|calm (compose = build --kind calm; a decoder build's stages one by one: "
+        description="Offline builds: build --kind decoder|calm|lora (compose = build --kind calm, build-lora = build --kind lora; a decoder build's stages one by one: "
         "datastore, index, targets, train, evaluate, package), generate (a lora memory from prompts), demo and calm-demo "
         "(the demo memories), augment (a calm demo's augmenting model). On a running server, through its admin API: "
         "load, unload, list.",

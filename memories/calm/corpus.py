@@ -78,7 +78,7 @@ def tokenize_records(tok, docs: list[Document], cap: int) -> tuple[np.ndarray, n
 
 
 def write_prompt_completion_splits(corpus: Corpus, tok, out: Path, max_tokens: int, eval_tokens: int, validation: float, test: float) -> dict:
-    """``SPLIT.npy`` + ``SPLIT.mask.npy`` per split and the summary (as ``memories.decoder.pipeline.stage_corpus`` writes it)."""
+    """``SPLIT.npy`` + ``SPLIT.mask.npy`` per split and the summary (as ``memories.corpus.stage_corpus`` writes it)."""
     splits = split_documents(corpus, validation, test)
     summary = {"spec": corpus.spec, "description": corpus.description, "documents": len(corpus.documents), "splits": {}, "scored": "completion"}
     for s in SPLITS:

@@ -9,7 +9,7 @@ Layout with ``--out OUT --name NAME`` (work files under ``OUT/work/NAME``, or
     WORK/train-checkpoints/FP/    the last checkpoint of an unfinished training run
     WORK/evaluate/                report.json, report.md, compose.png
 
-The corpus stage is the decoder build's own (``memories.decoder.pipeline.stage_corpus``,
+The corpus stage is the one every build shares (``memories.corpus.stage_corpus``,
 same split fractions, caps and tokenization): with the same corpus spec,
 ``--eval-tokens``, ``--context`` and ``--stride`` the test positions are those a
 decoder memory was scored on, so the numbers compare. Every stage is a
@@ -231,7 +231,7 @@ def stage_corpus(cfg: ComposeConfig) -> dict:
     from memories.calm.corpus import is_prompt_completion, load_prompt_completion, write_prompt_completion_splits
 
     if not is_prompt_completion(cfg.corpus):
-        from memories.decoder.pipeline import stage_corpus as build_corpus_stage
+        from memories.corpus import stage_corpus as build_corpus_stage
 
         return build_corpus_stage(cfg)  # reads only the corpus/split/cap fields ComposeConfig shares with BuildConfig
     from memories.artifact import tokenizer_sha256

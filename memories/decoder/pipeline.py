@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memories.corpus import SPLITS, CorpusError, load_corpus, split_documents, tokenize
+from memories.corpus import SPLITS, stage_corpus as corpus_stage
 from memories.stage import StageError, fingerprint, is_complete, require, run_stage, stage_info
 from memories.stage import base_identity, set_threads
 
@@ -95,12 +95,6 @@ class _Stop(Exception):
     pass
 
 
-def _load_tokenizer(base: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(base)
-
-
 def _vocab_size(base: str) -> int:
     return int(json.loads((Path(base) / "config.json").read_text())["vocab_size"])
 
@@ -109,32 +103,8 @@ def _vocab_size(base: str) -> int:
 
 
 def stage_corpus(cfg: BuildConfig) -> dict:
-    from memories.artifact import tokenizer_sha256
-
-    corpus = load_corpus(cfg.corpus, cfg.text_field)
-    tok = _load_tokenizer(cfg.base)
-    fp = fingerprint(corpus=corpus.identity, tokenizer=tokenizer_sha256(tok), max_tokens=cfg.max_tokens, eval_tokens=cfg.eval_tokens, fractions=[cfg.validation_fraction, cfg.test_fraction])
-
-    def produce(tmp: Path) -> dict:
-        splits = split_documents(corpus, cfg.validation_fraction, cfg.test_fraction)
-        for s in SPLITS:
-            if not splits[s]:
-                raise CorpusError(
-                    f"corpus {cfg.corpus!r} has {len(corpus.documents)} documents and none fell into the {s} split; "
-                    "add documents (a few dozen at least) or raise --validation-fraction / --test-fraction"
-                )
-        summary = {"spec": cfg.corpus, "description": corpus.description, "documents": len(corpus.documents), "splits": {}}
-        for s in SPLITS:
-            cap = cfg.max_tokens if s == "train" else cfg.eval_tokens
-            stream, used = tokenize(tok, splits[s], cap + 1)
-            if len(stream) < 2:
-                raise CorpusError(f"corpus {cfg.corpus!r}: the {s} split tokenizes to fewer than 2 tokens")
-            np.save(tmp / f"{s}.npy", stream)
-            summary["splits"][s] = {"documents": len(splits[s]), "documents_used": used, "tokens": int(len(stream))}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        return {"summary": summary}
-
-    return run_stage("corpus", cfg.work / "corpus", fp, produce)
+    """The corpus stage every kind's build shares (``memories.corpus.stage_corpus``): token streams per split under WORK/corpus."""
+    return corpus_stage(cfg)
 
 
 def _streams(cfg: BuildConfig, splits=SPLITS) -> dict[str, np.ndarray]:

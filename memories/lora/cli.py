@@ -152,3 +152,85 @@ def add_generate_command(subparsers) -> None:
     p.add_argument("--base", default=None, help="base directory, if not where the generator was built (its tokenizer must match; default: the base recorded in the generator)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/NAME (atomically)")
     p.set_defaults(func=_run_generate)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _modules(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_lora_build_options(p: argparse.ArgumentParser) -> None:
+    from memories.lora.build import LoraBuildConfig
+
+    d = LoraBuildConfig(base="", corpus="", name="", out="")
+    g = p.add_argument_group("what to build")
+    g.add_argument("--base", required=True, help="base model: a Hugging Face Llama/Qwen2/Mistral directory with its tokenizer")
+    g.add_argument("--corpus", required=True, help="text file, .jsonl file, folder of .txt files, or demo:biomed|law|finance")
+    g.add_argument("--name", required=True, help="memory name (also the artifact folder name)")
+    g.add_argument("--out", required=True, help="output folder: the memory goes to OUT/NAME, work files to OUT/work/NAME")
+    g.add_argument("--domain", help="domain label for memory.json (default: NAME)")
+    g.add_argument("--description", default="", help="free text for memory.json (default: one naming the base and the corpus)")
+    g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text (default %(default)s)")
+    g = p.add_argument_group("corpus and windows (defaults as `memory build`, so the test split is a decoder memory's)")
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
+    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of documents in the validation split (default %(default)s)")
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of documents in the test split (default %(default)s)")
+    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
+    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    g = p.add_argument_group("the adapter (PEFT LoRA, the base frozen)")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is alpha/r · B·A (default %(default)s)")
+    g.add_argument("--targets", type=_modules, default=",".join(d.targets), help="comma-separated projections of every decoder layer that carry the LoRA (default %(default)s)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate, linear warm-up then cosine decay (default %(default)s)")
+    g.add_argument("--batch", type=_positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for the LoRA's initialisation and the window order (default %(default)s)")
+    g.add_argument("--minutes", type=float, default=None, help="stop training after this many CPU minutes of this process (all its threads), e.g. to compare kinds at one budget (default: no limit, every step)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    g.add_argument("--stop-after", choices=("corpus", "train", "evaluate"), default=None, help="stop after this stage (default: run every stage)")
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _run_build_lora(args: argparse.Namespace) -> int:
+    from memories.artifact import ArtifactError
+    from memories.corpus import CorpusError
+    from memories.lora.build import LoraBuildConfig, build_lora, config_fields
+    from memories.stage import StageError
+
+    given = {k: v for k, v in vars(args).items() if k in config_fields() and v is not None}
+    cfg = LoraBuildConfig(**given, progress=not args.no_progress)
+    try:
+        path = build_lora(cfg)
+    except (CorpusError, StageError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if path:
+        print(f"lora memory ready: {path}\nreport: {cfg.work / 'evaluate' / 'report.md'}")
+        rank = "" if cfg.rank <= 16 else f" --max-lora-rank {next(r for r in (32, 64, 128, 256, 320, 512) if r >= cfg.rank)}"  # 16: the server's default
+        print(f"serve it with: memserve serve{rank} --memory {cfg.name}={path}")
+    return 0
+
+
+BUILD_LORA_HELP = "build a lora memory (the same as `build --kind lora`): a PEFT LoRA trained on the corpus, the base frozen: corpus → train → evaluate → package (resumable)"
+
+
+def add_build_lora_command(subparsers) -> None:
+    """``build-lora`` under ``memserve memory`` (what ``build --kind lora`` runs)."""
+    p = subparsers.add_parser("build-lora", help=BUILD_LORA_HELP, description=BUILD_LORA_HELP, prog="memserve memory build --kind lora")
+    _add_lora_build_options(p)
+    p.set_defaults(func=_run_build_lora)
