@@ -65,7 +65,7 @@ def test_split_documents_orders_by_hash(tmp_path):
 
 
 def test_build_refuses_empty_and_tiny_corpora(tmp_path, tiny_base):
-    from conftest import tiny_config
+    from tests.pipeline.conftest import tiny_config
 
     from memories.decoder.pipeline import build
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from tests.pipeline.conftest import tiny_config
 from memories.decoder import pipeline
 from memories.stage import stage_info
 
