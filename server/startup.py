@@ -45,18 +45,11 @@ def _defaults(opts: ServeOptions) -> tuple[str, list[tuple[str, str]]]:
 
 
 async def run(opts: ServeOptions) -> int:
-    import uvicorn
     from transformers import AutoTokenizer
 
-    from server.api.admin import install_admin
-    from server.api.app import create_app
     from server.serving.store import MemoryStore
     from server.serving.catalog import MemoryCatalog
-    from server.engine.scoring import FusedPromptLogprobsClient
-    from server.engine.client import EngineAdapter, engine_args, lora_limits, start_engine, unsupported
-
-    from server.api.lifecycle import Lifecycle, loopback_hosts
-    from server.metrics import log_throughput
+    from server.engine.client import engine_args, lora_limits, unsupported
 
     t0 = time.perf_counter()
     # SIGTERM during start-up cancels it, so the engine's context manager shuts
@@ -120,6 +113,16 @@ async def run(opts: ServeOptions) -> int:
     if len(loras) > max_loras:
         log.error("refusing to start: %d lora memories (%s) but --max-loras is %d", len(loras), ", ".join(loras), max_loras)
         return 2
+    # vLLM's OpenAI layer takes seconds to import: only once every check above has passed
+    import uvicorn
+
+    from server.api.admin import install_admin
+    from server.api.app import create_app
+    from server.api.lifecycle import Lifecycle, loopback_hosts
+    from server.engine.client import EngineAdapter, start_engine
+    from server.engine.scoring import FusedPromptLogprobsClient
+    from server.metrics import log_throughput
+
     async with start_engine(args) as engine:
         catalog.engine = EngineAdapter(engine, opts.memory_kv_budget_bytes)
         for card in cards:

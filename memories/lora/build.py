@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memories.base_model import load_base
 from memories.decoder.pipeline import BuildConfig
 from memories.stage import StageError, base_identity, fingerprint, publish_dir, require, run_stage, set_threads
 
@@ -155,12 +156,6 @@ def check_inputs(cfg: LoraBuildConfig) -> dict:
     return conf
 
 
-def load_base(cfg: LoraBuildConfig):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.base, dtype=torch.float32).eval()
-
-
 def lora_config(cfg: LoraBuildConfig):
     from peft import LoraConfig
 
@@ -169,7 +164,7 @@ def lora_config(cfg: LoraBuildConfig):
 
 def _base(cfg: LoraBuildConfig, base):
     if base is None:
-        return load_base(cfg)
+        return load_base(cfg.base)
     return base() if callable(base) and not isinstance(base, torch.nn.Module) else base
 
 
@@ -413,7 +408,7 @@ def build_lora(cfg: LoraBuildConfig, base=None) -> Path | None:
 
     def model():
         if holder["base"] is None:
-            holder["base"] = load_base(cfg)
+            holder["base"] = load_base(cfg.base)
         return holder["base"]
 
     def step(name, fn):

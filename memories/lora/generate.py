@@ -159,7 +159,7 @@ class Generator:
 
     def base(self):
         if self._base is None:
-            from memories.lora.topstack import load_base
+            from memories.base_model import load_base
 
             self._base = load_base(self.base_path)
         return self._base

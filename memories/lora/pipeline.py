@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -337,7 +337,7 @@ def build(cfg: GeneratorBuildConfig) -> Path | None:
     from transformers import AutoTokenizer
 
     from memories.artifact import tokenizer_sha256, write_json_atomic
-    from memories.lora.topstack import load_base
+    from memories.base_model import load_base
     from memories.stage import base_identity, set_threads
 
     check_domains(cfg)

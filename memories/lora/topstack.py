@@ -13,22 +13,11 @@ copied and the PEFT key names keep the original layer numbers.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from memories.perplexity import perplexity, token_logprobs
-
-
-def load_base(base: str | Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def decoder(model):

@@ -1,7 +1,7 @@
 """The API process's view of loaded memories: what requests may select, and their counters.
 
 A memory becomes visible here only after every engine worker has loaded it,
-and each load gets a new versioned engine key (``name@generation``), so a
+and each load gets a new versioned engine key (``name@N``, N counting loads), so a
 replacement never changes the weights under a request that is already
 running: the old version is unloaded from the workers once its requests end.
 """
@@ -48,7 +48,7 @@ class LoadedMemory:
     completion_tokens: int = 0
     active: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    evicted: asyncio.Event = field(default_factory=asyncio.Event)
+    unloaded: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -139,7 +139,7 @@ class MemoryCatalog:
         self.reconcile_interval = 0.0  # set by the runtime when a timer runs
         self.problems: dict[str, str] = {}  # desired memories that failed to load, and why
         self._memories: dict[str, LoadedMemory] = {}
-        self._generation = 0
+        self._loads = 0
         self.unload_timeout = 30.0  # set by the runtime from --unload-timeout
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
@@ -276,8 +276,8 @@ class MemoryCatalog:
         if card.name in self._memories and not replace:
             raise Conflict(f"memory {card.name!r} is already loaded; pass replace=true to swap it", "name")
         self._check_limits(card)
-        self._generation += 1
-        key = f"{card.name}@{self._generation}"
+        self._loads += 1
+        key = f"{card.name}@{self._loads}"
         start = time.perf_counter()
         if card.kind == "lora":
             await self.engine.load_lora(key, card.path)
@@ -339,7 +339,7 @@ class MemoryCatalog:
         except asyncio.TimeoutError:
             drained = False
             log.warning("memory %s: %d requests still running after %.1fs; ending them", loaded.name, loaded.active, timeout)
-            loaded.evicted.set()
+            loaded.unloaded.set()
             try:
                 await asyncio.wait_for(loaded.idle.wait(), 30)
             except asyncio.TimeoutError:  # rows still decoding keep their own reference; unloading is safe

@@ -67,18 +67,18 @@ class CompletionsServing:
         rows = _rows(request)
         _acquire(memories, rows)
         work = asyncio.ensure_future(handler(request, raw_request))
-        evicted = [asyncio.ensure_future(memory.evicted.wait()) for memory in memories]
+        unloaded = [asyncio.ensure_future(memory.unloaded.wait()) for memory in memories]
         try:
-            await asyncio.wait([work, *evicted], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([work, *unloaded], return_when=asyncio.FIRST_COMPLETED)
             if not work.done():
-                raise Unavailable(_evicted_message(next(m.name for m in memories if m.evicted.is_set())), "domain")
+                raise Unavailable(_unloaded_message(next(m.name for m in memories if m.unloaded.is_set())), "domain")
             response = self._respond(work.result(), request, selection, path, started, hide_usage)
         except BaseException:
             _release(memories, rows)
             raise
         finally:
             # also on cancellation (the client went away): the engine request ends with the task
-            for waiter in evicted:
+            for waiter in unloaded:
                 waiter.cancel()
             work.cancel()
         if not isinstance(response, StreamingResponse):
@@ -117,8 +117,8 @@ class CompletionsServing:
         prompt = completion = 0
         try:
             async for chunk in chunks:
-                if gone := [m for m in memories if m.evicted.is_set()]:
-                    yield f"data: {json.dumps(error_body(503, _evicted_message(gone[0].name), 'domain'))}\n\n"
+                if gone := [m for m in memories if m.unloaded.is_set()]:
+                    yield f"data: {json.dumps(error_body(503, _unloaded_message(gone[0].name), 'domain'))}\n\n"
                     break
                 if selection is None or not chunk.startswith("data: {"):
                     yield chunk
@@ -226,5 +226,5 @@ class ModelsServing:
         return listing
 
 
-def _evicted_message(name: str) -> str:
+def _unloaded_message(name: str) -> str:
     return f"memory {name!r} was unloaded while this request ran and its drain timeout passed; retry with another memory"

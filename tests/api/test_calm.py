@@ -21,11 +21,10 @@ from safetensors.torch import load_file, save_file
 from server.launcher import ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, Stream, admin
-from tests.api.test_lora import MAX_TOKENS, admin_load, complete, plain_vllm
-from tests.conftest import FP32
+from tests.api.test_lora import admin_load, complete
+from tests.conftest import FP32, MAX_TOKENS
 from tests.tiny_models import build_calm, build_llama, build_lora, build_tokenizer
 
-PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
 LONG = "the patient study result shows the tumor dose trial growth and the bank rate profit loss clause term notice " * 3
 
 
@@ -77,11 +76,6 @@ def tok(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny["tokenizer"])
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tok) -> list[list[int]]:
-    return [tok(p)["input_ids"] for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +146,7 @@ def test_memory_weight_on_a_calm_memory_is_refused(client, calm_server, prompt_i
     assert complete(client, prompt_ids[0], model="cal")[0]  # still serving
 
 
-def test_mixed_batch_of_every_kind_equals_solo_runs_and_base_rows_are_plain_vllm(client, calm_server, oracle, tiny, prompt_ids):
+def test_mixed_batch_of_every_kind_equals_solo_runs_and_base_rows_are_plain_vllm(client, calm_server, oracle, prompt_ids, plain_vllm):
     if "cob" not in {m.id for m in client.models.list().data}:
         assert admin_load(calm_server, "cob", "cob").status_code == 201
     jobs = [(ids, model) for ids in prompt_ids for model in ("tiny-base", "alpha", "ada", "cal", "cob")]
@@ -171,7 +165,7 @@ def test_mixed_batch_of_every_kind_equals_solo_runs_and_base_rows_are_plain_vllm
             assert tokens == expected.tokens and logprobs == pytest.approx(expected.logprobs, abs=1e-3)
     assert len({tuple(t) for (_, m), (t, _) in zip(jobs, solo) if m in ("tiny-base", "cal", "cob")}) == 3 * 3
     base_rows = [s for (_, m), s in zip(jobs, solo) if m == "tiny-base"]
-    for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=True), base_rows):
+    for plain, (tokens, logprobs) in zip(plain_vllm["lora"], base_rows, strict=True):
         assert tokens == plain["tokens"] and logprobs == plain["logprobs"]
 
 

@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from openai import OpenAI
 
 from memories.reference import ReferenceFusion
-from server.launcher import ROOT
-
-MAX_TOKENS = 12
-PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
+from tests.conftest import MAX_TOKENS
 
 
 @pytest.fixture(scope="module")
 def client(server) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    return [tok(p)["input_ids"] for p in PROMPTS]
 
 
 def complete(client: OpenAI, prompt: list[int], **kw):
@@ -37,15 +23,8 @@ def complete(client: OpenAI, prompt: list[int], **kw):
     return list(choice.token_ids), list(choice.logprobs.token_logprobs)
 
 
-def test_no_domain_is_plain_vllm(client, tiny, prompt_ids):
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.plain_vllm", str(tiny["base"]), str(MAX_TOKENS), json.dumps(prompt_ids)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, out.stderr[-3000:]
-    plain = json.loads(line[len("RESULT ") :])
-    for ids, expected in zip(prompt_ids, plain):
+def test_no_domain_is_plain_vllm(client, prompt_ids, plain_vllm):
+    for ids, expected in zip(prompt_ids, plain_vllm["plain"], strict=True):
         tokens, logprobs = complete(client, ids)
         assert tokens == expected["tokens"]
         assert logprobs == pytest.approx(expected["logprobs"], abs=1e-6)

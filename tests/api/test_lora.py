@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from server.launcher import ROOT, ServerProcess
+from server.launcher import ServerProcess
 from memories.reference import ReferenceFusion
 from tests.api.test_admin import TOKEN, Stream, admin
-from tests.conftest import FP32
+from tests.conftest import FP32, MAX_TOKENS
 from tests.tiny_models import build_llama, build_lora, edit_lora
 
-MAX_TOKENS = 12
-PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
 NAN_TENSOR = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
 
 
@@ -64,14 +60,6 @@ def lora_server(tiny, root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(lora_server) -> OpenAI:
     return OpenAI(base_url=lora_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    return [tok(p)["input_ids"] for p in PROMPTS]
 
 
 def complete(client: OpenAI, prompt: list[int], model: str = "tiny-base", max_tokens: int = MAX_TOKENS, **extra):
@@ -140,15 +128,7 @@ def admin_load(server, name, path, **extra):
     return admin(server, "POST", body={"name": name, "path": path, **extra})
 
 
-def plain_vllm(model, prompts, lora: bool) -> list[dict]:
-    cmd = [sys.executable, "-m", "tests.plain_vllm", str(model), str(MAX_TOKENS), json.dumps(prompts)] + (["--enable-lora"] if lora else [])
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, out.stderr[-3000:]
-    return json.loads(line[len("RESULT ") :])
-
-
-def test_mixed_batch_equals_solo_runs_and_base_rows_are_plain_vllm(client, lora_server, tiny, prompt_ids):
+def test_mixed_batch_equals_solo_runs_and_base_rows_are_plain_vllm(client, lora_server, prompt_ids, plain_vllm):
     """With both LoRA slots (--max-loras 2) holding adapters: vLLM-CPU alone gives base rows the last slot's adapter (server/worker/patches.py)."""
     assert admin_load(lora_server, "bob", "bob").status_code == 201
     jobs = [(ids, model) for ids in prompt_ids for model in ("tiny-base", "alpha", "ada", "bob")]
@@ -163,9 +143,9 @@ def test_mixed_batch_equals_solo_runs_and_base_rows_are_plain_vllm(client, lora_
             assert mixed[1] == pytest.approx(alone[1], abs=1e-5), model
     assert len({tuple(t) for (_, m), (t, _) in zip(jobs, solo) if m != "alpha"}) == 3 * 3  # base, ada, bob all differ
     base_rows = [s for (_, m), s in zip(jobs, solo) if m == "tiny-base"]
-    for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=True), base_rows):
+    for plain, (tokens, logprobs) in zip(plain_vllm["lora"], base_rows, strict=True):
         assert tokens == plain["tokens"] and logprobs == plain["logprobs"]
-    for plain, (tokens, logprobs) in zip(plain_vllm(tiny["base"], prompt_ids, lora=False), base_rows):  # and vLLM without LoRA
+    for plain, (tokens, logprobs) in zip(plain_vllm["plain"], base_rows, strict=True):  # and vLLM without LoRA
         assert tokens == plain["tokens"] and logprobs == pytest.approx(plain["logprobs"], abs=1e-6)
 
 

@@ -20,21 +20,12 @@ from openai import OpenAI
 from memories.reference import ReferenceFusion
 
 MAX_TOKENS = 10
-PROMPTS = ["the cell protein gene", "court law contract party shall", "market share price"]
 TOL = 1e-5  # fp32 on both sides
 
 
 @pytest.fixture(scope="module")
 def client(server) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(tiny) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
-    return [tok(p)["input_ids"] for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")

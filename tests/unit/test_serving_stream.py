@@ -15,7 +15,7 @@ class Memory:
 
     def __init__(self):
         self.released = 0
-        self.evicted = asyncio.Event()
+        self.unloaded = asyncio.Event()
         self.prompt_tokens = self.completion_tokens = 0
 
     def release(self, rows=1):
