@@ -117,8 +117,8 @@ class ServeOptions:
     )  # fmt: skip
     calm: str = option(
         "auto", group=ADMIN, choices=("auto", "on", "off"),
-        help="serve the base through memserve's calm model, which calm memories need (a Llama base; the model runs eagerly). "
-        "auto: on for a Llama base on CPU, where it costs nothing while no calm memory runs, and elsewhere only when a "
+        help="accept calm memories, which memserve's model composes into a Llama base (the model runs eagerly). "
+        "auto: on for a Llama base on CPU, and elsewhere only when a "
         "start-up memory is a calm memory; off: calm memories are refused (default: %(default)s)",
     )  # fmt: skip
     generator: str | None = option(
