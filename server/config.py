@@ -70,9 +70,6 @@ class RequestLimits:
 
     max_request_bytes: int = option(4 << 20, "largest request body accepted, in bytes; larger ones get 413 (default: %(default)s)", group=LIMITS)
     max_n: int = option(16, "most choices (n, best_of) one request may ask for (default: %(default)s)", group=LIMITS)
-    max_scoring_tokens: int = option(
-        4096, "longest prompt a memory scores for echo + logprobs (it runs in one pass inside the engine loop) (default: %(default)s)", group=LIMITS,
-    )  # fmt: skip
 
 
 @dataclass
