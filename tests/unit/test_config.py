@@ -23,7 +23,7 @@ def _no_env_token(monkeypatch):
 
 def test_no_flags_give_the_dataclass_defaults():
     assert parse() == ServeOptions()
-    assert parse().limits == RequestLimits() == RequestLimits(4 << 20, 16, 4096)
+    assert parse().limits == RequestLimits() == RequestLimits(4 << 20, 16)
 
 
 def test_every_setting_is_a_flag_and_every_flag_a_setting():
