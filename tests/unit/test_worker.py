@@ -97,3 +97,17 @@ def test_a_calm_memorys_caches_are_budgeted_by_the_kv_budget_and_reported(calm_d
         memory.close(row)
     finally:
         asyncio.run(adapter.unload_memory("cal@w1"))
+
+
+def test_a_base_served_by_vllms_own_class_refuses_decoder_memories(tiny):
+    """A base architecture memserve's model has no class for: its model cannot apply a decoder memory, so the load is refused, naming both."""
+    from types import SimpleNamespace
+
+    engine = OneWorkerEngine()
+    hf_config = SimpleNamespace(architectures=["GemmaForCausalLM"], num_hidden_layers=2)
+    engine.worker.model_runner = SimpleNamespace(
+        device=torch.device("cpu"), model_config=SimpleNamespace(dtype=torch.float32, max_model_len=64, hf_config=hf_config), get_model=lambda: object()
+    )
+    with pytest.raises(ArtifactError, match=r"decoder memories need memserve's model.*GemmaForCausalLM.*LlamaForCausalLM"):
+        asyncio.run(EngineAdapter(engine).load_memory("alpha@w9", str(tiny["alpha"])))
+    assert REGISTRY.get("alpha@w9") is None
