@@ -4,7 +4,10 @@ vLLM's V1 runner lays a step's tokens out row after row, in the persistent
 batch's row order; the attention metadata's ``query_start_loc`` says where
 each row's tokens start (row i: ``[starts[i], starts[i + 1])``). A row's span
 is the tokens the base computes for it this step: a whole prompt, a chunk of
-it, the part the prefix cache did not hold, or one decoded token.
+it, the part the prefix cache did not hold, or one decoded token. Its token
+ids are the step's ``input_ids``; with ``--enable-prompt-embeds`` vLLM's
+runner passes ``inputs_embeds`` alone, and they are the request's own tokens
+at those positions (its prompt, then vLLM's live list of its output).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ class Span:
     tokens: list[int]
 
 
-def spans(rows: dict, input_ids: torch.Tensor, positions: torch.Tensor) -> list[tuple[object, Span]]:
-    """``(rows[i], span)`` of every row in ``rows`` (by batch row index) that has tokens in this step, in row order."""
-    if not rows or input_ids is None:
+def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor) -> list[tuple[object, Span]]:
+    """``(rows[i], span)`` of every row in ``rows`` (by batch row index, each a ``server.worker.rows.Request``) that has tokens in this step, in row order."""
+    if not rows:
         return []
     starts = query_start_loc()
     if starts is None:
@@ -37,7 +40,9 @@ def spans(rows: dict, input_ids: torch.Tensor, positions: torch.Tensor) -> list[
         if index + 1 >= len(starts) or starts[index + 1] <= starts[index]:
             continue
         s, e = starts[index], starts[index + 1]
-        out.append((rows[index], Span(s, e, int(positions[s]), input_ids[s:e].tolist())))
+        position = int(positions[s])
+        tokens = input_ids[s:e].tolist() if input_ids is not None else rows[index].context(position, position + e - s)
+        out.append((rows[index], Span(s, e, position, tokens)))
     return out
 
 

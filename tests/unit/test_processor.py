@@ -35,7 +35,7 @@ class _Base(torch.nn.Module):
         self.head = torch.randn(VOCAB, WIDTH, generator=g)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        return self.table[input_ids] + 0.01 * positions[:, None].float()
+        return (self.table[input_ids] if input_ids is not None else inputs_embeds) + 0.01 * positions[:, None].float()
 
     def compute_logits(self, hidden):
         return 3 * hidden @ self.head.T
@@ -58,8 +58,8 @@ class Batch:
     def update(self, removed=(), added=(), moved=()):
         self.rows.update_state(BatchUpdate(batch_size=0, removed=list(removed), added=list(added), moved=list(moved)))
 
-    def forward(self, spans: list[tuple[int, list[int]]]) -> None:
-        """One step: per batch row, (position of its first token, its tokens)."""
+    def forward(self, spans: list[tuple[int, list[int]]], embeds: bool = False) -> None:
+        """One step: per batch row, (position of its first token, its tokens); ``embeds``: as inputs_embeds alone (``--enable-prompt-embeds``)."""
         ids, positions, starts = [], [], [0]
         for position, tokens in spans:
             ids += tokens
@@ -68,7 +68,7 @@ class Batch:
         self.monkeypatch.setattr(spans_module, "query_start_loc", lambda: starts)
         ids, positions = torch.tensor(ids), torch.tensor(positions)
         self.base_hidden = _Base.forward(self.model, ids, positions)
-        self.out = self.model.forward(ids, positions)
+        self.out = self.model.forward(None, positions, inputs_embeds=self.model.table[ids]) if embeds else self.model.forward(ids, positions)
         self.starts = starts
 
     def logits(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +174,18 @@ def test_batch_lifecycle(memory, batch):
     batch.update(removed=[1, 0])
     assert batch.rows.requests == {}
     assert decoder.running == 0  # nothing leaked: every slot is free or parked
+
+
+def test_steps_without_input_ids_read_the_requests_own_tokens(memory, batch):
+    """With --enable-prompt-embeds vLLM's runner passes inputs_embeds and no input_ids, also for token prompts."""
+    prompt, out = [5, 6, 7], []
+    batch.update(added=[(0, params(True), prompt, out), (1, params(False), [8], [])])
+    batch.forward([(0, prompt), (0, [8])], embeds=True)
+    out.append(20)
+    batch.forward(decode(prompt + out, [8, 9]), embeds=True)
+    base, fused = batch.sample()
+    assert torch.equal(fused[1], base[1])
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt + out), atol=1e-4)
 
 
 def test_prompt_logprobs_are_fused_at_every_position(memory, batch):
