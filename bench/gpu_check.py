@@ -1,7 +1,7 @@
 """A once-off check for an operator with a GPU: memories served by vLLM on the GPU are right, and what they cost.
 
 Starts the server on the embedded base (or ``--model``) with the bench's
-6-layer memory (or ``--memory``) under vLLM's defaults for that machine, checks
+6-layer memory (or ``--memory``) under vLLM's defaults for that machine (attention backend: FlashAttention), checks
 the greedy tokens of a few memory requests (fp32, so they can be compared)
 against the transformers oracle of the same formula, then serves in the
 machine's default dtype and prints base and memory output tokens/s at 1 and
@@ -38,13 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# memserve's model finds each row's tokens in the attention metadata (query_start_loc): the server refuses a GPU start without a backend that has it
+ATTENTION = ["--attention-backend", "FLASH_ATTN"]
+
+
 def check_tokens(base: Path, memory: Path, workdir: Path, tokens: int) -> bool:
     """Greedy tokens of memory requests, served in fp32, against the transformers oracle."""
     from memories.reference import ReferenceFusion
 
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(4, 16, vocab, seed=1)
-    args = ["--model", str(base), "--served-model-name", "base", "--memory", f"{MEMORY_NAMES[0]}={memory}", "--", "--dtype", "float32"]
+    args = ["--model", str(base), "--served-model-name", "base", "--memory", f"{MEMORY_NAMES[0]}={memory}", "--", "--dtype", "float32", *ATTENTION]
     with ServerProcess(args, workdir / "fp32", server_env(workdir)).running() as server:
         served = []
         for prompt in prompts:
@@ -62,7 +66,7 @@ def check_tokens(base: Path, memory: Path, workdir: Path, tokens: int) -> bool:
 
 def throughput(base: Path, memory: Path, workdir: Path, tokens: int, streams: list[int]) -> None:
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
-    args = ["--model", str(base), "--served-model-name", "base", "--memory", f"{MEMORY_NAMES[0]}={memory}"]
+    args = ["--model", str(base), "--served-model-name", "base", "--memory", f"{MEMORY_NAMES[0]}={memory}", "--", *ATTENTION]
     with ServerProcess(args, workdir / "default", server_env(workdir)).running() as server:
         print("| streams | base tok/s | memory tok/s | memory ÷ base |\n|---|---|---|---|")
         for n in streams:

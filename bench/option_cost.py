@@ -1,15 +1,15 @@
 """What an engine option costs requests that do not use it: base-only greedy decode, option off vs on.
 
 ``--option lora``: vLLM's ``enable_lora``, as ``--max-loras N`` turns it on.
-``--option calm``: memserve's calm model (server/worker/calm_model.py) with its rows
-processor, as ``--calm on`` serves the base.
+``--option model``: memserve's model (server/worker/model.py) with its row
+bookkeeping, as memserve serves every Llama, Qwen2 or Mistral base.
 
 Two engines, one per process (vLLM runs one per process), started side by
 side and timed in alternating rounds, so that other jobs on a shared machine
 slow both alike; medians are reported. Both decode the same prompts, so the
 script also reports whether the option changes the base's tokens or logprobs.
 
-    python -m bench.option_cost MODEL_DIR [--option lora|calm] [--streams 8] [--tokens 64] [--rounds 6]
+    python -m bench.option_cost MODEL_DIR [--option lora|model] [--streams 8] [--tokens 64] [--rounds 6]
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ def _child(model: str, streams: int, tokens: int, option: str | None, rank: int,
     extra = {}
     if option == "lora":
         extra = dict(enable_lora=True, max_lora_rank=rank, max_loras=max_loras, max_cpu_loras=max_loras)
-    elif option == "calm":
-        from server.worker.calm_model import ARCHITECTURE, CalmRowsProcessor, register
+    elif option == "model":
+        from server.engine.keys import MODEL_ARCHITECTURES
+        from server.engine.plugin import register
+        from server.worker.rows import MemoryRows
 
         register()
-        extra = dict(hf_overrides={"architectures": [ARCHITECTURE]}, logits_processors=[CalmRowsProcessor])
+        architecture = json.loads(open(os.path.join(model, "config.json")).read())["architectures"][0]
+        extra = dict(hf_overrides={"architectures": [MODEL_ARCHITECTURES[architecture]]}, logits_processors=[MemoryRows])
     llm = LLM(model=model, enforce_eager=True, dtype="float32", max_model_len=512, kv_cache_memory_bytes=1 << 30, **extra)
     prompts = [TokensPrompt(prompt_token_ids=[1 + (7 * i + 3 * j) % 200 for j in range(16)]) for i in range(streams)]
     params = SamplingParams(temperature=0.0, max_tokens=tokens, logprobs=1, ignore_eos=True)
@@ -63,7 +66,7 @@ def _read(proc, prefix: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
-    p.add_argument("--option", choices=["lora", "calm"], default="lora")
+    p.add_argument("--option", choices=["lora", "model"], default="lora")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=6)

@@ -328,22 +328,30 @@ class MemoryDecoder:
 
     @torch.inference_mode()
     def advance(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Append ``tokens[i]`` to sequence ``slots[i]``; return the final hidden state after each row ``[B, H]``.
+        """Append ``tokens[i]`` to sequence ``slots[i]``; return the final hidden state after each row ``[B, H]``."""
+        return torch.stack([hidden[-1] for hidden in self.read(slots, tokens)])
+
+    @torch.inference_mode()
+    def read(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
+        """Append ``tokens[i]`` to sequence ``slots[i]``; return, per row, the final hidden state at each new token ``[len(tokens[i]), H]``.
 
         The output head is left to the caller (:meth:`head`), so that memories
-        sharing the base's head can apply it once for all their rows.
+        sharing the base's head can apply it once for all their rows, and only
+        at the tokens whose logits are wanted.
         Single-token rows run as one batch; longer rows (prompts) run one by one.
         Every row must bring at least one token.
         """
         if not all(tokens):
-            raise ValueError("advance() needs at least one new token per row")
-        out = torch.empty(len(slots), self.cfg.hidden, device=self.device, dtype=self.dtype)
+            raise ValueError("read() needs at least one new token per row")
+        out: list[torch.Tensor] = [torch.empty(0)] * len(slots)
         single = [i for i, t in enumerate(tokens) if len(t) == 1]
         if single:
-            out[single] = self._step([slots[i] for i in single], [tokens[i] for i in single])
+            hidden = self._step([slots[i] for i in single], [tokens[i] for i in single])
+            for j, i in enumerate(single):
+                out[i] = hidden[j]
         for i, t in enumerate(tokens):
             if len(t) > 1:
-                out[i : i + 1] = self._step([slots[i]], [t])
+                out[i] = self._step([slots[i]], [t])[0]
         return out
 
     @torch.inference_mode()
@@ -372,8 +380,8 @@ class MemoryDecoder:
 
     @torch.inference_mode()
     def compute(self, tokens: list[int]) -> torch.Tensor:
-        """The final hidden state after ``tokens`` (``[H]``) in a cache of their own, for a row the pool has no slot for."""
-        return self._scratch(tokens)[0, -1]
+        """The final hidden state at every one of ``tokens`` (``[len, H]``) in a cache of their own, for a row the pool has no slot for."""
+        return self._scratch(tokens)[0]
 
     @torch.inference_mode()
     def score(self, tokens: list[int], chunk: int = 256) -> Iterator[torch.Tensor]:
@@ -397,7 +405,7 @@ class MemoryDecoder:
         return F.linear(hidden, self.head_weight).float()
 
     def _step(self, slots: list[int], tokens: list[list[int]], layers: list[int] | None = None) -> torch.Tensor:
-        """The final hidden state after each row ``[B, H]``; with ``layers``, the stream after those layers instead ``[L, B, M, H]``."""
+        """The final hidden state at each new token ``[B, M, H]``; with ``layers``, the stream after those layers instead ``[L, B, M, H]``."""
         n_new = len(tokens[0])
         starts = [self._lengths[s] for s in slots]
         self._reserve(max(starts) + n_new)
@@ -407,7 +415,7 @@ class MemoryDecoder:
         for s in slots:
             self._lengths[s] += n_new
             self._last_used[s] = self._clock
-        return hidden[:, -1] if taps is None else torch.stack([taps[i] for i in layers])
+        return hidden if taps is None else torch.stack([taps[i] for i in layers])
 
     def _scratch(self, tokens: list[int]) -> torch.Tensor:
         c = self.cfg

@@ -70,9 +70,6 @@ class RequestLimits:
 
     max_request_bytes: int = option(4 << 20, "largest request body accepted, in bytes; larger ones get 413 (default: %(default)s)", group=LIMITS)
     max_n: int = option(16, "most choices (n, best_of) one request may ask for (default: %(default)s)", group=LIMITS)
-    max_scoring_tokens: int = option(
-        4096, "longest prompt a memory scores for echo + logprobs (it runs in one pass inside the engine loop) (default: %(default)s)", group=LIMITS,
-    )  # fmt: skip
 
 
 @dataclass
@@ -117,8 +114,8 @@ class ServeOptions:
     )  # fmt: skip
     calm: str = option(
         "auto", group=ADMIN, choices=("auto", "on", "off"),
-        help="serve the base through memserve's calm model, which calm memories need (a Llama base; the model runs eagerly). "
-        "auto: on for a Llama base on CPU, where it costs nothing while no calm memory runs, and elsewhere only when a "
+        help="accept calm memories, which memserve's model composes into a Llama base (the model runs eagerly). "
+        "auto: on for a Llama base on CPU, and elsewhere only when a "
         "start-up memory is a calm memory; off: calm memories are refused (default: %(default)s)",
     )  # fmt: skip
     generator: str | None = option(

@@ -81,9 +81,9 @@ async def run(opts: ServeOptions) -> int:
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
         opts.memory_budget_bytes, choose_max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
-        calm,
+        (base_config.get("architectures") or [None])[0],
     )  # fmt: skip
-    refused = unsupported(args, calm)
+    refused = unsupported(args)
     if refused:
         for reason in refused:
             log.error("refusing to start: %s", reason)
@@ -120,7 +120,6 @@ async def run(opts: ServeOptions) -> int:
     from server.api.app import create_app
     from server.api.lifecycle import Lifecycle, loopback_hosts
     from server.engine.client import EngineAdapter, start_engine
-    from server.engine.scoring import FusedPromptLogprobsClient
     from server.metrics import log_throughput
 
     async with start_engine(args) as engine:
@@ -142,9 +141,6 @@ async def run(opts: ServeOptions) -> int:
 
         await init_app_state(engine, app.state, args, await engine.get_supported_tasks())
         app.state.openai_serving_models.lora_requests = catalog.engine.loras  # one dict: see EngineAdapter.loras
-        fused_prompts = FusedPromptLogprobsClient(engine, engine.model_config.get_vocab_size(), opts.limits.max_scoring_tokens)
-        app.state.openai_serving_completion.engine_client = fused_prompts
-        app.state.openai_serving_chat.engine_client = fused_prompts
         log.info("serving %s with memories [%s] on http://%s:%d (start-up %.1fs)", base_name, ", ".join(catalog.names()), opts.host, opts.port, time.perf_counter() - t0)
         config = uvicorn.Config(lifecycle.middleware(app), host=opts.host, port=opts.port, log_level="info", timeout_keep_alive=30, timeout_graceful_shutdown=1)
         server = lifecycle.make_server(config)
@@ -222,11 +218,10 @@ def _links_inside(store, name: str, path: Path) -> bool:
 
 
 def serves_calm(asked: str, base_config: dict, memory_specs: list[tuple[str, str]], store) -> bool:
-    """Whether the engine serves the calm model (server/worker/calm_model.py), which calm memories need.
+    """Whether the server accepts calm memories (memserve's model composes them: server/worker/calm_step.py).
 
-    ``auto``: on for a Llama base on CPU, where the engine runs eagerly anyway and the
-    model's per-layer hooks cost nothing while no calm row runs; elsewhere (a GPU,
-    where it would give up graph capture) only when a start-up memory is a calm memory.
+    ``auto``: on for a Llama base on CPU; elsewhere (a GPU) only when a start-up
+    memory is a calm memory, as calm memories there are untested.
     """
     from memories.calm.artifact import SUPPORTED_BASES
     from server.engine.client import on_cpu

@@ -44,7 +44,7 @@ def server(tiny, tmp_path_factory):
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}"]
     args += ["--memory-kv-budget", "1500000"]  # fixed-size pools: alpha holds 5 sequences, beta 2
-    args += ["--max-scoring-tokens", "100", *FP32]
+    args += [*FP32, "--enable-prompt-tokens-details"]  # usage reports prefix-cache hits (tests/api/test_prefix_cache.py)
     with ServerProcess(args, workdir).running() as proc:
         yield proc
 

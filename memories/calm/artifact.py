@@ -15,7 +15,7 @@ from pathlib import Path
 from memories.artifact import MEMORY_JSON, ArtifactError, MemoryCard, check_tokenizer, content_sha256, read_card, read_memory_json, tensor_headers
 from memories.calm.composition import AUGMENT_DIR, COMPOSITION_FILE, CompositionSpec, check_composition_tensors, check_layers
 
-# the base architecture the vLLM model plugin composes into (server/worker/calm_model.py)
+# the base architecture memserve's vLLM model composes calm memories into (server/worker/calm_step.py)
 SUPPORTED_BASES = ("LlamaForCausalLM",)
 
 

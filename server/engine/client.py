@@ -33,8 +33,8 @@ def prepare_environment(workdir: Path) -> None:
         if var not in os.environ:
             (workdir / sub).mkdir(exist_ok=True)
             os.environ[var] = str(workdir / sub)
-    # The fusion processor uses vLLM's V1 logits-processor interface; the
-    # Model-Runner-V2 has its own internal one (see server/worker/decoder_processor.py).
+    # memserve's row bookkeeping is a V1 logits processor, which Model Runner V2
+    # refuses (see server/worker/rows.py).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
@@ -57,7 +57,7 @@ def engine_args(
     memory_budget_bytes: int | None = None,
     max_loras: int = 0,
     max_lora_rank: int = 16,
-    calm: bool = False,
+    architecture: str | None = None,
 ) -> Namespace:
     """Build the Namespace vLLM's own OpenAI server would build from its CLI.
 
@@ -66,8 +66,11 @@ def engine_args(
     adapter can finish its requests beside its successor without either being
     re-read from disk. LoRA flags after ``--`` come later and win.
 
-    ``calm`` serves the base through memserve's calm model (server/worker/calm_model.py),
-    which composes calm memories into the rows that select one; it runs eagerly.
+    ``architecture`` is the base's (its ``config.json``): where memserve's model
+    (server/worker/model.py) has a class for it, the engine serves the base
+    through that class, which applies calm and decoder memories to the rows
+    that select one; it runs eagerly. A base of another architecture is served
+    by vLLM's own class, and memories other than lora are refused at load.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -75,7 +78,7 @@ def engine_args(
     argv = [
         "--model", model,
         "--served-model-name", served_name,
-        "--logits-processors", keys.DECODER_PROCESSOR, *([keys.CALM_PROCESSOR] if calm else []),
+        "--logits-processors", keys.ROWS_PROCESSOR,
         "--worker-extension-cls", keys.WORKER_EXTENSION,
         "--no-async-scheduling",
         "--tensor-parallel-size", str(tensor_parallel_size),
@@ -83,11 +86,13 @@ def engine_args(
     ]  # fmt: skip
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
-    if calm:
+    if architecture in keys.MODEL_ARCHITECTURES:
         register()  # vLLM's plugin loader does too; this also serves a checkout without the entry point installed
-        argv += ["--hf-overrides", json.dumps({"architectures": [keys.CALM_ARCHITECTURE]})]
+        argv += ["--hf-overrides", json.dumps({"architectures": [keys.MODEL_ARCHITECTURES[architecture]]})]
         if not on_cpu():
-            argv += ["--enforce-eager"]  # the per-row hooks are Python: no graph capture
+            argv += ["--enforce-eager"]  # the per-row work around the forward is Python: no graph capture
+    else:
+        log.warning("base architecture %s: memserve's model has no class for it; decoder and calm memories will be refused", architecture)
     if max_loras > 0:
         argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", str(2 * max_loras)]
     user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
@@ -103,11 +108,11 @@ def engine_args(
     return parser.parse_args(argv + extra)
 
 
-# attention backends whose metadata gives each request's span of the step's tokens (query_start_loc), which the calm model reads
-CALM_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION")
+# attention backends whose metadata gives each request's span of the step's tokens (query_start_loc), which memserve's model reads
+SPAN_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION")
 
 
-def unsupported(args: Namespace, calm: bool) -> list[str]:
+def unsupported(args: Namespace) -> list[str]:
     """Why the engine ``args`` describe cannot serve memories as memserve serves them: one reason per flag, empty if none.
 
     Each combination here would start and then serve memory rows wrongly (or
@@ -115,18 +120,18 @@ def unsupported(args: Namespace, calm: bool) -> list[str]:
     """
     reasons = []
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false", ""):
-        reasons.append("VLLM_USE_V2_MODEL_RUNNER=1: decoder memories are fused by a V1 logits processor, which Model Runner V2 refuses; unset it or set it to 0")
+        reasons.append("VLLM_USE_V2_MODEL_RUNNER=1: memserve tracks each row's memories with a V1 logits processor, which Model Runner V2 refuses; unset it or set it to 0")
     if getattr(args, "async_scheduling", False):
-        reasons.append("--async-scheduling: the decoder fusion reads each step's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
+        reasons.append("--async-scheduling: memories read each request's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
     if getattr(args, "speculative_config", None):
-        reasons.append("--speculative-config: the target model's logits of draft tokens would not be fused with memories; drop the flag")
-    if calm and not on_cpu():
+        reasons.append("--speculative-config: the drafter reads the model's hidden states, which memserve's model widens on steps with decoder memories; drop the flag")
+    if not on_cpu():
         backend = getattr(args, "attention_backend", None)
         name = getattr(backend, "name", backend) or os.environ.get("VLLM_ATTENTION_BACKEND")
-        if name not in CALM_ATTENTION_BACKENDS:
+        if name not in SPAN_ATTENTION_BACKENDS:
             reasons.append(
-                f"calm memories on a GPU need an attention backend whose metadata has each request's token span (query_start_loc): "
-                f"pass --attention-backend one of {', '.join(CALM_ATTENTION_BACKENDS[1:])} after --, or --calm off (the backend vLLM would pick, e.g. FlashInfer, has none)"
+                f"memories on a GPU need an attention backend whose metadata has each request's token span (query_start_loc): "
+                f"pass --attention-backend one of {', '.join(SPAN_ATTENTION_BACKENDS[1:])} after -- (the backend vLLM would pick, e.g. FlashInfer, has none)"
             )
     return reasons
 

@@ -19,11 +19,11 @@ MIXTURE_MEMORIES = "memserve_memories"  # the decoder memories' versioned keys
 MIXTURE_WEIGHTS = "memserve_weights"  # their λᵢ (summing to at most 1)
 MIXTURE_TEMPERATURES = "memserve_temperatures"  # their temperatures Tᵢ
 
-# the calm model plugin: vLLM's Llama with calm memories composed into the rows that select one
-CALM_ARCHITECTURE = "MemserveCalmLlamaForCausalLM"
-CALM_MODEL = "server.worker.calm_model:CalmLlamaForCausalLM"
-DECODER_PROCESSOR = "server.worker.decoder_processor:MemoryFusionProcessor"
-CALM_PROCESSOR = "server.worker.calm_model:CalmRowsProcessor"
+# memserve's model: vLLM's own model of the base's architecture, with calm and decoder memories applied
+# to the rows that select one (server/worker/model.py); one per base architecture it serves
+MODEL_ARCHITECTURES = {arch: "Memserve" + arch for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")}
+MODEL_MODULE = "server.worker.model"
+ROWS_PROCESSOR = "server.worker.rows:MemoryRows"  # the per-row bookkeeping of both kinds (changes no logits)
 WORKER_EXTENSION = "server.worker.extension.MemoryWorkerExtension"
 
 

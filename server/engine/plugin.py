@@ -1,18 +1,21 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it starts.
 
-The calm model is registered by its import path, so the API process learns the
-architecture's name without importing the worker-side code behind it; vLLM
+memserve's model (``server/worker/model.py``) is registered by its import path,
+one architecture name per base architecture it serves, so the API process
+learns the names without importing the worker-side code behind them; vLLM
 imports that where the model is built.
 """
 
 from __future__ import annotations
 
-from server.engine.keys import CALM_ARCHITECTURE, CALM_MODEL
+from server.engine.keys import MODEL_ARCHITECTURES, MODEL_MODULE
 
 
 def register() -> None:
-    """Make the calm model known to vLLM in this process (idempotent)."""
+    """Make memserve's model known to vLLM in this process (idempotent)."""
     from vllm import ModelRegistry
 
-    if CALM_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(CALM_ARCHITECTURE, CALM_MODEL)
+    known = ModelRegistry.get_supported_archs()
+    for name in MODEL_ARCHITECTURES.values():
+        if name not in known:
+            ModelRegistry.register_model(name, f"{MODEL_MODULE}:{name}")

@@ -15,11 +15,10 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
-from vllm.exceptions import VLLMError, VLLMValidationError
-from vllm.logprobs import Logprob
+from vllm.exceptions import VLLMError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 __all__ = [
-    "ChatCompletionRequest", "CompletionRequest", "EngineDeadError", "ErrorResponse", "Logprob", "ModelCard", "StreamOptions",
-    "VLLMError", "VLLMValidationError", "create_error_response", "init_app_state", "listen_for_disconnect",
+    "ChatCompletionRequest", "CompletionRequest", "EngineDeadError", "ErrorResponse", "ModelCard", "StreamOptions",
+    "VLLMError", "create_error_response", "init_app_state", "listen_for_disconnect",
 ]  # fmt: skip

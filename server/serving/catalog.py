@@ -127,7 +127,7 @@ class MemoryCatalog:
         calm: bool = False,
     ):
         self.engine = engine
-        self.calm = calm  # the engine serves the calm model (server/worker/calm_model.py)
+        self.calm = calm  # calm memories are accepted (server/startup.py's serves_calm)
         self.max_loras = max_loras  # live lora memories; 0: LoRA is off in the engine
         self.max_lora_rank = max_lora_rank
         self.base_tokenizer = base_tokenizer

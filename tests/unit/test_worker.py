@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from memories.artifact import ArtifactError
-from memories.fuse import memory_logprobs
 from server.engine.client import EngineAdapter
 from server.worker.extension import REGISTRY, MemoryWorkerExtension
 from tests.tiny_models import poisoned_copy
@@ -43,29 +42,6 @@ def test_nan_weights_arrive_as_artifact_error(tiny, tmp_path):
     with pytest.raises(ArtifactError, match=r"weights are not finite.*up_proj"):
         asyncio.run(EngineAdapter(engine).load_memory("nan@w1", str(bad)))
     assert engine.calls[-1] == "memserve_unload" and REGISTRY.get("nan@w1") is None
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny):
-    engine = OneWorkerEngine()
-    asyncio.run(EngineAdapter(engine).load_memory("alpha@w2", str(tiny["alpha"])))
-    yield REGISTRY.get("alpha@w2")
-    REGISTRY.pop("alpha@w2")
-
-
-def test_one_token_prompt_has_nothing_to_score(loaded):
-    assert MemoryWorkerExtension().memserve_prompt_logprobs("alpha@w2", [504], 1.0, 320, [[]]) == [[]]
-
-
-def test_prompt_logprobs_gather_every_position(loaded):
-    prompt = [5, 9, 11, 40, 7, 8]
-    wanted = [[]] + [[prompt[i], 3, 400] for i in range(1, len(prompt))]  # 400: beyond the memory's vocabulary
-    got = MemoryWorkerExtension().memserve_prompt_logprobs("alpha@w2", prompt, 0.8, 512, wanted)
-    logp = memory_logprobs(torch.cat(list(loaded.score(prompt[:-1]))), 512, 0.8)
-    assert got[0] == [] and len(got) == len(prompt)
-    for i in range(1, len(prompt)):
-        assert got[i][:2] == pytest.approx([float(logp[i - 1, prompt[i]]), float(logp[i - 1, 3])], abs=1e-6)
-        assert got[i][2] == float("-inf")
 
 
 def test_weights_are_counted_in_the_engine_dtype():
@@ -121,3 +97,17 @@ def test_a_calm_memorys_caches_are_budgeted_by_the_kv_budget_and_reported(calm_d
         memory.close(row)
     finally:
         asyncio.run(adapter.unload_memory("cal@w1"))
+
+
+def test_a_base_served_by_vllms_own_class_refuses_decoder_memories(tiny):
+    """A base architecture memserve's model has no class for: its model cannot apply a decoder memory, so the load is refused, naming both."""
+    from types import SimpleNamespace
+
+    engine = OneWorkerEngine()
+    hf_config = SimpleNamespace(architectures=["GemmaForCausalLM"], num_hidden_layers=2)
+    engine.worker.model_runner = SimpleNamespace(
+        device=torch.device("cpu"), model_config=SimpleNamespace(dtype=torch.float32, max_model_len=64, hf_config=hf_config), get_model=lambda: object()
+    )
+    with pytest.raises(ArtifactError, match=r"decoder memories need memserve's model.*GemmaForCausalLM.*LlamaForCausalLM"):
+        asyncio.run(EngineAdapter(engine).load_memory("alpha@w9", str(tiny["alpha"])))
+    assert REGISTRY.get("alpha@w9") is None

@@ -124,12 +124,12 @@ def test_prompt_logprobs_beside_other_requests_with_lora_on():
 
 
 def test_importing_the_worker_modules_patches_nothing():
-    """vLLM imports the processor classes in the API process too (for validate_params): only building them in a worker patches."""
+    """vLLM imports the row processor class in the API process too (for validate_params): only building it in a worker patches."""
     import subprocess
     import sys
 
     code = """
-import server.worker.decoder_processor, server.worker.calm_model, server.worker.extension
+import server.worker.rows, server.worker.model, server.worker.extension
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.lora.punica_wrapper import punica_cpu
@@ -140,3 +140,30 @@ print("patched:", [f.__qualname__ for f in marked])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "patched: []" in out.stdout
+
+
+def test_decoder_memories_patch_neither_the_sampler_nor_the_runner():
+    """Built as in a worker (the row processor installs the vLLM-CPU fixes), the sampler and ``_sample`` stay vLLM's own.
+
+    The API process's modules are imported first, as the server imports them.
+    """
+    import subprocess
+    import sys
+
+    code = """
+import server.startup, server.engine.client, server.serving.catalog
+from vllm.v1.sample import sampler
+from vllm.v1.worker import gpu_model_runner
+own = (sampler.Sampler.forward, gpu_model_runner.GPUModelRunner._sample)
+import torch
+from server.worker.rows import MemoryRows
+MemoryRows(None, torch.device("cpu"), False)
+import server.worker.model
+now = (sampler.Sampler.forward, gpu_model_runner.GPUModelRunner._sample)
+print("own:", [a is b and a.__module__ in ("vllm.v1.sample.sampler", "vllm.v1.worker.gpu_model_runner") for a, b in zip(own, now)])
+print("fixed:", getattr(gpu_model_runner.GPUModelRunner.sample_tokens, "_memserve_fix", False))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "own: [True, True]" in out.stdout
+    assert "fixed: True" in out.stdout  # the issue-18 fixes are still installed

@@ -1,0 +1,114 @@
+"""memserve's model: vLLM's own model of the base, with each row's memories applied inside it.
+
+vLLM runs one forward for a whole batch, then ``compute_logits`` on some of
+its output rows. So that memories reach exactly the rows whose request
+selected them, and vLLM's sampler, sampling parameters, returned logprobs and
+prompt logprobs all see the result with no patch of vLLM, the served model is
+vLLM's own class for the base's architecture (registered under
+``server.engine.keys.MODEL_ARCHITECTURES`` by the ``vllm.general_plugins``
+entry point and selected with ``hf_overrides``), extended here:
+
+- ``forward`` finds each memory row's tokens in this step (``spans``, from the
+  bookkeeping in ``server/worker/rows.py``); calm rows' augmenting models read
+  them and the base's layers receive their deltas through a forward hook on
+  each decoder layer (``calm_step.py``); every decoder memory reads them too
+  (``decoder_step.py``), so under chunked prefill, prefix caching and
+  preemption it reads what the base reads.
+- ``compute_logits`` must know which token each of its rows is: vLLM's V1
+  runner indexes the forward's output by ``logits_indices`` for sampling and
+  slices it per request for prompt logprobs, then calls ``compute_logits``
+  with the result, nothing else. So a step with decoder rows returns its
+  hidden states widened by one fp32 column holding each token's index in the
+  step (bf16/fp16 hidden states pass through fp32 unchanged), and
+  ``compute_logits`` splits it off, computes the base's logits from the exact
+  hidden states and fuses the decoder rows (``DecoderStep.fuse``). Every use of
+  the forward's output on the V1 path (``execute_model``, ``_dummy_run``,
+  ``_dummy_sampler_run``, ``_get_prompt_logprobs_dict``) indexes rows only, or
+  reaches ``compute_logits``; a step without decoder rows returns vLLM's
+  hidden states untouched. Speculative decoding (whose drafter reads the
+  hidden states) is refused at start (``server/engine/client.py``).
+
+Base rows compute exactly what vLLM computes, bit for bit (their logits are
+returned in fp32 when the step fuses other rows, which is lossless).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+
+from server.worker.calm_step import CalmStep
+from server.worker.decoder_step import DecoderStep
+from server.worker.rows import MemoryRows
+from server.worker.spans import spans
+
+
+class MemserveModel:
+    """Mixed in before a vLLM ``*ForCausalLM`` whose decoder layers return ``(hidden, residual)``."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._width = vllm_config.model_config.get_hidden_size()
+        self._dtype = vllm_config.model_config.dtype
+        self._calm: CalmStep | None = None
+        self._decoders: DecoderStep | None = None  # the last forward's: compute_logits reads it until the next one
+        model = self.model
+        for layer in range(model.start_layer, model.end_layer):
+            model.layers[layer].register_forward_hook(self._calm_hook(layer))
+
+    def _calm_hook(self, layer: int):
+        def hook(module, args, output):
+            step = self._calm
+            if step is None or layer not in step.layers:
+                return None
+            hidden, residual = output
+            return hidden, step.after_layer(layer, hidden, residual)
+
+        return hook
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        rows = MemoryRows.active
+        step = spans(rows.requests, input_ids, positions) if rows is not None else []
+        self._calm = CalmStep.read(step)
+        self._decoders = DecoderStep.read(step)
+        try:
+            hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        finally:
+            self._calm = None
+        if self._decoders is None or not isinstance(hidden, torch.Tensor):
+            return hidden
+        return with_token_index(hidden)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        if hidden_states.shape[-1] != self._width + 1:
+            return super().compute_logits(hidden_states)
+        hidden, tokens = split_token_index(hidden_states, self._dtype)
+        logits = super().compute_logits(hidden)
+        if logits is None or self._decoders is None:  # None: another tensor-parallel rank gathers the logits
+            return logits
+        return self._decoders.fuse(logits, tokens)
+
+
+def with_token_index(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` ``[N, H]`` as fp32 ``[N, H + 1]``, the last column each row's index in the step."""
+    index = torch.arange(hidden.shape[0], device=hidden.device, dtype=torch.float32)
+    return torch.cat([hidden.float(), index[:, None]], dim=-1)
+
+
+def split_token_index(widened: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """The rows' hidden states as the model computed them (``dtype``, contiguous) and their token indices in the step."""
+    return widened[:, :-1].to(dtype).contiguous(), widened[:, -1].long().tolist()
+
+
+class MemserveLlamaForCausalLM(MemserveModel, LlamaForCausalLM):
+    pass
+
+
+class MemserveQwen2ForCausalLM(MemserveModel, Qwen2ForCausalLM):
+    pass
+
+
+class MemserveMistralForCausalLM(MemserveModel, MistralForCausalLM):
+    pass

@@ -1,0 +1,62 @@
+"""Which of a forward's tokens belong to which batch row.
+
+vLLM's V1 runner lays a step's tokens out row after row, in the persistent
+batch's row order; the attention metadata's ``query_start_loc`` says where
+each row's tokens start (row i: ``[starts[i], starts[i + 1])``). A row's span
+is the tokens the base computes for it this step: a whole prompt, a chunk of
+it, the part the prefix cache did not hold, or one decoded token. Its token
+ids are the step's ``input_ids``; with ``--enable-prompt-embeds`` vLLM's
+runner passes ``inputs_embeds`` alone, and they are the request's own tokens
+at those positions (its prompt, then vLLM's live list of its output).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("memserve.rows")
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int  # index of the row's first token in this step's tokens
+    stop: int
+    position: int  # that token's position in the request's sequence
+    tokens: list[int]
+
+
+def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor) -> list[tuple[object, Span]]:
+    """``(rows[i], span)`` of every row in ``rows`` (by batch row index, each a ``server.worker.rows.Request``) that has tokens in this step, in row order."""
+    if not rows:
+        return []
+    starts = query_start_loc()
+    if starts is None:
+        return []
+    out = []
+    for index in sorted(rows):
+        if index + 1 >= len(starts) or starts[index + 1] <= starts[index]:
+            continue
+        s, e = starts[index], starts[index + 1]
+        position = int(positions[s])
+        tokens = input_ids[s:e].tolist() if input_ids is not None else rows[index].context(position, position + e - s)
+        out.append((rows[index], Span(s, e, position, tokens)))
+    return out
+
+
+def query_start_loc() -> list[int] | None:
+    """This forward's row starts, from the attention metadata; None outside a forward (or a backend without them, logged)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, dict) and metadata:
+        starts = getattr(next(iter(metadata.values())), "query_start_loc", None)
+        if starts is not None:
+            return starts.tolist()
+    if metadata is not None:
+        log.error("memories need per-request query_start_loc from the attention metadata; this step serves them as the base")
+    return None

@@ -1,0 +1,46 @@
+"""memserve's model: one class per base architecture it serves, registered by the plugin and chosen by the engine args."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+
+from server.engine.keys import MODEL_ARCHITECTURES, MODEL_MODULE
+
+
+def test_every_architecture_is_vllms_own_class_extended():
+    from vllm import ModelRegistry
+
+    from server.engine.plugin import register
+    from server.worker.model import MemserveModel
+
+    register()
+    module = importlib.import_module(MODEL_MODULE)
+    for base, name in MODEL_ARCHITECTURES.items():
+        assert name in ModelRegistry.get_supported_archs()
+        cls = getattr(module, name)
+        assert issubclass(cls, MemserveModel)
+        assert base in [c.__name__ for c in cls.__mro__ if c.__module__.startswith("vllm.model_executor.models.")]
+
+
+@pytest.fixture
+def environ(monkeypatch):
+    """engine_args sets the CPU thread layout in the environment: keep it to this test."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"])
+def test_the_engine_serves_the_base_through_memserves_model_where_it_has_one(architecture, environ):
+    from server.engine.client import engine_args
+    from server.engine.keys import ROWS_PROCESSOR
+
+    args = engine_args("/m", "base", None, [], architecture=architecture)
+    assert args.logits_processors == [ROWS_PROCESSOR] and args.enforce_eager
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else json.loads(args.hf_overrides or "null")
+    if architecture in MODEL_ARCHITECTURES:
+        assert overrides == {"architectures": [MODEL_ARCHITECTURES[architecture]]}
+    else:
+        assert not overrides  # vLLM's own class: decoder and calm memories are refused at load
