@@ -78,6 +78,46 @@ def run_stage(name: str, path: Path, fp: str, produce: Callable[[Path], dict[str
     return {**record, "skipped": False}
 
 
+class StopAfter(Exception):
+    """Raised by :class:`Stages` once the stage a build was asked to stop after has run."""
+
+
+class Stages:
+    """A build's stages run in order: each timed, logged, and the build stopped after ``stop_after``.
+
+    ``describe(name, record, seconds)`` may replace the log line's tail (the decoder build adds
+    tokens/s); returning None keeps the stage silent (another rank logs it).
+    """
+
+    def __init__(self, stop_after: str | None, describe: Callable[[str, Any, float], str | None] | None = None):
+        self.stop_after = stop_after
+        self.describe = describe
+        self.timings: dict[str, float] = {}
+        self.started = time.time()
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        t = time.time()
+        record = fn()
+        self.timings[name] = round(time.time() - t, 1)
+        line = self.describe(name, record, self.timings[name]) if self.describe else f"{'reused' if skipped(record) else 'done'} in {self.timings[name]:.1f}s"
+        if line is not None:
+            log.info("%s: %s", name, line)
+        if self.stop_after == name:
+            if line is not None:
+                log.info("stopped after %s as asked", name)
+            raise StopAfter
+        return record
+
+    def total(self) -> float:
+        return round(time.time() - self.started, 1)
+
+
+def skipped(record: Any) -> bool:
+    """Whether a stage's record (or every record of a sharded stage) says it reused earlier work."""
+    records = record if isinstance(record, list) else [record]
+    return bool(records) and all(isinstance(r, dict) and r.get("skipped") for r in records)
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
     """Move a finished directory into place; an existing one is swapped out, never half-overwritten."""
     if final.exists():

@@ -33,7 +33,7 @@ import torch
 from memories.decoder.pipeline import BuildConfig
 
 from memories.stage import base_identity, set_threads
-from memories.stage import StageError, fingerprint, require, run_stage
+from memories.stage import StageError, Stages, StopAfter, fingerprint, require, run_stage
 
 log = logging.getLogger("memserve.compose")
 
@@ -95,10 +95,6 @@ STAGES = ("corpus", "train", "evaluate", "package")
 
 def config_fields() -> set[str]:
     return {f.name for f in fields(ComposeConfig)}
-
-
-class _Stop(Exception):
-    pass
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -395,30 +391,17 @@ def compose(cfg: ComposeConfig, models: Models | None = None) -> Path | None:
 
     set_threads(cfg.threads)
     spec, _ = check_inputs(cfg)
-    started = time.time()
-    timings: dict[str, float] = {}
     models = models or Models(cfg)  # loaded by the first stage that has work to do, then shared
-
-    def step(name, fn):
-        t = time.time()
-        rec = fn()
-        timings[name] = round(time.time() - t, 1)
-        skipped = isinstance(rec, dict) and rec.get("skipped")
-        log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
-        if cfg.stop_after == name:
-            raise _Stop
-        return rec
+    step = Stages(cfg.stop_after)
 
     try:
         step("corpus", lambda: stage_corpus(cfg))
         step("train", lambda: stage_train(cfg, models, spec))
         step("evaluate", lambda: stage_evaluate(cfg, models, spec))
         path = step("package", lambda: stage_package(cfg, spec))
-    except _Stop:
-        log.info("stopped after %s as asked", cfg.stop_after)
+    except StopAfter:
         return None
-    timings["total"] = round(time.time() - started, 1)
-    write_json_atomic(cfg.work / "compose.json", {"config": asdict(cfg), "seconds": timings})
+    write_json_atomic(cfg.work / "compose.json", {"config": asdict(cfg), "seconds": {**step.timings, "total": step.total()}})
     return path
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from memories.corpus import SPLITS, stage_corpus as corpus_stage
-from memories.stage import StageError, fingerprint, is_complete, require, run_stage, stage_info
+from memories.stage import StageError, Stages, StopAfter, fingerprint, is_complete, require, run_stage, skipped, stage_info
 from memories.stage import base_identity, set_threads
 
 log = logging.getLogger("memserve.memory")
@@ -89,10 +89,6 @@ class BuildConfig:
 
 
 STAGES = ("corpus", "datastore", "index", "heldout", "targets", "train", "evaluate", "package")
-
-
-class _Stop(Exception):
-    pass
 
 
 def _vocab_size(base: str) -> int:
@@ -280,23 +276,17 @@ def build(cfg: BuildConfig) -> Path | None:
     set_threads(cfg.threads)
     if cfg.shards < w.size:
         cfg.shards = w.size
-    started = time.time()
-    timings: dict[str, float] = {}
 
-    def step(name, fn):
-        t = time.time()
-        rec = fn()
-        timings[name] = round(time.time() - t, 1)
-        recs = rec if isinstance(rec, list) else [rec]
-        skipped = all(isinstance(r, dict) and r.get("skipped") for r in recs)
-        if w.main:
-            tokens = stage_tokens(name, corpus if name != "corpus" else rec, cfg.epochs)
-            rate = f" ({tokens / timings[name]:,.0f} tokens/s)" if tokens and timings[name] > 0 and not skipped else ""
-            log.info("%s: %s in %.1fs%s", name, "reused" if skipped else "done", timings[name], rate)
-        if cfg.stop_after == name:
-            raise _Stop
-        return rec
+    def describe(name, rec, seconds):
+        if not w.main:
+            return None
+        tokens = stage_tokens(name, corpus if name != "corpus" else rec, cfg.epochs)
+        reused = skipped(rec)
+        rate = f" ({tokens / seconds:,.0f} tokens/s)" if tokens and seconds > 0 and not reused else ""
+        return f"{'reused' if reused else 'done'} in {seconds:.1f}s{rate}"
 
+    step = Stages(cfg.stop_after, describe)
+    timings = step.timings
     corpus = None
 
     def datastore() -> list[dict]:
@@ -312,15 +302,13 @@ def build(cfg: BuildConfig) -> Path | None:
         step("targets", lambda: on_main(lambda: stage_targets(cfg)))
         step("train", lambda: stage_train(cfg))
         step("evaluate", lambda: on_main(lambda: stage_evaluate(cfg)))
-        timings["total_before_package"] = round(time.time() - started, 1)
+        timings["total_before_package"] = step.total()
         path = step("package", lambda: stage_package(cfg, timings) if w.main else None)
-    except _Stop:
-        if w.main:
-            log.info("stopped after %s as asked", cfg.stop_after)
+    except StopAfter:
         return None
     if not w.main:
         return None
-    timings["total"] = round(time.time() - started, 1)
+    timings["total"] = step.total()
     from memories.artifact import write_json_atomic
 
     write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": timings, "processes": w.size})

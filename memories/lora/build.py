@@ -37,7 +37,7 @@ import torch
 
 from memories.base_model import load_base
 from memories.decoder.pipeline import BuildConfig
-from memories.stage import StageError, base_identity, fingerprint, publish_dir, require, run_stage, set_threads
+from memories.stage import StageError, Stages, StopAfter, base_identity, fingerprint, publish_dir, require, run_stage, set_threads
 
 log = logging.getLogger("memserve.memory")
 
@@ -97,10 +97,6 @@ STAGES = ("corpus", "train", "evaluate", "package")
 
 def config_fields() -> set[str]:
     return {f.name for f in fields(LoraBuildConfig)}
-
-
-class _Stop(Exception):
-    pass
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -402,8 +398,6 @@ def build_lora(cfg: LoraBuildConfig, base=None) -> Path | None:
 
     set_threads(cfg.threads)
     check_inputs(cfg)
-    started = time.time()
-    timings: dict[str, float] = {}
     holder = {"base": base}
 
     def model():
@@ -411,26 +405,16 @@ def build_lora(cfg: LoraBuildConfig, base=None) -> Path | None:
             holder["base"] = load_base(cfg.base)
         return holder["base"]
 
-    def step(name, fn):
-        t = time.time()
-        rec = fn()
-        timings[name] = round(time.time() - t, 1)
-        skipped = isinstance(rec, dict) and rec.get("skipped")
-        log.info("%s: %s in %.1fs", name, "reused" if skipped else "done", timings[name])
-        if cfg.stop_after == name:
-            raise _Stop
-        return rec
+    step = Stages(cfg.stop_after)
 
     try:
         step("corpus", lambda: stage_corpus(cfg))
         step("train", lambda: stage_train(cfg, model))
         step("evaluate", lambda: stage_evaluate(cfg, model))
         path = step("package", lambda: stage_package(cfg))
-    except _Stop:
-        log.info("stopped after %s as asked", cfg.stop_after)
+    except StopAfter:
         return None
-    timings["total"] = round(time.time() - started, 1)
-    write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": timings})
+    write_json_atomic(cfg.work / "build.json", {"config": asdict(cfg), "seconds": {**step.timings, "total": step.total()}})
     return path
 
 

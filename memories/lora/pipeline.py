@@ -31,7 +31,7 @@ import torch
 from memories.lora.collection import LoraRecipe
 from memories.lora.domains import DEFAULT_HELDOUT, DEFAULT_TRAIN, load_domain, slug
 from memories.lora.train_generator import GeneratorRecipe
-from memories.stage import StageError, fingerprint, require, run_stage
+from memories.stage import StageError, Stages, StopAfter, fingerprint, require, run_stage
 
 log = logging.getLogger("memserve.generator")
 
@@ -96,10 +96,6 @@ class GeneratorBuildConfig:
 
 
 STAGES = ("domains", "encode", "lora", "generator", "evaluate")
-
-
-class _Stop(Exception):
-    pass
 
 
 def check_domains(cfg: GeneratorBuildConfig) -> None:
@@ -342,21 +338,12 @@ def build(cfg: GeneratorBuildConfig) -> Path | None:
 
     check_domains(cfg)
     set_threads(cfg.threads)
-    started = time.time()
-    timings: dict[str, float] = {}
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     tok_sha = tokenizer_sha256(tokenizer)
     base_id = base_identity(cfg.base)
     base_model = load_base(cfg.base)
 
-    def step(name, fn):
-        t = time.time()
-        rec = fn()
-        timings[name] = round(time.time() - t, 1)
-        log.info("%s: %.1fs", name, timings[name])
-        if cfg.stop_after == name:
-            raise _Stop
-        return rec
+    step = Stages(cfg.stop_after, lambda name, rec, seconds: f"{seconds:.1f}s")
 
     try:
         domains = step("domains", lambda: {s: stage_domain(cfg, s, tokenizer, tok_sha) for s in cfg.all_domains()})
@@ -364,13 +351,12 @@ def build(cfg: GeneratorBuildConfig) -> Path | None:
         loras = step("lora", lambda: {s: stage_lora(cfg, s, encoded[s], base_model) for s in _progress(cfg, cfg.all_domains(), "LoRA collection")})
         generator = step("generator", lambda: stage_generator(cfg, loras, encoded, base_model, tok_sha, base_id))
         step("evaluate", lambda: stage_evaluate(cfg, generator, loras, domains, base_model))
-    except _Stop:
-        log.info("stopped after %s as asked", cfg.stop_after)
+    except StopAfter:
         return None
     path = publish_generator(cfg)
-    timings["total"] = round(time.time() - started, 1)
-    write_json_atomic(cfg.root / "build.json", {"config": {k: v for k, v in asdict(cfg).items()}, "seconds": timings})
-    log.info("generator ready at %s (report: %s) in %.0fs", path, cfg.root / "evaluate" / "report.md", timings["total"])
+    seconds = {**step.timings, "total": step.total()}
+    write_json_atomic(cfg.root / "build.json", {"config": asdict(cfg), "seconds": seconds})
+    log.info("generator ready at %s (report: %s) in %.0fs", path, cfg.root / "evaluate" / "report.md", seconds["total"])
     return path
 
 
