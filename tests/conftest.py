@@ -26,11 +26,18 @@ MAX_TOKENS = 12
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-    """Group tests for ``--dist loadgroup``: a module stays on one worker; all users of a shared engine on one."""
-    for item in items:
+    """Group tests for ``--dist loadgroup``: a module stays on one worker; all modules using a shared engine on one."""
+
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    def uses_shared(item) -> bool:
         defs = item._fixtureinfo.name2fixturedefs
-        shared = any(defs[name][-1].scope == "session" for name in SHARED_ENGINES & set(defs))
-        item.add_marker(pytest.mark.xdist_group("shared-engines" if shared else item.nodeid.split("::")[0]))
+        return any(defs[name][-1].scope == "session" for name in SHARED_ENGINES & set(defs))
+
+    shared = {module(item) for item in items if uses_shared(item)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("shared-engines" if module(item) in shared else module(item)))
 
 
 @pytest.fixture(scope="session")

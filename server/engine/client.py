@@ -33,6 +33,7 @@ def prepare_environment(workdir: Path) -> None:
         if var not in os.environ:
             (workdir / sub).mkdir(exist_ok=True)
             os.environ[var] = str(workdir / sub)
+    os.environ["TMPDIR"] = str(socket_dir(Path(os.environ["TMPDIR"])))
     # memserve's row bookkeeping is a V1 logits processor, which Model Runner V2
     # refuses (see server/worker/rows.py).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -45,6 +46,24 @@ def prepare_environment(workdir: Path) -> None:
     quiet = "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"
     user = os.environ.get("PYTHONWARNINGS", "")
     os.environ["PYTHONWARNINGS"] = ",".join(([] if quiet in user else [quiet]) + ([user] if user else []))
+
+
+# vLLM binds its ZMQ sockets at TMPDIR/<36-character uuid>; a Unix socket path holds at most 107 bytes
+SOCKET_DIR_MAX = 107 - 37
+
+
+def socket_dir(tmp: Path) -> Path:
+    """``tmp``, or a short private folder in the system's temp dir when vLLM's socket paths under ``tmp`` would be too long.
+
+    A deep --workdir (or TMPDIR) otherwise stops the engine at start with ZMQ's "ipc path ... is longer than 107 characters".
+    """
+    if len(str(tmp)) <= SOCKET_DIR_MAX:
+        return tmp
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="memserve-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    log.info("vLLM's sockets go to %s: under %s their paths would exceed the 107 bytes a Unix socket allows", short, tmp)
+    return short
 
 
 def engine_args(

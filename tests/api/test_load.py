@@ -77,7 +77,6 @@ def alive_and_idle(server) -> None:
     assert post(server, greedy("base"))["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("kind", ["base", "calm"])
 def same_scores(solo: list[float]):
     """A prompt's logprobs scored beside other rows equal its solo scores up to fp32 summation order.
 
@@ -88,6 +87,7 @@ def same_scores(solo: list[float]):
     return pytest.approx(solo, rel=1e-5, abs=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["base", "calm"])
 def test_seeded_sampling_of_chunked_prompts_keeps_the_engine(chunked, kind):
     """Issue 18.1: 4 concurrent seeded n=4 requests whose prompts span steps; vLLM-CPU alone dies rewinding a CPU generator."""
     answers = concurrently(chunked, [(post, seeded(kind, seed)) for seed in range(4)])

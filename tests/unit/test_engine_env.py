@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +43,14 @@ def test_users_own_warning_filters_win(environ, tmp_path):
     assert environ["PYTHONWARNINGS"].count("reduce_op") == 1
     child = _child(environ)
     assert child.returncode != 0 and "reduce_op" in child.stderr
+
+
+def test_a_deep_temp_dir_gives_vllm_a_short_socket_folder(tmp_path):
+    from server.engine.client import SOCKET_DIR_MAX, socket_dir
+
+    deep = tmp_path / ("d" * 80)
+    short = socket_dir(deep)
+    assert short != deep and short.is_dir() and len(str(short)) <= SOCKET_DIR_MAX
+    assert len(f"{short}/{'0' * 36}") <= 107  # the longest path vLLM binds: TMPDIR/<uuid4>
+    assert socket_dir(Path("/tmp/m")) == Path("/tmp/m")  # a short one is kept
+    short.rmdir()
