@@ -7,7 +7,7 @@ another; :func:`add_serve_arguments` adds them to a parser and
 default must state it (tests/unit/test_cli_help.py): ``%(default)s`` shows the
 field's own default.
 
-Standard library only: the CLI imports this before anything heavy.
+Standard library only (and memories.flags, which is too): the CLI imports this before anything heavy.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from memories.flags import count, fraction
+
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 
 ADMIN = "memory store and admin API"  # argument groups of `memserve serve --help`
@@ -31,26 +33,6 @@ def _memory_spec(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
     return name, path
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MISSING, flag: str | None = None, group: str | None = None, **argparse_kwargs: Any) -> Any:
@@ -84,7 +66,7 @@ class ServeOptions:
     )  # fmt: skip
     host: str = option("127.0.0.1", "interface to listen on (default: %(default)s)")
     port: int = option(8000, "port (default: %(default)s)")
-    default_memory_weight: float | None = option(None, "λ for memories whose memory.json sets none (default 0.5)", type=_fraction, metavar="λ")
+    default_memory_weight: float | None = option(None, "λ for memories whose memory.json sets none (default 0.5)", type=fraction, metavar="λ")
     default_domain: str = option(
         "none", "memory for requests that name none (no domain, X-Domain or memory model): none, the base alone; or auto, the memory "
         "the router picks for the prompt, or none when no memory fits, as with domain 'auto' (default: %(default)s)",
@@ -102,7 +84,7 @@ class ServeOptions:
     admin_insecure_local: bool = option(False, "enable /admin without a token when listening on loopback only", group=ADMIN, action="store_true")
     max_memories: int | None = option(None, "refuse loads beyond this many memories (default: no limit)", group=ADMIN)
     max_loras: int | None = option(
-        None, group=ADMIN, type=_count, metavar="N",
+        None, group=ADMIN, type=count, metavar="N",
         help="lora memories (PEFT LoRA adapters) that may be loaded at once; N > 0 starts vLLM with multi-LoRA on "
         "(enable_lora, max_loras N, max_cpu_loras 2N), which slows every batch, adapter or not (measured in README); "
         "0: LoRA off, lora memories are refused (default: 4 if a start-up memory, from --memory, the demo memories "

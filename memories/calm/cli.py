@@ -11,17 +11,9 @@ import argparse
 import logging
 import sys
 
+from memories.flags import positive
+
 log = logging.getLogger("memserve.compose")
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
@@ -45,17 +37,17 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
     g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
     g = p.add_argument_group("composition")
-    g.add_argument("--connections", type=_positive, default=d.connections, help="cross-attention connections, spread evenly over both models' layers; at most the shallower model's depth (default %(default)s)")
+    g.add_argument("--connections", type=positive, default=d.connections, help="cross-attention connections, spread evenly over both models' layers; at most the shallower model's depth (default %(default)s)")
     g.add_argument("--heads", type=int, default=d.heads, help="attention heads per connection; 0: the base's attention heads (default %(default)s)")
     g = p.add_argument_group("training (only the composition learns; both models are frozen)")
-    g.add_argument("--epochs", type=_positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
+    g.add_argument("--epochs", type=positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate, linear warm-up then cosine decay (default %(default)s)")
     g.add_argument("--gate-lr", type=float, default=d.gate_lr, help="peak learning rate of the gates, same schedule; Adam moves each parameter by about its rate per step, and a gate's range (0..1) is far wider than a matrix entry's, so a larger rate opens the gates sooner (default %(default)s)")
-    g.add_argument("--batch", type=_positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
+    g.add_argument("--batch", type=positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay of the projection matrices (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for the composition's initialisation and the window order (default %(default)s)")
-    g.add_argument("--checkpoint-every", type=_positive, default=d.checkpoint_every, help="steps between training checkpoints, besides every epoch's end (default %(default)s)")
+    g.add_argument("--checkpoint-every", type=positive, default=d.checkpoint_every, help="steps between training checkpoints, besides every epoch's end (default %(default)s)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--decoder-memory", default=None, help="a decoder memory directory for the same base: its fused test perplexity (its own λ and temperature) joins the report (default: none)")
     g = p.add_argument_group("runtime")

@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from memories.flags import positive
+
 log = logging.getLogger("memserve.generator")
 
 
@@ -154,16 +156,6 @@ def add_generate_command(subparsers) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def _modules(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -192,9 +184,9 @@ def _add_lora_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is alpha/r · B·A (default %(default)s)")
     g.add_argument("--targets", type=_modules, default=",".join(d.targets), help="comma-separated projections of every decoder layer that carry the LoRA (default %(default)s)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
+    g.add_argument("--epochs", type=positive, default=d.epochs, help="passes over the training windows (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate, linear warm-up then cosine decay (default %(default)s)")
-    g.add_argument("--batch", type=_positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
+    g.add_argument("--batch", type=positive, default=d.batch, help="windows per optimiser step (default %(default)s)")
     g.add_argument("--warmup", type=float, default=d.warmup, help="warm-up fraction of the steps (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for the LoRA's initialisation and the window order (default %(default)s)")
