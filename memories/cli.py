@@ -16,6 +16,7 @@ import sys
 from dataclasses import fields
 
 from memories.decoder.pipeline import BuildConfig
+from memories.flags import add_corpus_arguments, add_threads_argument
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -62,13 +63,7 @@ def _add_build_options(p: argparse.ArgumentParser, with_kind: bool = False) -> N
     g.add_argument("--domain", help="domain label for memory.json (default: NAME)")
     g.add_argument("--description", default="", help="free text for memory.json (default: one naming the base and the corpus)")
     g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text (default %(default)s)")
-    g = p.add_argument_group("corpus and windows")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (datastore size) (default %(default)s)")
-    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
-    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of documents held out for choosing λ and temperatures (default %(default)s)")
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of documents held out for the reported test perplexity (default %(default)s)")
-    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
-    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    add_corpus_arguments(p, d)
     g = p.add_argument_group("datastore, index, kNN targets")
     g.add_argument("--layer", type=int, default=d.layer, help="decoder layer whose MLP input is the key; negative counts from the end (default %(default)s: the last)")
     g.add_argument("--shards", type=int, default=d.shards, help="number of datastore shards (default %(default)s)")
@@ -91,7 +86,7 @@ def _add_build_options(p: argparse.ArgumentParser, with_kind: bool = False) -> N
     g.add_argument("--embeddings", choices=("own", "base"), default=d.embeddings, help="base: a thin memory, its token embedding and head the base's, frozen in training, left out of the artifact and shared at serving (default %(default)s)")
     g = p.add_argument_group("runtime")
     g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    add_threads_argument(g)
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -166,7 +161,7 @@ def add_memory_commands(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build the biomed, finance and law demo memories for the default base")
     p.add_argument("--out", default=None, help="output folder (default: <cache>/memories, where `memserve serve` looks)")
     p.add_argument("--domains", default="biomed,finance,law", help="comma-separated subset (default %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    add_threads_argument(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_demo)
     from memories.lora.cli import add_build_lora_command, add_generate_command

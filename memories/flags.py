@@ -34,3 +34,23 @@ def fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
+
+
+def add_corpus_arguments(parser: argparse.ArgumentParser, defaults, title: str = "corpus and windows") -> argparse._ArgumentGroup:
+    """The corpus stage's flags, which every kind's build shares (``memories/corpus.py`` reads them from the config).
+
+    ``defaults`` is the build's config object; the group is returned for a kind's own additions.
+    """
+    d = defaults
+    g = parser.add_argument_group(title)
+    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
+    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of documents in the validation split, which chooses λ, temperatures and early stops (default %(default)s)")
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of documents in the test split, which the reported test perplexity reads (default %(default)s)")
+    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
+    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    return g
+
+
+def add_threads_argument(group) -> None:
+    group.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")

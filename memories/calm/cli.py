@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from memories.flags import positive
+from memories.flags import add_corpus_arguments, add_threads_argument, positive
 
 log = logging.getLogger("memserve.compose")
 
@@ -29,13 +29,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--domain", help="domain label for memory.json (default: NAME)")
     g.add_argument("--description", default="", help="free text for memory.json (default: one naming both models and the corpus)")
     g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text of plain .jsonl corpora (default %(default)s)")
-    g = p.add_argument_group("corpus and windows (defaults as `memory build`, so the test split is a decoder memory's)")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (default %(default)s)")
-    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
-    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of documents in the validation split (default %(default)s)")
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of documents in the test split (default %(default)s)")
-    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
-    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    add_corpus_arguments(p, d, "corpus and windows (defaults as `memory build`, so the test split is a decoder memory's)")
     g = p.add_argument_group("composition")
     g.add_argument("--connections", type=positive, default=d.connections, help="cross-attention connections, spread evenly over both models' layers; at most the shallower model's depth (default %(default)s)")
     g.add_argument("--heads", type=int, default=d.heads, help="attention heads per connection; 0: the base's attention heads (default %(default)s)")
@@ -52,7 +46,7 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder-memory", default=None, help="a decoder memory directory for the same base: its fused test perplexity (its own λ and temperature) joins the report (default: none)")
     g = p.add_argument_group("runtime")
     g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    add_threads_argument(g)
     g.add_argument("--stop-after", choices=("corpus", "train", "evaluate"), default=None, help="stop after this stage (default: run every stage)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from memories.flags import positive
+from memories.flags import add_corpus_arguments, add_threads_argument, positive
 
 log = logging.getLogger("memserve.generator")
 
@@ -76,7 +76,7 @@ def _add_build_options(p: argparse.ArgumentParser, demo: bool) -> None:
     g.add_argument("--eval-window", type=int, default=d.eval_window, help="tokens per test window (default %(default)s)")
     g.add_argument("--eval-prompts", type=int, default=d.eval_prompts, help="train documents of a held-out domain given to the generator (default %(default)s)")
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    add_threads_argument(g)
     g.add_argument("--stop-after", choices=("domains", "encode", "lora", "generator"), default=None, help="stop after this stage (default: run every stage)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -172,13 +172,7 @@ def _add_lora_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--domain", help="domain label for memory.json (default: NAME)")
     g.add_argument("--description", default="", help="free text for memory.json (default: one naming the base and the corpus)")
     g.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text (default %(default)s)")
-    g = p.add_argument_group("corpus and windows (defaults as `memory build`, so the test split is a decoder memory's)")
-    g.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on training tokens (default %(default)s)")
-    g.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="cap on validation and test tokens each (default %(default)s)")
-    g.add_argument("--validation-fraction", type=float, default=d.validation_fraction, help="share of documents in the validation split (default %(default)s)")
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of documents in the test split (default %(default)s)")
-    g.add_argument("--context", type=int, default=d.context, help="tokens per window (default %(default)s)")
-    g.add_argument("--stride", type=int, default=d.stride, help="new positions per window (default %(default)s)")
+    add_corpus_arguments(p, d, "corpus and windows (defaults as `memory build`, so the test split is a decoder memory's)")
     g = p.add_argument_group("the adapter (PEFT LoRA, the base frozen)")
     g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r (default %(default)s)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha; the update is alpha/r · B·A (default %(default)s)")
@@ -193,7 +187,7 @@ def _add_lora_build_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--minutes", type=float, default=None, help="stop training after this many CPU minutes of this process (all its threads), e.g. to compare kinds at one budget (default: no limit, every step)")
     g = p.add_argument_group("runtime")
     g.add_argument("--work-root", default=None, help="folder for work files (default OUT/work)")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads; 0: all cores (default %(default)s)")
+    add_threads_argument(g)
     g.add_argument("--stop-after", choices=("corpus", "train", "evaluate"), default=None, help="stop after this stage (default: run every stage)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
