@@ -22,7 +22,7 @@ def start(tiny, workdir: Path, *extra: str) -> ServerProcess:
 
 
 class LongStream(threading.Thread):
-    """A streamed memory request long enough to still run when the test acts (8 choices × 1,000 tokens)."""
+    """A streamed memory request long enough to still run when the test acts (8 choices × 500 tokens)."""
 
     def __init__(self, server: ServerProcess):
         super().__init__(daemon=True)
@@ -33,7 +33,7 @@ class LongStream(threading.Thread):
         self.error: str | None = None
 
     def run(self):
-        body = {"model": "alpha", "prompt": "the cell", "max_tokens": 1000, "n": 8, "ignore_eos": True, "stream": True, "temperature": 1.0, "seed": 0}
+        body = {"model": "alpha", "prompt": "the cell", "max_tokens": 500, "n": 8, "ignore_eos": True, "stream": True, "temperature": 1.0, "seed": 0}
         body["stream_options"] = {"include_usage": True}
         try:
             with httpx.stream("POST", self.server.url + "/v1/completions", json=body, timeout=600) as r:
@@ -66,7 +66,7 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(tiny, tmp_path):
         assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
         assert httpx.get(server.url + "/health", timeout=60).status_code == 503
         stream.join(600)
-        assert stream.error is None and stream.done and stream.tokens == 8 * 1000
+        assert stream.error is None and stream.done and stream.tokens == 8 * 500
         assert server.proc.wait(120) == 0
         assert "drained; stopping" in server.log_path.read_text()
     finally:
