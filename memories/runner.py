@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,11 +326,6 @@ class MemoryDecoder:
     # ---- forward ---------------------------------------------------------
 
     @torch.inference_mode()
-    def advance(self, slots: list[int], tokens: list[list[int]]) -> torch.Tensor:
-        """Append ``tokens[i]`` to sequence ``slots[i]``; return the final hidden state after each row ``[B, H]``."""
-        return torch.stack([hidden[-1] for hidden in self.read(slots, tokens)])
-
-    @torch.inference_mode()
     def read(self, slots: list[int], tokens: list[list[int]]) -> list[torch.Tensor]:
         """Append ``tokens[i]`` to sequence ``slots[i]``; return, per row, the final hidden state at each new token ``[len(tokens[i]), H]``.
 
@@ -359,7 +353,7 @@ class MemoryDecoder:
         """Append ``tokens[i]`` to sequence ``slots[i]``; return, per row, the stream after each of ``layers`` at every new token ``[len(layers), len(tokens[i]), H]``.
 
         For a model read at inner layers rather than at its head (a calm
-        memory's augmenting model). Batched like :meth:`advance`.
+        memory's augmenting model). Batched like :meth:`read`.
         """
         if not all(tokens):
             raise ValueError("advance_layers() needs at least one new token per row")
@@ -382,17 +376,6 @@ class MemoryDecoder:
     def compute(self, tokens: list[int]) -> torch.Tensor:
         """The final hidden state at every one of ``tokens`` (``[len, H]``) in a cache of their own, for a row the pool has no slot for."""
         return self._scratch(tokens)[0]
-
-    @torch.inference_mode()
-    def score(self, tokens: list[int], chunk: int = 256) -> Iterator[torch.Tensor]:
-        """Logits after every prefix of ``tokens``, ``chunk`` positions at a time (``[≤chunk, V]``), for prompt logprobs.
-
-        One pass in a cache of its own (the pool's slots are for running rows);
-        the output head runs per chunk, so a long prompt never holds ``[len, V]``.
-        """
-        hidden = self._scratch(tokens)[0]
-        for i in range(0, len(tokens), chunk):
-            yield self.head(hidden[i : i + chunk])
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -21,16 +21,21 @@ def hf_last(model, ids):
         return model(torch.tensor([ids])).logits[0, -1]
 
 
+def advance(dec, slots, tokens):
+    """Each row's final hidden state after reading its new tokens (what the model's forward takes from ``read``)."""
+    return torch.stack([hidden[-1] for hidden in dec.read(slots, tokens)])
+
+
 def test_prompt_then_batched_steps_match_full_recompute(model_pair):
     dec, hf = model_pair
     seqs = [[5, 9, 11, 40], [7], [3, 3, 3, 3, 3, 3, 3, 3, 3]]
     slots = [dec.open() for _ in seqs]
-    out = dec.head(dec.advance(slots, seqs))
+    out = dec.head(advance(dec, slots, seqs))
     for i, s in enumerate(seqs):
         assert torch.allclose(out[i], hf_last(hf, s), atol=1e-4)
     for step in range(300):  # past the initial KV capacity, so the pool grows
         new = [[(step * 13 + i) % 200] for i in range(3)]
-        out = dec.head(dec.advance(slots, new))
+        out = dec.head(advance(dec, slots, new))
         for s, n in zip(seqs, new):
             s += n
     for i, s in enumerate(seqs):
@@ -42,11 +47,11 @@ def test_prompt_then_batched_steps_match_full_recompute(model_pair):
 def test_slots_are_reused_and_independent(model_pair):
     dec, hf = model_pair
     a, b = dec.open(), dec.open()
-    dec.advance([a, b], [[1, 2, 3], [4, 5]])
+    advance(dec, [a, b], [[1, 2, 3], [4, 5]])
     dec.close(a)
     c = dec.open()
     assert c == a and dec.length(c) == 0
-    out = dec.head(dec.advance([c, b], [[9, 9], [6]]))
+    out = dec.head(advance(dec, [c, b], [[9, 9], [6]]))
     assert torch.allclose(out[0], hf_last(hf, [9, 9]), atol=1e-4)
     assert torch.allclose(out[1], hf_last(hf, [4, 5, 6]), atol=1e-4)
     many = [dec.open() for _ in range(9)]  # more than the initial slot count
@@ -76,14 +81,11 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tiny, tmp_path, value,
         MemoryDecoder(bad, name="bad", dtype=dtype)  # 1e5 is finite in fp32 but not in fp16
 
 
-def test_scoring_and_uncached_compute_leave_the_pool_alone(model_pair):
+def test_uncached_compute_leaves_the_pool_alone(model_pair):
     dec, hf = model_pair
     ids = [5, 9, 11, 40, 7, 7, 3]
     with torch.no_grad():
         full = hf(torch.tensor([ids])).logits[0]
-    chunks = list(dec.score(ids, chunk=3))
-    assert [len(c) for c in chunks] == [3, 3, 1]
-    assert torch.allclose(torch.cat(chunks), full, atol=1e-4)
     assert torch.allclose(dec.head(dec.compute(ids)), full, atol=1e-4)
     assert dec.running == 0 and dec._k.shape[3] == 256
 
@@ -92,18 +94,18 @@ def test_parked_sequence_resumes_for_its_owner_only(model_pair):
     dec, hf = model_pair
     owner, stranger = [], []
     a = dec.open()
-    dec.advance([a], [[1, 2, 3, 4]])
+    advance(dec, [a], [[1, 2, 3, 4]])
     dec.park(a, owner, keep=3)  # the last token is fed again on return
     assert dec.resume(stranger) is None
     assert dec.resume(owner) == a and dec.length(a) == 3
-    assert torch.allclose(dec.head(dec.advance([a], [[4]]))[0], hf_last(hf, [1, 2, 3, 4]), atol=1e-4)
+    assert torch.allclose(dec.head(advance(dec, [a], [[4]]))[0], hf_last(hf, [1, 2, 3, 4]), atol=1e-4)
     dec.close(a)
 
 
 def test_open_takes_parked_slots_before_growing(model_pair):
     dec, _ = model_pair
     slots = [dec.open() for _ in range(4)]  # the initial pool
-    dec.advance(slots, [[1]] * 4)
+    advance(dec, slots, [[1]] * 4)
     dec.park(slots[0], [], keep=1)
     generation = dec.generation(slots[0])
     assert dec.open() == slots[0] and dec.generation(slots[0]) != generation
@@ -116,7 +118,7 @@ def test_pool_shrinks_back_once_nothing_runs(tiny):
     dec = MemoryDecoder(tiny["alpha"])
     small = dec.nbytes
     slots = [dec.open() for _ in range(9)]
-    dec.advance(slots[:1], [list(range(1, 300))])  # past the initial capacity
+    advance(dec, slots[:1], [list(range(1, 300))])  # past the initial capacity
     assert dec.nbytes > small
     for s in slots[:-1]:
         dec.park(s, object(), keep=1)
@@ -161,10 +163,10 @@ def test_thin_memory_runs_on_the_base_tensors_it_is_given(tiny, pair):
     assert thin.nbytes == full.nbytes - 4 * own
     seqs = [[5, 9, 11, 40], [7], [3, 3, 3]]
     a, b = [full.open() for _ in seqs], [thin.open() for _ in seqs]
-    assert torch.equal(full.head(full.advance(a, seqs)), thin.head(thin.advance(b, seqs)))
+    assert torch.equal(full.head(advance(full, a, seqs)), thin.head(advance(thin, b, seqs)))
     new = [[1], [2], [4]]
-    assert torch.equal(full.head(full.advance(a, new)), thin.head(thin.advance(b, new)))
-    assert torch.equal(torch.cat(list(full.score([5, 6, 7]))), torch.cat(list(thin.score([5, 6, 7]))))
+    assert torch.equal(full.head(advance(full, a, new)), thin.head(advance(thin, b, new)))
+    assert torch.equal(full.head(full.compute([5, 6, 7])), thin.head(thin.compute([5, 6, 7])))
 
 
 def test_thin_memory_without_base_tensors_is_refused(pair):
