@@ -65,19 +65,22 @@ def prompt_ids(tiny) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def plain_vllm(tiny, prompt_ids) -> dict[str, list[dict]]:
+def plain_vllm(tiny, prompt_ids, tmp_path_factory) -> dict[str, list[dict]]:
     """Plain vLLM's greedy tokens and logprobs for ``prompt_ids``: ``"plain"`` without LoRA, ``"lora"`` with multi-LoRA on.
 
-    Both runs start at once (two processes, each vLLM without memserve), once per session.
+    Both runs start at once (two processes, each vLLM without memserve), once per session. Their
+    output goes to files, not pipes: a pipe nobody reads yet would stall the second run's logging.
     """
+    logs = tmp_path_factory.mktemp("plain-vllm")
     runs = {}
     for name, flags in (("plain", []), ("lora", ["--enable-lora"])):
         cmd = [sys.executable, "-m", "tests.plain_vllm", str(tiny["base"]), str(MAX_TOKENS), json.dumps(prompt_ids), *flags]
-        runs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+            runs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True)
     results = {}
     for name, proc in runs.items():
-        out, err = proc.communicate(timeout=600)
-        line = next((ln for ln in out.splitlines() if ln.startswith("RESULT ")), None)
-        assert line, err[-3000:]
+        proc.wait(timeout=600)
+        line = next((ln for ln in (logs / f"{name}.out").read_text().splitlines() if ln.startswith("RESULT ")), None)
+        assert line, (logs / f"{name}.err").read_text()[-3000:]
         results[name] = json.loads(line[len("RESULT ") :])
     return results

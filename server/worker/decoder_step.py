@@ -108,7 +108,7 @@ def _read(decoder: MemoryDecoder, entries: list[tuple[DecoderPart, Request, Span
     """
     pending = []
     for part, request, span in entries:
-        held = part.read()
+        held = part.held()
         if held > span.position:  # vLLM recomputes from there (preemption): the memory forgets the rest
             part.decoder.truncate(part.slot, span.position)
             held = span.position

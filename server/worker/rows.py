@@ -43,7 +43,7 @@ class DecoderPart:
     slot: int | None = None
     generation: int = -1
 
-    def read(self) -> int:
+    def held(self) -> int:
         """Tokens the slot holds (0 without one, or when the KV budget evicted it: the row reads again)."""
         if self.slot is not None and self.decoder.generation(self.slot) != self.generation:
             self.slot = None
