@@ -40,6 +40,7 @@ class DecoderConfig:
     head_dim: int
     rms_eps: float
     rope_theta: float
+    intermediate: int = 0  # the MLP's width (0: not given)
 
     @classmethod
     def from_hf(cls, name: str, cfg: dict) -> "DecoderConfig":
@@ -59,6 +60,7 @@ class DecoderConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            intermediate=cfg.get("intermediate_size", 0),
         )
 
 
@@ -86,27 +88,10 @@ class MemoryDecoder:
         caches), counted against ``kv_budget_bytes`` too. ``release_idle``: give the pool back whenever no
         sequence runs, budget or not, for callers that never park sequences (calm rows).
         """
-        path = Path(path)
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
-        self.cfg = DecoderConfig.from_hf(name, json.loads((path / "config.json").read_text()))
-        weights: dict[str, torch.Tensor] = {}
-        for f in sorted(path.glob("*.safetensors")):
-            try:
-                weights.update(load_file(str(f)))
-            except Exception as e:  # safetensors raises several types for bad files
-                raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
-        self._shared: set[int] = set()
-        if uses_base_embeddings(path):
-            if base_tensors is None:
-                raise ArtifactError(name, "embeddings 'base' unavailable", "this engine's model exposes no token embedding and output head to share")
-            stored = sorted(k for k in weights if k.removeprefix("model.") in BASE_TENSORS)
-            if stored:
-                raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))
-            weights |= base_tensors
-            self._shared = {id(t) for t in base_tensors.values()}
-        self.w = self._place(name, weights)
+        self.cfg, self.w, self._shared = read_weights(path, name, self.device, dtype, base_tensors)
         c = self.cfg
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
         self._inv_freq = inv_freq.to(self.device)
@@ -134,63 +119,6 @@ class MemoryDecoder:
         self._grow(*self._initial)
 
     # ---- weights ---------------------------------------------------------
-
-    def _place(self, name: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        c = self.cfg
-        raw = {k.removeprefix("model."): v for k, v in raw.items()}
-        if "lm_head.weight" not in raw:
-            raw["lm_head.weight"] = raw.get("embed_tokens.weight")
-        q_out, kv_out = c.heads * c.head_dim, c.kv_heads * c.head_dim
-        expected = {
-            "embed_tokens.weight": (c.vocab_size, c.hidden),
-            "norm.weight": (c.hidden,),
-            "lm_head.weight": (c.vocab_size, c.hidden),
-        }
-        for i in range(c.layers):
-            p = f"layers.{i}."
-            expected |= {
-                p + "input_layernorm.weight": (c.hidden,),
-                p + "post_attention_layernorm.weight": (c.hidden,),
-                p + "self_attn.q_proj.weight": (q_out, c.hidden),
-                p + "self_attn.k_proj.weight": (kv_out, c.hidden),
-                p + "self_attn.v_proj.weight": (kv_out, c.hidden),
-                p + "self_attn.o_proj.weight": (c.hidden, q_out),
-                p + "mlp.gate_proj.weight": (None, c.hidden),
-                p + "mlp.up_proj.weight": (None, c.hidden),
-                p + "mlp.down_proj.weight": (c.hidden, None),
-            }
-        out = {}
-        placed: dict[int, torch.Tensor] = {}  # tied weights (embeddings = head) stay one tensor
-        for key, shape in expected.items():
-            t = raw.get(key)
-            if t is None:
-                raise ArtifactError(name, "weights do not match config.json", f"tensor {key} missing")
-            if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
-                raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
-            check_floating(name, key, t.dtype)
-            if id(t) in self._shared:
-                if (t.device, t.dtype) != (self.device, self.dtype):
-                    raise ArtifactError(name, "base tensors do not match the engine", f"{key} is {t.dtype} on {t.device}, the memory runs {self.dtype} on {self.device}")
-                placed[id(t)] = t
-            elif id(t) not in placed:
-                placed[id(t)] = self._finite(name, key, t.to(device=self.device, dtype=self.dtype).contiguous())
-            out[key] = placed[id(t)]
-        for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                key = f"layers.{i}.self_attn.{proj}.bias"
-                if key in raw:
-                    out[key] = self._finite(name, key, raw[key].to(device=self.device, dtype=self.dtype))
-        return out
-
-    def _finite(self, name: str, key: str, t: torch.Tensor) -> torch.Tensor:
-        """A NaN or infinite weight turns every fused row NaN: refuse it at load.
-
-        Checked after the cast, so values beyond the engine dtype's range are caught too.
-        """
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ArtifactError(name, "weights are not finite", f"{key} has {bad:,} NaN or infinite values (as {self.dtype})")
-        return t
 
     @property
     def num_parameters(self) -> int:
@@ -460,6 +388,93 @@ class MemoryDecoder:
         angles = pos.to(torch.float64)[..., None] * self._inv_freq  # [B, M, D/2]
         angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, M, D]
         return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+
+
+def read_weights(
+    path: str | Path, name: str, device: torch.device, dtype: torch.dtype, base_tensors: dict[str, torch.Tensor] | None = None
+) -> tuple[DecoderConfig, dict[str, torch.Tensor], set[int]]:
+    """A memory decoder's config and checked weights (names without ``model.``), and the ids of the base's tensors among them.
+
+    A thin memory (``"embeddings": "base"``) gets ``base_tensors``, the base's
+    ``embed_tokens.weight`` and ``lm_head.weight`` as the engine holds them,
+    used in place.
+    """
+    path = Path(path)
+    cfg = DecoderConfig.from_hf(name, json.loads((path / "config.json").read_text()))
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several types for bad files
+            raise ArtifactError(name, "unreadable safetensors", f"{f.name}: {e}") from None
+    shared: set[int] = set()
+    if uses_base_embeddings(path):
+        if base_tensors is None:
+            raise ArtifactError(name, "embeddings 'base' unavailable", "this engine's model exposes no token embedding and output head to share")
+        stored = sorted(k for k in weights if k.removeprefix("model.") in BASE_TENSORS)
+        if stored:
+            raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))
+        weights |= base_tensors
+        shared = {id(t) for t in base_tensors.values()}
+    return cfg, _place(name, cfg, weights, shared, device, dtype), shared
+
+
+def _place(name: str, c: DecoderConfig, raw: dict[str, torch.Tensor], shared: set[int], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The memory's tensors by name (without ``model.``), checked against its config and placed on ``device`` in ``dtype``."""
+    raw = {k.removeprefix("model."): v for k, v in raw.items()}
+    if "lm_head.weight" not in raw:
+        raw["lm_head.weight"] = raw.get("embed_tokens.weight")
+    q_out, kv_out = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    expected = {
+        "embed_tokens.weight": (c.vocab_size, c.hidden),
+        "norm.weight": (c.hidden,),
+        "lm_head.weight": (c.vocab_size, c.hidden),
+    }
+    for i in range(c.layers):
+        p = f"layers.{i}."
+        expected |= {
+            p + "input_layernorm.weight": (c.hidden,),
+            p + "post_attention_layernorm.weight": (c.hidden,),
+            p + "self_attn.q_proj.weight": (q_out, c.hidden),
+            p + "self_attn.k_proj.weight": (kv_out, c.hidden),
+            p + "self_attn.v_proj.weight": (kv_out, c.hidden),
+            p + "self_attn.o_proj.weight": (c.hidden, q_out),
+            p + "mlp.gate_proj.weight": (None, c.hidden),
+            p + "mlp.up_proj.weight": (None, c.hidden),
+            p + "mlp.down_proj.weight": (c.hidden, None),
+        }
+    out = {}
+    placed: dict[int, torch.Tensor] = {}  # tied weights (embeddings = head) stay one tensor
+    for key, shape in expected.items():
+        t = raw.get(key)
+        if t is None:
+            raise ArtifactError(name, "weights do not match config.json", f"tensor {key} missing")
+        if len(shape) != t.dim() or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            raise ArtifactError(name, "weights do not match config.json", f"{key} has shape {tuple(t.shape)}, config implies {shape}")
+        check_floating(name, key, t.dtype)
+        if id(t) in shared:
+            if (t.device, t.dtype) != (device, dtype):
+                raise ArtifactError(name, "base tensors do not match the engine", f"{key} is {t.dtype} on {t.device}, the memory runs {dtype} on {device}")
+            placed[id(t)] = t
+        elif id(t) not in placed:
+            placed[id(t)] = _finite(name, key, t.to(device=device, dtype=dtype).contiguous(), dtype)
+        out[key] = placed[id(t)]
+    for i in range(c.layers):  # optional attention biases (Qwen2, attention_bias=True)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            key = f"layers.{i}.self_attn.{proj}.bias"
+            if key in raw:
+                out[key] = _finite(name, key, raw[key].to(device=device, dtype=dtype), dtype)
+    return out
+
+def _finite(name: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A NaN or infinite weight turns every fused row NaN: refuse it at load.
+
+    Checked after the cast, so values beyond the engine dtype's range are caught too.
+    """
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise ArtifactError(name, "weights are not finite", f"{key} has {bad:,} NaN or infinite values (as {dtype})")
+    return t
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from memories.flags import count, fraction
+from memories.flags import count, fraction, positive
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
 
@@ -100,6 +100,22 @@ class ServeOptions:
         "auto: on for a Llama base on CPU, and elsewhere only when a "
         "start-up memory is a calm memory; off: calm memories are refused (default: %(default)s)",
     )  # fmt: skip
+    decoder_slots: int = option(
+        4, group=ADMIN, type=count, metavar="N",
+        help="decoder memories that may be loaded at once: memserve's model preallocates N slots of the base's shape "
+        "(weights) and their attention layers, whose keys and values share vLLM's KV cache; a replaced memory holds its "
+        "slot until its requests finish. 0: decoder memories are refused (default: %(default)s)",
+    )  # fmt: skip
+    decoder_layers: int = option(
+        0, group=ADMIN, type=count, metavar="L",
+        help="layers per decoder memory slot: memories of at most L layers of the base's shape load (0: the base's depth; "
+        "fewer layers cost less weight memory and KV cache) (default: %(default)s)",
+    )  # fmt: skip
+    mixture_size: int = option(
+        2, group=ADMIN, type=positive, metavar="K",
+        help="decoder memories one request may fuse (a mixture): each of the K has attention layers of its own, so every "
+        "request's KV cache grows by K × --decoder-layers layers (default: %(default)s)",
+    )  # fmt: skip
     generator: str | None = option(
         None, group=ADMIN, metavar="DIR",
         help="prompt-to-LoRA generator (built by `memserve generator build|demo`): admin loads may then carry 'prompts' instead of "
@@ -109,12 +125,11 @@ class ServeOptions:
     )  # fmt: skip
     memory_budget_bytes: int | None = option(
         None, group=ADMIN,
-        help="device bytes for all memories (weights + --memory-kv-budget per decoder or calm memory): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
+        help="device bytes for all memories (weights + --memory-kv-budget per calm memory): loads beyond it are refused, and on GPUs vLLM's share is lowered by it (default: no limit)",
     )  # fmt: skip
     memory_kv_budget_bytes: int | None = option(
         None, group=ADMIN, flag="--memory-kv-budget", metavar="BYTES",
-        help="cache bytes per decoder or calm memory. A decoder memory's KV pool: beyond it the least recently used sequence is evicted "
-        "and recomputed. A calm memory's caches (its augmenting model's KV pool and its cross-attention keys and values): they hold "
+        help="cache bytes per calm memory (a decoder memory's keys and values are in vLLM's KV cache). A calm memory's caches (its augmenting model's KV pool and its cross-attention keys and values): they hold "
         "BYTES / (one row of --max-model-len tokens) rows, and requests beyond them get 503 until rows end; freed when rows end "
         "(default: grow as needed)",
     )  # fmt: skip

@@ -77,6 +77,9 @@ def engine_args(
     max_loras: int = 0,
     max_lora_rank: int = 16,
     architecture: str | None = None,
+    decoder_slots: int = 0,
+    decoder_layers: int = 0,
+    mixture_size: int = 1,
 ) -> Namespace:
     """Build the Namespace vLLM's own OpenAI server would build from its CLI.
 
@@ -107,7 +110,8 @@ def engine_args(
         argv += ["--max-model-len", str(max_model_len)]
     if architecture in keys.MODEL_ARCHITECTURES:
         register()  # vLLM's plugin loader does too; this also serves a checkout without the entry point installed
-        argv += ["--hf-overrides", json.dumps({"architectures": [keys.MODEL_ARCHITECTURES[architecture]]})]
+        overrides = {"architectures": [keys.MODEL_ARCHITECTURES[architecture]], keys.MEMORY_SLOTS: decoder_slots, keys.MEMORY_LAYERS: decoder_layers, keys.MEMORY_LANES: mixture_size}
+        argv += ["--hf-overrides", json.dumps(overrides)]
         if not on_cpu():
             argv += ["--enforce-eager"]  # the per-row work around the forward is Python: no graph capture
     else:
@@ -142,6 +146,10 @@ def unsupported(args: Namespace) -> list[str]:
         reasons.append("VLLM_USE_V2_MODEL_RUNNER=1: memserve tracks each row's memories with a V1 logits processor, which Model Runner V2 refuses; unset it or set it to 0")
     if getattr(args, "async_scheduling", False):
         reasons.append("--async-scheduling: memories read each request's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
+    overrides = getattr(args, "hf_overrides", None)
+    slots = overrides.get(keys.MEMORY_SLOTS, 0) if isinstance(overrides, dict) else 0
+    if slots and max(int(getattr(args, "tensor_parallel_size", 1) or 1), int(getattr(args, "pipeline_parallel_size", 1) or 1)) > 1:
+        reasons.append("decoder memory slots run on one device (not yet sharded): with --tensor-parallel-size or --pipeline-parallel-size above 1, pass --decoder-slots 0")
     if getattr(args, "speculative_config", None):
         reasons.append("--speculative-config: the drafter reads the model's hidden states, which memserve's model widens on steps with decoder memories; drop the flag")
     if not on_cpu():

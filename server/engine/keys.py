@@ -23,6 +23,10 @@ MIXTURE_TEMPERATURES = "memserve_temperatures"  # their temperatures Tᵢ
 # to the rows that select one (server/worker/model.py); one per base architecture it serves
 MODEL_ARCHITECTURES = {arch: "Memserve" + arch for arch in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")}
 MODEL_MODULE = "server.worker.model"
+# hf_overrides that size the model's decoder memory slots (server/worker/bank.py)
+MEMORY_SLOTS = "memserve_memory_slots"  # --max-memories
+MEMORY_LANES = "memserve_memory_lanes"  # --max-memories-per-request
+MEMORY_LAYERS = "memserve_memory_layers"  # --memory-layers (0: the base's)
 ROWS_PROCESSOR = "server.worker.rows:MemoryRows"  # the per-row bookkeeping of both kinds (changes no logits)
 WORKER_EXTENSION = "server.worker.extension.MemoryWorkerExtension"
 

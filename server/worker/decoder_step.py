@@ -3,13 +3,10 @@
 In the forward, every decoder memory of a row reads exactly the tokens the
 base computes for that row this step (its span: a whole prompt, a chunk of
 it, the part the prefix cache did not hold, or one decoded token), all rows of
-one memory in one call (``MemoryDecoder.read``; a mixture row holds a slot in
-each of its memories' pools). The memory stays aligned with the base by
-position: a span that starts beyond what the memory's slot holds (a prefix-cache
-hit, a resumed request, a slot the KV budget evicted) first reads the missing
-context from the request's prompt and output; one that starts before it
-(vLLM recomputes after a preemption) cuts the slot back. Its final hidden
-state at every token of the span is kept for the step.
+all memories in one call of the model's :class:`server.worker.bank.MemoryBank`
+(a row's k-th memory in lane k). The memories' keys and values are vLLM's
+paged KV cache, so under chunked prefill, prefix caching and preemption a
+memory holds exactly what the base holds; nothing here tracks positions.
 
 ``compute_logits`` then hands :meth:`DecoderStep.fuse` the base's logits of
 some of the step's tokens (the last token of each row for sampling, a
@@ -28,35 +25,43 @@ import logging
 import torch
 
 from memories.fuse import fuse
-from memories.runner import MemoryDecoder
-from server.worker.rows import DecoderPart, Request
+from server.worker.bank import LaneGroup, MemoryBank
+from server.worker.rows import Request
 from server.worker.spans import Span
 
 log = logging.getLogger("memserve.fusion")
 
 
 class DecoderStep:
-    """The decoder rows of one forward and their memories' final hidden states at each of the row's tokens."""
+    """The decoder rows of one forward and each lane's final memory hidden states at the step's tokens."""
 
-    def __init__(self, rows: list[tuple[Request, Span]], hidden: dict[int, torch.Tensor]):
+    def __init__(self, rows: list[tuple[Request, Span]], hidden: list[torch.Tensor | None], bank: MemoryBank):
         self.rows = rows  # in row order, so spans ascend
         self.starts = [span.start for _, span in rows]
-        self.hidden = hidden  # by id(part): [span length, H]
+        self.hidden = hidden  # by lane: [step tokens, H]
+        self.bank = bank
 
     @classmethod
-    def read(cls, rows: list[tuple[Request, Span]]) -> "DecoderStep | None":
-        """Advance every decoder memory of every row by the row's span; None without decoder rows."""
+    def read(cls, rows: list[tuple[Request, Span]], input_ids: torch.Tensor | None, positions: torch.Tensor, bank: MemoryBank | None) -> "DecoderStep | None":
+        """Run every decoder memory of every row over the row's span; None without decoder rows."""
         rows = [(request, span) for request, span in rows if request.decoders]
-        if not rows:
+        if not rows or bank is None:
             return None
-        by_decoder: dict[int, list[tuple[DecoderPart, Request, Span]]] = {}
+        device, count = positions.device, positions.shape[0]
+        if input_ids is None:  # prompt embeddings: the rows' own token ids
+            input_ids = torch.zeros(count, dtype=torch.long)
+            for _, span in rows:
+                input_ids[span.start : span.stop] = torch.tensor(span.tokens)
+            input_ids = input_ids.to(device)
+        ranges: list[dict[int, tuple]] = [{} for _ in range(bank.lanes)]
         for request, span in rows:
-            for part in request.decoders:
-                by_decoder.setdefault(id(part.decoder), []).append((part, request, span))
-        hidden: dict[int, torch.Tensor] = {}
-        for entries in by_decoder.values():
-            hidden |= _read(entries[0][0].decoder, entries)
-        return cls(rows, hidden)
+            for lane, part in enumerate(request.decoders[: bank.lanes]):
+                ranges[lane].setdefault(part.slot.index, (part.slot, []))[1].append((span.start, span.stop))
+        lanes = [
+            [LaneGroup(slot, torch.cat([torch.arange(a, b) for a, b in spans]).to(device)) for slot, spans in by_slot.values()]
+            for by_slot in ranges
+        ]
+        return cls(rows, bank(input_ids, positions, lanes), bank)
 
     def fuse(self, logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """``logits`` (row r: the base's logits at this step's token ``tokens[r]``) with every memory row fused.
@@ -65,7 +70,7 @@ class DecoderStep:
         logits come; a mixture row's memories may sit under different heads,
         so its parts are collected and fused once all are known.
         """
-        entries = []  # (output row, part position, part, memory hidden state, the row's number of memories)
+        entries = []  # (output row, lane, part, memory hidden state, the row's number of memories)
         for r, t in enumerate(tokens):
             i = bisect.bisect_right(self.starts, t) - 1
             if i < 0:
@@ -73,20 +78,21 @@ class DecoderStep:
             request, span = self.rows[i]
             if t >= span.stop:
                 continue
-            for pos, part in enumerate(request.decoders):
-                entries.append((r, pos, part, self.hidden[id(part)][t - span.start], len(request.decoders)))
+            for pos, part in enumerate(request.decoders[: self.bank.lanes]):
+                entries.append((r, pos, part, self.hidden[pos][t], len(request.decoders)))
         if not entries:
             return logits
         logits = logits.float()
         mixtures: dict[int, dict[int, tuple]] = {}  # mixture row → part position → (mem logits, weight, temperature)
         for group in _by_head(entries):
             parts = [entry[2] for entry in group]
-            mem_logits = parts[0].decoder.head(torch.stack([entry[3] for entry in group])).to(logits.device)
+            head = self.bank.head_weight(parts[0].slot)
+            mem_logits = torch.nn.functional.linear(torch.stack([entry[3] for entry in group]), head).float()
             weight = torch.tensor([[p.weight] for p in parts], device=logits.device)
             temperature = torch.tensor([[p.temperature] for p in parts], device=logits.device)
             broken = ~torch.isfinite(mem_logits).all(dim=-1, keepdim=True)
             if broken.any():  # overflow in the memory's dtype: that memory gives its share back to the base, never NaN
-                for name in sorted({p.decoder.name for p, bad in zip(parts, broken[:, 0].tolist()) if bad}):
+                for name in sorted({p.slot.name for p, bad in zip(parts, broken[:, 0].tolist()) if bad}):
                     _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
                 mem_logits, weight = mem_logits.masked_fill(broken, 0.0), weight.masked_fill(broken, 0.0)
             single = [k for k, entry in enumerate(group) if entry[4] == 1]
@@ -101,43 +107,12 @@ class DecoderStep:
         return logits
 
 
-def _read(decoder: MemoryDecoder, entries: list[tuple[DecoderPart, Request, Span]]) -> dict[int, torch.Tensor]:
-    """One decoder call for every row of this memory; the final hidden state at each of the row's span tokens, by id(part).
-
-    A row the KV budget has no slot for runs its whole context uncached.
-    """
-    pending = []
-    for part, request, span in entries:
-        held = part.held()
-        if held > span.position:  # vLLM recomputes from there (preemption): the memory forgets the rest
-            part.decoder.truncate(part.slot, span.position)
-            held = span.position
-        pending.append(request.context(held, span.position) + span.tokens)
-    protect = {part.slot for part, _, _ in entries if part.slot is not None}
-    for part, _, _ in entries:
-        if part.slot is None and (slot := decoder.open(protect)) is not None:
-            part.attach(slot)
-            protect.add(slot)
-    cached = [k for k, (part, _, _) in enumerate(entries) if part.slot is not None]
-    out: dict[int, torch.Tensor] = {}
-    if cached:
-        read = decoder.read([entries[k][0].slot for k in cached], [pending[k] for k in cached])
-        for k, hidden in zip(cached, read):
-            part, _, span = entries[k]
-            out[id(part)] = hidden[-len(span.tokens) :]
-    for part, request, span in entries:
-        if part.slot is None:
-            _warn_once(decoder.name + " budget", f"memory {decoder.name}: more rows in one step than its KV budget holds; the rest run uncached")
-            out[id(part)] = decoder.compute(request.context(0, span.position) + span.tokens)[-len(span.tokens) :]
-    return out
-
-
 def _by_head(entries: list[tuple]) -> list[list[tuple]]:
-    """Entries by output head (the same storage): thin memories of one base share one."""
-    groups: dict[tuple, list[tuple]] = {}
+    """Entries by output head: thin memories share the base's."""
+    groups: dict[object, list[tuple]] = {}
     for entry in entries:
-        head = entry[2].decoder.head_weight
-        groups.setdefault((head.data_ptr(), tuple(head.shape), head.dtype, head.device), []).append(entry)
+        slot = entry[2].slot
+        groups.setdefault("base" if slot.thin else slot.index, []).append(entry)
     return list(groups.values())
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError
 from memories.calm.runtime import CalmMemory
-from memories.runner import MemoryDecoder
 from memories.kinds import kind_of
 from server.engine.keys import MODEL_ARCHITECTURES
 from server.worker import patches
+from server.worker.bank import Slot
 
 log = logging.getLogger("memserve.worker")
 
@@ -43,16 +43,16 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._memories: dict[str, MemoryDecoder | CalmMemory] = {}
+        self._memories: dict[str, Slot | CalmMemory] = {}
 
-    def get(self, key: str) -> MemoryDecoder | CalmMemory | None:
+    def get(self, key: str) -> Slot | CalmMemory | None:
         return self._memories.get(key)
 
-    def add(self, key: str, memory: MemoryDecoder | CalmMemory) -> None:
+    def add(self, key: str, memory: Slot | CalmMemory) -> None:
         with self._lock:
             self._memories[key] = memory
 
-    def pop(self, key: str) -> MemoryDecoder | CalmMemory | None:
+    def pop(self, key: str) -> Slot | CalmMemory | None:
         with self._lock:
             return self._memories.pop(key, None)
 
@@ -92,9 +92,14 @@ class MemoryWorkerExtension:
                 CalmMemory, path, name=key, device=device, dtype=dtype, max_len=max_len, base_layers=base_layers, kv_budget_bytes=kv_budget_bytes
             )
             return
-        _LOADING[key] = _LOADER.submit(
-            MemoryDecoder, path, name=key, device=device, dtype=dtype, kv_budget_bytes=kv_budget_bytes, max_len=max_len, base_tensors=base_tensors(runner)
-        )
+        bank = getattr(runner.get_model(), "memory_bank", None) if runner is not None else None
+        if bank is None:
+            error = ArtifactError(key, "decoder memories are off", "this server has no decoder memory slots (--max-memories 0)")
+            _LOADING[key] = _LOADER.submit(_raise, error)
+            return
+        from server.worker.rows import MemoryRows
+
+        _LOADING[key] = _LOADER.submit(bank.load, path, key, lambda slot: MemoryRows.active is not None and MemoryRows.active.holds(slot), base_tensors(runner))
 
     def memserve_loaded(self, key: str) -> dict | None:
         """None while loading; then the memory's sizes, or ``{"error": ...}``.
@@ -115,7 +120,7 @@ class MemoryWorkerExtension:
                 return {"error": {"message": f"loading memory {key} failed: {type(e).__name__}: {e}"}}
             REGISTRY.add(key, decoder)
             del _LOADING[key]
-            log.info("memory %s loaded on %s", key, decoder.device)
+            log.info("memory %s loaded%s", key, f" into decoder slot {decoder.index}" if isinstance(decoder, Slot) else f" on {decoder.device}")
         decoder = REGISTRY.get(key)
         if decoder is None:
             return {"error": {"message": f"memory {key} is neither loaded nor loading in this worker"}}
@@ -135,14 +140,17 @@ class MemoryWorkerExtension:
         loading = _LOADING.pop(key, None)
         if loading is not None:
             loading.cancel()
-        return REGISTRY.pop(key) is not None or loading is not None
+        memory = REGISTRY.pop(key)
+        if isinstance(memory, Slot):
+            memory.retired = True  # its slot is reused once no row runs on it
+        return memory is not None or loading is not None
 
 
-def cache_sizes(memory: MemoryDecoder | CalmMemory) -> dict:
+def cache_sizes(memory: Slot | CalmMemory) -> dict:
     """What a memory's caches hold now, what --memory-kv-budget allows them, and, for calm, how many rows that is (the API admits no more)."""
     if isinstance(memory, CalmMemory):
         return {"cache_bytes": memory.cache_bytes, "cache_budget_bytes": memory.cache_budget_bytes, "max_rows": memory.max_rows}
-    return {"cache_bytes": memory.pool_bytes, "cache_budget_bytes": memory.kv_budget_bytes, "max_rows": None}  # decoder rows are evicted and recomputed
+    return {"cache_bytes": 0, "cache_budget_bytes": None, "max_rows": None}  # a decoder memory's keys and values are in vLLM's KV cache
 
 
 def base_tensors(runner) -> dict[str, torch.Tensor] | None:

@@ -34,15 +34,23 @@ returned in fp32 when the step fuses other rows, which is lossless).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
+from memories.artifact import ArtifactError
+from memories.runner import DecoderConfig
+from server.engine.keys import MEMORY_LANES, MEMORY_LAYERS, MEMORY_SLOTS
+from server.worker.bank import MemoryBank
 from server.worker.calm_step import CalmStep
 from server.worker.decoder_step import DecoderStep
 from server.worker.rows import MemoryRows
 from server.worker.spans import spans
+
+log = logging.getLogger("memserve.worker")
 
 
 class MemserveModel:
@@ -57,6 +65,7 @@ class MemserveModel:
         model = self.model
         for layer in range(model.start_layer, model.end_layer):
             model.layers[layer].register_forward_hook(self._calm_hook(layer))
+        self.memory_bank = memory_bank(vllm_config, model, prefix)
 
     def _calm_hook(self, layer: int):
         def hook(module, args, output):
@@ -72,11 +81,11 @@ class MemserveModel:
         rows = MemoryRows.active
         step = spans(rows.requests, input_ids, positions) if rows is not None else []
         self._calm = CalmStep.read(step)
-        self._decoders = DecoderStep.read(step)
         try:
             hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         finally:
             self._calm = None
+        self._decoders = DecoderStep.read(step, input_ids, positions, self.memory_bank)
         if self._decoders is None or not isinstance(hidden, torch.Tensor):
             return hidden
         return with_token_index(hidden)
@@ -89,6 +98,31 @@ class MemserveModel:
         if logits is None or self._decoders is None:  # None: another tensor-parallel rank gathers the logits
             return logits
         return self._decoders.fuse(logits, tokens)
+
+
+def memory_bank(vllm_config, model, prefix: str) -> MemoryBank | None:
+    """The decoder memory slots ``hf_overrides`` asks for (``server/engine/keys.py``), shaped like the base; None for none."""
+    hf = vllm_config.model_config.hf_config
+    slots = int(getattr(hf, MEMORY_SLOTS, 0) or 0)
+    if slots <= 0:
+        return None
+    try:
+        base = DecoderConfig.from_hf("base", hf.to_dict())
+    except (ArtifactError, KeyError) as e:
+        log.warning("no decoder memory slots: the base's shape is not one memserve's memories run (%s)", e)
+        return None
+    attention = model.layers[model.start_layer].self_attn
+    return MemoryBank(
+        vllm_config,
+        base,
+        attention.rotary_emb,
+        slots=slots,
+        lanes=int(getattr(hf, MEMORY_LANES, 1) or 1),
+        layers=int(getattr(hf, MEMORY_LAYERS, 0) or base.layers),
+        first_layer_index=base.layers,
+        qkv_bias=attention.qkv_proj.bias is not None,
+        prefix=f"{prefix}.memory_bank" if prefix else "memory_bank",
+    )
 
 
 def with_token_index(hidden: torch.Tensor) -> torch.Tensor:

@@ -23,40 +23,20 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from memories.calm.runtime import CalmMemory, CalmRow
 from memories.fuse import check_weights
-from memories.runner import MemoryDecoder
 from server.engine.keys import CALM_MEMORY, read_decoder_parts
+from server.worker.bank import Slot
 from server.worker.extension import REGISTRY, install_patches
 
 log = logging.getLogger("memserve.rows")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecoderPart:
-    """One decoder memory of a row: its slot in the memory's pool and how that request weighs it.
+    """One decoder memory of a row: the slot holding it and how that request weighs it (a mixture row has one per memory)."""
 
-    A mixture row has one part per decoder memory, each with a slot in its own memory's pool.
-    """
-
-    decoder: MemoryDecoder
+    slot: Slot
     weight: float
     temperature: float
-    slot: int | None = None
-    generation: int = -1
-
-    def held(self) -> int:
-        """Tokens the slot holds (0 without one, or when the KV budget evicted it: the row reads again)."""
-        if self.slot is not None and self.decoder.generation(self.slot) != self.generation:
-            self.slot = None
-        return 0 if self.slot is None else self.decoder.length(self.slot)
-
-    def attach(self, slot: int) -> None:
-        self.slot, self.generation = slot, self.decoder.generation(slot)
-
-    def park(self, owner: list[int]) -> None:
-        """The row left the batch: the decoder keeps its sequence, less its last token, in case the request comes back."""
-        if self.slot is not None and self.decoder.generation(self.slot) == self.generation:
-            self.decoder.park(self.slot, owner, self.decoder.length(self.slot) - 1)
-        self.slot = None
 
 
 @dataclass
@@ -79,8 +59,6 @@ class Request:
         if self.calm_row is not None:
             self.calm.close(self.calm_row)
             self.calm_row = None
-        for part in self.decoders:
-            part.park(self.output)
 
 
 class MemoryRows(LogitsProcessor):
@@ -140,6 +118,10 @@ class MemoryRows(LogitsProcessor):
             if at_a is not None:
                 self.requests[b] = at_a
 
+    def holds(self, slot: Slot) -> bool:
+        """Whether a row of the batch runs on ``slot`` (a retired slot is reused only once none does)."""
+        return any(part.slot is slot for request in list(self.requests.values()) for part in request.decoders)
+
     def _drop(self, index: int) -> None:
         request = self.requests.pop(index, None)
         if request is not None:
@@ -163,13 +145,9 @@ def _request(params: SamplingParams, prompt: list[int] | None, output: list[int]
         else:
             log.error("request names calm memory %s, which this worker has not loaded; serving the base", calm_key)
     for spec in specs:
-        decoder = REGISTRY.get(spec["memory"])
-        if not isinstance(decoder, MemoryDecoder):
+        slot = REGISTRY.get(spec["memory"])
+        if not isinstance(slot, Slot):
             log.error("request names memory %s, which this worker has not loaded; the row goes without it", spec["memory"])
             continue
-        part = DecoderPart(decoder, float(spec["weight"]), float(spec.get("temperature", 1.0)))
-        slot = decoder.resume(output)  # a request vLLM only preempted or did not schedule comes back
-        if slot is not None:
-            part.attach(slot)
-        request.decoders.append(part)
+        request.decoders.append(DecoderPart(slot, float(spec["weight"]), float(spec.get("temperature", 1.0))))
     return request if request.calm is not None or request.decoders else None

@@ -1,0 +1,222 @@
+"""Decoder memories inside the served model: preallocated slots whose keys and values live in vLLM's paged KV cache.
+
+A decoder memory is a small Llama-family LM run beside the base on the tokens
+of the requests that select it. Its weights sit in one of ``slots``
+preallocated slots (stacked tensors ``[slots, ...]``, so loading a memory
+copies into a free slot between uses and no tensor is ever reallocated); its
+attention runs through vLLM's own ``Attention`` layers, registered by the
+model like the base's, so their keys and values live in vLLM's paged KV
+cache: counted by its profiler, freed with the request, reused by its prefix
+cache (memory requests carry a ``cache_salt`` of their memories' versioned
+keys, so only requests of the same memories share blocks), recomputed by
+vLLM after a preemption. A token only ever uses its own request's slot, so
+one ``Attention`` per memory layer serves every slot.
+
+A request may fuse several memories (a mixture): its k-th memory runs in
+*lane* k, each lane a set of attention layers of its own, so a request's
+memories keep separate keys and values. ``lanes`` bounds a mixture's size.
+
+The slots' shape is fixed at start: the base's width, heads, head size,
+RoPE and vocabulary, at most ``layers`` layers (default: the base's) and at
+most the base's MLP width. Whole-base copies and cuts of the base fit (fewer
+layers: the rest are skipped for that slot; a narrower MLP: zero-padded,
+which adds exact zeros); a memory of another width is refused at load,
+naming both shapes. A thin memory (``"embeddings": "base"``) runs on the
+base's own embedding and head. Tokens of rows without a memory in a lane
+enter its attention as zeros and their outputs are never read, so shapes
+per step depend only on the step's token count and its active slots.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memories.artifact import ArtifactError
+from memories.runner import DecoderConfig, read_weights
+
+
+@dataclass
+class Slot:
+    """The memory a slot holds: the row bookkeeping refers to it, so a slot is reused only once no row does."""
+
+    index: int
+    name: str
+    layers: int
+    vocab: int
+    thin: bool
+    eps: float
+    num_parameters: int
+    nbytes: int
+    retired: bool = False  # unloaded: rows still on it finish, no new row takes it
+
+
+@dataclass(frozen=True)
+class LaneGroup:
+    """The step's tokens (indices into the step) that run ``slot`` in one lane."""
+
+    slot: Slot
+    index: torch.Tensor
+
+
+def describe(c: DecoderConfig) -> str:
+    return f"hidden {c.hidden}, {c.heads} heads ({c.kv_heads} KV) of {c.head_dim}, MLP {c.intermediate}, vocabulary {c.vocab_size}, RoPE θ {c.rope_theta:g}"
+
+
+class MemoryBank(nn.Module):
+    """``slots`` memory slots of the base's shape, and ``lanes`` × ``layers`` vLLM attention layers for their keys and values."""
+
+    def __init__(self, vllm_config, base: DecoderConfig, rotary, slots: int, lanes: int, layers: int, first_layer_index: int, qkv_bias: bool, prefix: str):
+        super().__init__()
+        from vllm.model_executor.layers.attention import Attention
+
+        self.shape = base
+        self.layers, self.lanes = layers, lanes
+        self.rotary = rotary  # the base's RoPE module: memories must share its θ and head size
+        c, n = base, slots
+        q, kv, inter = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.intermediate
+        self.q_size, self.kv_size = q, kv
+        dtype = vllm_config.model_config.dtype
+
+        def buffer(name: str, *shape: int) -> None:
+            self.register_buffer(name, torch.zeros(n, *shape, dtype=dtype), persistent=False)
+
+        buffer("embed", c.vocab_size, c.hidden)
+        buffer("head", c.vocab_size, c.hidden)
+        buffer("norm", c.hidden)
+        buffer("in_norm", layers, c.hidden)
+        buffer("post_norm", layers, c.hidden)
+        buffer("qkv", layers, q + 2 * kv, c.hidden)
+        buffer("qkv_bias", layers, q + 2 * kv) if qkv_bias else setattr(self, "qkv_bias", None)
+        buffer("o", layers, c.hidden, q)
+        buffer("gate_up", layers, 2 * inter, c.hidden)
+        buffer("down", layers, c.hidden, inter)
+        self.attn = nn.ModuleList(
+            Attention(
+                c.heads,
+                c.head_dim,
+                c.head_dim**-0.5,
+                num_kv_heads=c.kv_heads,
+                cache_config=vllm_config.cache_config,
+                prefix=f"{prefix}.attn.{first_layer_index + i}",  # one integer in the name: vLLM's layer index, after the base's
+            )
+            for i in range(lanes * layers)
+        )
+        self.held: list[Slot | None] = [None] * slots
+        self._lock = threading.Lock()
+        self.base_embed = self.base_head = None  # the base's tensors, for thin memories (given at load)
+
+    # ---- slots -------------------------------------------------------------
+
+    def load(self, path: str, name: str, in_use, base_tensors: dict[str, torch.Tensor] | None) -> Slot:
+        """Copy a memory into a free slot; ``in_use(slot)`` says whether a row still runs on a retired one.
+
+        Runs beside the engine loop: no row refers to a free slot, so the copy
+        races with nothing; the slot is published (the registry) only after it.
+        ``base_tensors``: the base's embedding and head, for thin memories.
+        """
+        if base_tensors is not None:
+            self.base_embed, self.base_head = base_tensors["embed_tokens.weight"], base_tensors["lm_head.weight"]
+        device, dtype = self.embed.device, self.embed.dtype
+        cfg, w, shared = read_weights(path, name, device, dtype, base_tensors)
+        self._check_fits(name, cfg, w)
+        with self._lock:
+            index = next((i for i, s in enumerate(self.held) if s is None or (s.retired and not in_use(s))), None)
+            if index is None:
+                raise ArtifactError(name, "no free memory slot", f"all {len(self.held)} decoder memory slots hold memories (--max-memories {len(self.held)}); unload one first")
+            own = {id(t): t for t in w.values() if id(t) not in shared}
+            slot = Slot(index, name, cfg.layers, cfg.vocab_size, bool(shared), cfg.rms_eps, sum(t.numel() for t in own.values()), sum(t.numel() * t.element_size() for t in own.values()))
+            self.held[index] = slot  # reserved: not free, not yet in the registry
+        self._copy(index, cfg, w, bool(shared))
+        return slot
+
+    def _check_fits(self, name: str, cfg: DecoderConfig, w: dict) -> None:
+        c = self.shape
+        same = (cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta) == (c.hidden, c.heads, c.kv_heads, c.head_dim, c.rope_theta)
+        has_bias = any(k.endswith("_proj.bias") for k in w)
+        if not same or cfg.layers > self.layers or cfg.intermediate > c.intermediate or cfg.vocab_size > c.vocab_size or (has_bias and self.qkv_bias is None):
+            raise ArtifactError(
+                name,
+                "memory does not fit the server's memory slots",
+                f"memory: {describe(cfg)}, {cfg.layers} layers{', attention biases' if has_bias else ''}; "
+                f"slots hold: {describe(c)}, up to {self.layers} layers{', attention biases' if self.qkv_bias is not None else ''} "
+                "(the base's shape; --memory-layers sets the depth)",
+            )
+
+    @torch.inference_mode()
+    def _copy(self, s: int, cfg: DecoderConfig, w: dict[str, torch.Tensor], thin: bool) -> None:
+        q, kv, inter = self.q_size, self.kv_size, cfg.intermediate
+        for t in (self.embed, self.head, self.norm, self.in_norm, self.post_norm, self.qkv, self.o, self.gate_up, self.down):
+            t[s].zero_()
+        if self.qkv_bias is not None:
+            self.qkv_bias[s].zero_()
+        if not thin:
+            self.embed[s, : cfg.vocab_size] = w["embed_tokens.weight"]
+            self.head[s, : cfg.vocab_size] = w["lm_head.weight"]
+        self.norm[s] = w["norm.weight"]
+        for j in range(cfg.layers):
+            p = f"layers.{j}."
+            self.in_norm[s, j] = w[p + "input_layernorm.weight"]
+            self.post_norm[s, j] = w[p + "post_attention_layernorm.weight"]
+            self.qkv[s, j] = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            if self.qkv_bias is not None:
+                for x, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
+                    if p + f"self_attn.{x}_proj.bias" in w:
+                        self.qkv_bias[s, j, a:b] = w[p + f"self_attn.{x}_proj.bias"]
+            self.o[s, j] = w[p + "self_attn.o_proj.weight"]
+            full = self.gate_up.shape[2] // 2
+            self.gate_up[s, j, :inter] = w[p + "mlp.gate_proj.weight"]
+            self.gate_up[s, j, full : full + inter] = w[p + "mlp.up_proj.weight"]
+            self.down[s, j, :, :inter] = w[p + "mlp.down_proj.weight"]
+
+    # ---- forward -----------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lanes: list[list[LaneGroup]]) -> list[torch.Tensor | None]:
+        """Each lane's final hidden states ``[T, H]`` at the step's tokens (rows of its groups; the rest unused), or None for an idle lane.
+
+        Every lane's attention layers run for every step with memory rows, so
+        each lane's keys and values are written for all of its rows' tokens.
+        """
+        return [self._lane(k, input_ids, positions, groups) if groups else None for k, groups in enumerate(lanes)]
+
+    def _lane(self, lane: int, ids: torch.Tensor, positions: torch.Tensor, groups: list[LaneGroup]) -> torch.Tensor:
+        T, c = ids.shape[0], self.shape
+        x = self.embed.new_zeros(T, c.hidden)
+        for g in groups:
+            table = self.base_embed if g.slot.thin else self.embed[g.slot.index]
+            x[g.index] = F.embedding(ids[g.index], table)
+        for j in range(self.layers):
+            q = x.new_zeros(T, self.q_size)
+            k, v = x.new_zeros(T, self.kv_size), x.new_zeros(T, self.kv_size)
+            running = [g for g in groups if j < g.slot.layers]
+            for g in running:
+                s = g.slot.index
+                h = rms_norm(x[g.index], self.in_norm[s, j], g.slot.eps)
+                qkv = F.linear(h, self.qkv[s, j], None if self.qkv_bias is None else self.qkv_bias[s, j])
+                qs, ks, vs = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                qs, ks = self.rotary(positions[g.index], qs.contiguous(), ks.contiguous())
+                q[g.index], k[g.index], v[g.index] = qs, ks, vs
+            out = self.attn[lane * self.layers + j](q, k, v)
+            for g in running:
+                s, i = g.slot.index, g.index
+                h = x[i] + F.linear(out[i], self.o[s, j])
+                gate, up = F.linear(rms_norm(h, self.post_norm[s, j], g.slot.eps), self.gate_up[s, j]).chunk(2, dim=-1)
+                x[i] = h + F.linear(F.silu(gate) * up, self.down[s, j])
+        for g in groups:
+            x[g.index] = rms_norm(x[g.index], self.norm[g.slot.index], g.slot.eps)
+        return x
+
+    def head_weight(self, slot: Slot) -> torch.Tensor:
+        """The slot's output head over its own vocabulary (thin memories: the base's, one tensor for all of them)."""
+        return self.base_head[: slot.vocab] if slot.thin else self.head[slot.index, : slot.vocab]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it (in fp32, scaled in the weight's dtype)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
