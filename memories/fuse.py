@@ -53,10 +53,11 @@ def fuse(
         mems = [_padded(memory_logprobs(m, width, t), width) for m, t in zip(mem_logits, temperatures)]
         fused = mix(base_logp, mems, weight)
 
+    # rows with a forbidden token are renormalised without it; the others are returned as computed, bit for bit
+    # (both are computed, so that no host read of the mask decides: on a GPU that read would wait for the step)
     forbidden = torch.isneginf(base_logits)
-    if forbidden.any():
-        fused = torch.log_softmax(fused.masked_fill(forbidden, -math.inf), dim=-1)
-    return fused
+    renormalised = torch.log_softmax(fused.masked_fill(forbidden, -math.inf), dim=-1)
+    return torch.where(forbidden.any(dim=-1, keepdim=True), renormalised, fused)
 
 
 def mix(
@@ -109,9 +110,15 @@ def _check_range(w: torch.Tensor, weight) -> None:
 
 
 def _log_weights(weight, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log(λ) and log(1-λ), with log(0) = -inf (exact λ = 0 / λ = 1)."""
+    """log(λ) and log(1-λ), with log(0) = -inf (exact λ = 0 / λ = 1).
+
+    Numbers are checked here; a tensor of weights is the caller's to check (the
+    server validates each request's weights before they reach the engine), since
+    reading it back would wait for the device.
+    """
     w = torch.as_tensor(weight, dtype=torch.float64)
-    _check_range(w, weight)
+    if not isinstance(weight, torch.Tensor):
+        _check_range(w, weight)
     log_w = torch.log(w).to(like.dtype).to(like.device)
     log_1mw = torch.log1p(-w).to(like.dtype).to(like.device)
     return log_w, log_1mw
@@ -120,10 +127,12 @@ def _log_weights(weight, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def _log_mixture_weights(weights: list, like: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """log(λᵢ) for each memory and log(1 - Σλᵢ), with log(0) = -inf (exact Σλᵢ = 1)."""
     ws = [torch.as_tensor(w, dtype=torch.float64) for w in weights]
+    checked = not any(isinstance(w, torch.Tensor) for w in weights)  # tensors: the caller's to check (see _log_weights)
     for w, given in zip(ws, weights):
-        _check_range(w, given)
+        if checked:
+            _check_range(w, given)
     total = sum(ws[1:], ws[0])
-    if (total > 1 + WEIGHT_SUM_TOLERANCE).any():
+    if checked and (total > 1 + WEIGHT_SUM_TOLERANCE).any():
         raise ValueError(f"memory weights must sum to at most 1, got {[w.tolist() for w in ws]!r} (sum {total.max().item():.6g})")
     convert = lambda t: t.to(like.dtype).to(like.device)  # noqa: E731
     return [convert(torch.log(w)) for w in ws], convert(torch.log1p(-total.clamp(max=1.0)))

@@ -50,7 +50,6 @@ def server(tiny, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
     args = ["--model", str(tiny["base"]), "--served-model-name", "tiny-base", "--max-model-len", "512"]
     args += ["--memory", f"alpha={tiny['alpha']}", "--memory", f"beta={tiny['beta']}"]
-    args += ["--memory-kv-budget", "1500000"]  # fixed-size pools: alpha holds 5 sequences, beta 2
     args += [*FP32, "--enable-prompt-tokens-details"]  # usage reports prefix-cache hits (tests/api/test_prefix_cache.py)
     with ServerProcess(args, workdir).running() as proc:
         yield proc

@@ -141,6 +141,7 @@ class MemoryCatalog:
         self._memories: dict[str, LoadedMemory] = {}
         self._loads = 0
         self.unload_timeout = 30.0  # set by the runtime from --unload-timeout
+        self.mixture_size = 2  # decoder memories one request may fuse; set by the runtime from --mixture-size
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()

@@ -63,26 +63,36 @@ class Selection:
         return args
 
 
-def calm_cache_salt(key: str, salt: Any) -> str:
-    """A prefix-cache salt of the request's own for a calm memory's rows.
+def memory_cache_salt(memory_keys: list[str], salt: Any) -> str:
+    """A prefix-cache salt of the request's own for rows of calm and decoder memories (versioned keys, in the request's order).
 
     A calm memory changes the base's keys and values from its first connected
-    layer on, so its rows must never share cached prompt blocks with base rows
-    or with another memory's; they do share them with each other. A client's
-    own salt is kept (folded into ours), and a malformed one still reaches
-    vLLM's check.
+    layer on, and a decoder memory keeps its own keys and values in the
+    blocks of its rows (lane k for a request's k-th decoder memory), so such
+    rows must never share cached prompt blocks with base rows or with rows of
+    other memories; they do share them with rows of the same memories. A
+    client's own salt is kept (folded into ours), and a malformed one still
+    reaches vLLM's check.
     """
     if salt is not None and not isinstance(salt, str):
         return salt
-    return "memserve-calm-" + hashlib.sha256(f"{key}\0{salt or ''}".encode()).hexdigest()[:32]
+    return "memserve-" + hashlib.sha256("\0".join([*memory_keys, salt or ""]).encode()).hexdigest()[:32]
 
 
 def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: MemoryCatalog, base_name: str) -> Selection | None:
-    """Resolve and remove memserve's fields from ``body``; point ``model`` at the base.
+    """Resolve and remove memserve's fields from ``body``; point ``model`` at the base; salt the prefix cache for calm and decoder memories.
 
     Raises ``BadRequest`` (400) for conflicting or malformed selections and
     ``UnknownMemory`` (404) for a name that is not loaded.
     """
+    selection = _select(body, headers, catalog, base_name)
+    salted = [m.key for m in selection.memories if m.card.kind in ("calm", "decoder")] if selection is not None else []
+    if salted:
+        body["cache_salt"] = memory_cache_salt(salted, body.get("cache_salt"))
+    return selection
+
+
+def _select(body: dict[str, Any], headers: Mapping[str, str], catalog: MemoryCatalog, base_name: str) -> Selection | None:
     headers = route_auto(body, headers, catalog, base_name)  # "auto": the routed memory's name, or none (server/serving/routing.py)
     fields = protocol.pop_memory_fields(body)
     domain, weight = fields["domain"], fields["memory_weight"]
@@ -122,10 +132,8 @@ def select_memory(body: dict[str, Any], headers: Mapping[str, str], catalog: Mem
         if weight is not None:
             raise no_weight(name, "lora")
         body["model"] = memory.key  # vLLM's serving classes attach the adapter registered under this key
-    if memory.card.kind == "calm":
-        if weight is not None:
-            raise no_weight(name, "calm")
-        body["cache_salt"] = calm_cache_salt(memory.key, body.get("cache_salt"))
+    if memory.card.kind == "calm" and weight is not None:
+        raise no_weight(name, "calm")
     return Selection(memory, memory.card.weight if weight is None else protocol.memory_weight(weight), model if isinstance(model, str) and model else base_name)
 
 
@@ -149,7 +157,7 @@ def select_mixture(domain: dict | list, weight: Any, body: dict[str, Any], heade
         body["domain"] = name
         if value is not None or weight is not None:
             body["memory_weight"] = value if value is not None else weight
-        return select_memory(body, headers, catalog, base_name)
+        return _select(body, headers, catalog, base_name)
     from_header = protocol.memory_name(headers.get(HEADER), "X-Domain header")
     model = body.get("model")
     if isinstance(model, str) and model and model != base_name and catalog.get(model) is None and not catalog.is_desired(model):
@@ -189,11 +197,13 @@ def select_mixture(domain: dict | list, weight: Any, body: dict[str, Any], heade
             + ("; give smaller weights in an object" if isinstance(domain, list) else ""),
             "domain",
         ) from None
+    if len(decoder_weights) > catalog.mixture_size:
+        raise BadRequest(
+            f"a request may fuse at most {catalog.mixture_size} decoder memories (the server's --mixture-size), got {len(decoder_weights)}", "domain"
+        )
     for memory in changing:
         if memory.card.kind == "lora":
             body["model"] = memory.key  # vLLM's serving classes attach the adapter registered under this key
-        else:
-            body["cache_salt"] = calm_cache_salt(memory.key, body.get("cache_salt"))
     (first, first_weight), *others = parts
     return Selection(first, first_weight, base_name, tuple(others))
 

@@ -70,17 +70,16 @@ def describe(c: DecoderConfig) -> str:
 class MemoryBank(nn.Module):
     """``slots`` memory slots of the base's shape, and ``lanes`` × ``layers`` vLLM attention layers for their keys and values."""
 
-    def __init__(self, vllm_config, base: DecoderConfig, rotary, slots: int, lanes: int, layers: int, first_layer_index: int, qkv_bias: bool, prefix: str):
+    def __init__(self, base: DecoderConfig, dtype: torch.dtype, rotary, slots: int, lanes: int, layers: int, qkv_bias: bool, attention):
+        """``rotary``: the base's RoPE module (memories share its θ and head size); ``attention(i)``: the i-th
+        of the ``lanes × layers`` attention layers (vLLM's ``Attention``, see ``server/worker/model.py``)."""
         super().__init__()
-        from vllm.model_executor.layers.attention import Attention
-
         self.shape = base
         self.layers, self.lanes = layers, lanes
-        self.rotary = rotary  # the base's RoPE module: memories must share its θ and head size
+        self.rotary = rotary
         c, n = base, slots
         q, kv, inter = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.intermediate
         self.q_size, self.kv_size = q, kv
-        dtype = vllm_config.model_config.dtype
 
         def buffer(name: str, *shape: int) -> None:
             self.register_buffer(name, torch.zeros(n, *shape, dtype=dtype), persistent=False)
@@ -95,17 +94,7 @@ class MemoryBank(nn.Module):
         buffer("o", layers, c.hidden, q)
         buffer("gate_up", layers, 2 * inter, c.hidden)
         buffer("down", layers, c.hidden, inter)
-        self.attn = nn.ModuleList(
-            Attention(
-                c.heads,
-                c.head_dim,
-                c.head_dim**-0.5,
-                num_kv_heads=c.kv_heads,
-                cache_config=vllm_config.cache_config,
-                prefix=f"{prefix}.attn.{first_layer_index + i}",  # one integer in the name: vLLM's layer index, after the base's
-            )
-            for i in range(lanes * layers)
-        )
+        self.attn = nn.ModuleList(attention(i) for i in range(lanes * layers))
         self.held: list[Slot | None] = [None] * slots
         self._lock = threading.Lock()
         self.base_embed = self.base_head = None  # the base's tensors, for thin memories (given at load)
@@ -127,7 +116,7 @@ class MemoryBank(nn.Module):
         with self._lock:
             index = next((i for i, s in enumerate(self.held) if s is None or (s.retired and not in_use(s))), None)
             if index is None:
-                raise ArtifactError(name, "no free memory slot", f"all {len(self.held)} decoder memory slots hold memories (--max-memories {len(self.held)}); unload one first")
+                raise ArtifactError(name, "no free memory slot", f"all {len(self.held)} decoder memory slots hold memories (--decoder-slots {len(self.held)}); unload one first")
             own = {id(t): t for t in w.values() if id(t) not in shared}
             slot = Slot(index, name, cfg.layers, cfg.vocab_size, bool(shared), cfg.rms_eps, sum(t.numel() for t in own.values()), sum(t.numel() * t.element_size() for t in own.values()))
             self.held[index] = slot  # reserved: not free, not yet in the registry
@@ -144,7 +133,7 @@ class MemoryBank(nn.Module):
                 "memory does not fit the server's memory slots",
                 f"memory: {describe(cfg)}, {cfg.layers} layers{', attention biases' if has_bias else ''}; "
                 f"slots hold: {describe(c)}, up to {self.layers} layers{', attention biases' if self.qkv_bias is not None else ''} "
-                "(the base's shape; --memory-layers sets the depth)",
+                "(the base's shape; --decoder-layers sets the depth)",
             )
 
     @torch.inference_mode()
@@ -175,13 +164,14 @@ class MemoryBank(nn.Module):
 
     # ---- forward -----------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lanes: list[list[LaneGroup]]) -> list[torch.Tensor | None]:
-        """Each lane's final hidden states ``[T, H]`` at the step's tokens (rows of its groups; the rest unused), or None for an idle lane.
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, lanes: list[list[LaneGroup]]) -> torch.Tensor:
+        """The memories' final hidden states ``[lanes, T, H]`` at the step's tokens (at the tokens of each lane's groups; the rest unused).
 
-        Every lane's attention layers run for every step with memory rows, so
-        each lane's keys and values are written for all of its rows' tokens.
+        A lane without rows this step is skipped: no row reads its keys and values.
         """
-        return [self._lane(k, input_ids, positions, groups) if groups else None for k, groups in enumerate(lanes)]
+        out = [self._lane(k, input_ids, positions, groups) if groups else None for k, groups in enumerate(lanes)]
+        blank = self.embed.new_zeros(positions.shape[0], self.shape.hidden)
+        return torch.stack([x if x is not None else blank for x in out])
 
     def _lane(self, lane: int, ids: torch.Tensor, positions: torch.Tensor, groups: list[LaneGroup]) -> torch.Tensor:
         T, c = ids.shape[0], self.shape

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
 
 from memories.fuse import fuse
 from server.worker.bank import LaneGroup, MemoryBank
@@ -33,12 +35,12 @@ log = logging.getLogger("memserve.fusion")
 
 
 class DecoderStep:
-    """The decoder rows of one forward and each lane's final memory hidden states at the step's tokens."""
+    """The decoder rows of one forward and the memories' final hidden states at the step's tokens."""
 
-    def __init__(self, rows: list[tuple[Request, Span]], hidden: list[torch.Tensor | None], bank: MemoryBank):
+    def __init__(self, rows: list[tuple[Request, Span]], hidden: torch.Tensor, bank: MemoryBank):
         self.rows = rows  # in row order, so spans ascend
         self.starts = [span.start for _, span in rows]
-        self.hidden = hidden  # by lane: [step tokens, H]
+        self.hidden = hidden  # [lanes, step tokens, H]: lane k holds each row's k-th memory
         self.bank = bank
 
     @classmethod
@@ -47,87 +49,99 @@ class DecoderStep:
         rows = [(request, span) for request, span in rows if request.decoders]
         if not rows or bank is None:
             return None
-        device, count = positions.device, positions.shape[0]
+        device = positions.device
         if input_ids is None:  # prompt embeddings: the rows' own token ids
-            input_ids = torch.zeros(count, dtype=torch.long)
+            ids = [0] * positions.shape[0]
             for _, span in rows:
-                input_ids[span.start : span.stop] = torch.tensor(span.tokens)
-            input_ids = input_ids.to(device)
-        ranges: list[dict[int, tuple]] = [{} for _ in range(bank.lanes)]
+                ids[span.start : span.stop] = span.tokens
+            input_ids = torch.tensor(ids, device=device)
+        tokens: list[dict[int, tuple]] = [{} for _ in range(bank.lanes)]  # lane → slot index → (slot, the step's token indices)
         for request, span in rows:
             for lane, part in enumerate(request.decoders[: bank.lanes]):
-                ranges[lane].setdefault(part.slot.index, (part.slot, []))[1].append((span.start, span.stop))
-        lanes = [
-            [LaneGroup(slot, torch.cat([torch.arange(a, b) for a, b in spans]).to(device)) for slot, spans in by_slot.values()]
-            for by_slot in ranges
-        ]
+                tokens[lane].setdefault(part.slot.index, (part.slot, []))[1].extend(range(span.start, span.stop))
+        lanes = [[LaneGroup(slot, torch.tensor(index, device=device)) for slot, index in by_slot.values()] for by_slot in tokens]
         return cls(rows, bank(input_ids, positions, lanes), bank)
 
     def fuse(self, logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
         """``logits`` (row r: the base's logits at this step's token ``tokens[r]``) with every memory row fused.
 
-        Single-memory rows are fused per output head as their memories'
-        logits come; a mixture row's memories may sit under different heads,
-        so its parts are collected and fused once all are known.
+        The plan (which memory hidden state, head, weight and temperature each
+        row's memories use) is built here from host-side lists; the tensor work
+        is :func:`fuse_rows`, whose number of operations depends on the heads
+        and mixture sizes in the step, never on its number of rows.
         """
-        entries = []  # (output row, lane, part, memory hidden state, the row's number of memories)
+        entries = []  # (output row, lane, part, step token)
+        sizes: dict[int, list[int]] = {}  # a row's number of memories → its output rows
         for r, t in enumerate(tokens):
             i = bisect.bisect_right(self.starts, t) - 1
-            if i < 0:
+            if i < 0 or t >= self.rows[i][1].stop:
                 continue
-            request, span = self.rows[i]
-            if t >= span.stop:
-                continue
-            for pos, part in enumerate(request.decoders[: self.bank.lanes]):
-                entries.append((r, pos, part, self.hidden[pos][t], len(request.decoders)))
+            parts = self.rows[i][0].decoders[: self.bank.lanes]
+            sizes.setdefault(len(parts), []).append(r)
+            entries += [(r, lane, part, t) for lane, part in enumerate(parts)]
         if not entries:
             return logits
-        logits = logits.float()
-        mixtures: dict[int, dict[int, tuple]] = {}  # mixture row → part position → (mem logits, weight, temperature)
-        for group in _by_head(entries):
-            parts = [entry[2] for entry in group]
-            head = self.bank.head_weight(parts[0].slot)
-            mem_logits = torch.nn.functional.linear(torch.stack([entry[3] for entry in group]), head).float()
-            weight = torch.tensor([[p.weight] for p in parts], device=logits.device)
-            temperature = torch.tensor([[p.temperature] for p in parts], device=logits.device)
-            broken = ~torch.isfinite(mem_logits).all(dim=-1, keepdim=True)
-            if broken.any():  # overflow in the memory's dtype: that memory gives its share back to the base, never NaN
-                for name in sorted({p.slot.name for p, bad in zip(parts, broken[:, 0].tolist()) if bad}):
-                    _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
-                mem_logits, weight = mem_logits.masked_fill(broken, 0.0), weight.masked_fill(broken, 0.0)
-            single = [k for k, entry in enumerate(group) if entry[4] == 1]
-            if single:
-                pick = torch.tensor(single, device=logits.device)
-                index = torch.tensor([group[k][0] for k in single], device=logits.device)
-                logits[index] = fuse(logits[index], mem_logits[pick], weight[pick], temperature[pick])
-            for k, (r, pos, _, _, size) in enumerate(group):
-                if size > 1:
-                    mixtures.setdefault(r, {})[pos] = (mem_logits[k], weight[k], temperature[k])
-        _fuse_mixtures(logits, mixtures)
-        return logits
+        device = logits.device
+        at = {(r, lane): e for e, (r, lane, _, _) in enumerate(entries)}
+        heads = []
+        for group in _by_head(list(enumerate(entries))):
+            columns = list(zip(*[(e, lane, t) for e, (_, lane, _, t) in group]))
+            heads.append((self.bank.head_weight(group[0][1][2].slot), *(torch.tensor(c, device=device) for c in columns)))
+        weight = torch.tensor([[part.weight] for _, _, part, _ in entries], device=device)
+        temperature = torch.tensor([[part.temperature] for _, _, part, _ in entries], device=device)
+        mixes = [(torch.tensor(rows, device=device), torch.tensor([[at[r, lane] for lane in range(k)] for r in rows], device=device)) for k, rows in sorted(sizes.items())]
+        fused, broken = fuse_rows(logits, self.hidden, heads, weight, temperature, mixes)
+        if broken.device.type == "cpu" and broken.any():  # reading it on a GPU would wait for the step
+            for name in sorted({entries[e][2].slot.name for e in broken.nonzero()[:, 0].tolist()}):
+                _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
+        return fused
+
+
+def fuse_rows(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+    weight: torch.Tensor,
+    temperature: torch.Tensor,
+    mixes: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused log-distributions of the memory rows of ``logits`` (fp32), and which memory entries gave non-finite logits.
+
+    ``hidden`` ``[lanes, tokens, H]``; ``heads``: per output head, (its weight
+    ``[V, H]``, and per entry using it: the entry's number, lane and token);
+    ``weight`` / ``temperature`` ``[entries, 1]``; ``mixes``: per mixture size
+    k, (its output rows ``[R]``, their entries ``[R, k]`` in lane order). A
+    memory whose logits are not finite (overflow in its dtype) gives its share
+    back to the base: its weight counts as 0. Pure tensor work, no host reads.
+    """
+    logits = logits.float()
+    width = max(head.shape[0] for head, *_ in heads)
+    mem = logits.new_full((weight.shape[0], width), -math.inf)  # a narrower head's missing tokens: no share
+    broken = torch.zeros(weight.shape[0], dtype=torch.bool, device=logits.device)
+    for head, entry, lane, token in heads:
+        m = F.linear(hidden[lane, token], head).float()
+        mem[entry, : head.shape[0]] = m
+        broken[entry] = ~torch.isfinite(m).all(dim=-1)
+    weight = weight.masked_fill(broken[:, None], 0.0)
+    mem = mem.masked_fill(broken[:, None], 0.0)
+    out = logits.clone()
+    for rows, entry in mixes:
+        k = entry.shape[1]
+        if k == 1:
+            e = entry[:, 0]
+            out[rows] = fuse(logits[rows], mem[e], weight[e], temperature[e])
+        else:
+            out[rows] = fuse(logits[rows], [mem[entry[:, j]] for j in range(k)], [weight[entry[:, j]] for j in range(k)], [temperature[entry[:, j]] for j in range(k)])
+    return out, broken
 
 
 def _by_head(entries: list[tuple]) -> list[list[tuple]]:
-    """Entries by output head: thin memories share the base's."""
+    """Numbered entries ``(e, (row, lane, part, token))`` by output head: thin memories share the base's."""
     groups: dict[object, list[tuple]] = {}
     for entry in entries:
-        slot = entry[2].slot
+        slot = entry[1][2].slot
         groups.setdefault("base" if slot.thin else slot.index, []).append(entry)
     return list(groups.values())
-
-
-def _fuse_mixtures(logits: torch.Tensor, mixtures: dict[int, dict[int, tuple]]) -> None:
-    """One ``fuse`` call per mixture size K: part k of every such row stacked as the k-th memory."""
-    by_size: dict[int, list[int]] = {}
-    for r, parts in mixtures.items():
-        by_size.setdefault(len(parts), []).append(r)
-    for k, rows in by_size.items():
-        ordered = [[mixtures[r][pos] for pos in sorted(mixtures[r])] for r in rows]
-        index = torch.tensor(rows, device=logits.device)
-        mems = [torch.stack([row[j][0] for row in ordered]) for j in range(k)]
-        weights = [torch.stack([row[j][1] for row in ordered]) for j in range(k)]
-        temperatures = [torch.stack([row[j][2] for row in ordered]) for j in range(k)]
-        logits[index] = fuse(logits[index], mems if k > 1 else mems[0], weights if k > 1 else weights[0], temperatures if k > 1 else temperatures[0])
 
 
 _warned: set[str] = set()

@@ -94,7 +94,7 @@ class MemoryWorkerExtension:
             return
         bank = getattr(runner.get_model(), "memory_bank", None) if runner is not None else None
         if bank is None:
-            error = ArtifactError(key, "decoder memories are off", "this server has no decoder memory slots (--max-memories 0)")
+            error = ArtifactError(key, "decoder memories are off", "this server has no decoder memory slots (--decoder-slots 0)")
             _LOADING[key] = _LOADER.submit(_raise, error)
             return
         from server.worker.rows import MemoryRows

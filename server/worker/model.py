@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
@@ -111,18 +112,15 @@ def memory_bank(vllm_config, model, prefix: str) -> MemoryBank | None:
     except (ArtifactError, KeyError) as e:
         log.warning("no decoder memory slots: the base's shape is not one memserve's memories run (%s)", e)
         return None
-    attention = model.layers[model.start_layer].self_attn
-    return MemoryBank(
-        vllm_config,
-        base,
-        attention.rotary_emb,
-        slots=slots,
-        lanes=int(getattr(hf, MEMORY_LANES, 1) or 1),
-        layers=int(getattr(hf, MEMORY_LAYERS, 0) or base.layers),
-        first_layer_index=base.layers,
-        qkv_bias=attention.qkv_proj.bias is not None,
-        prefix=f"{prefix}.memory_bank" if prefix else "memory_bank",
-    )
+    layers = int(getattr(hf, MEMORY_LAYERS, 0) or base.layers)
+    prefix = f"{prefix}.memory_bank" if prefix else "memory_bank"
+
+    def attention(i: int) -> Attention:  # one integer in the name, vLLM's layer index: after the base's layers
+        return Attention(base.heads, base.head_dim, base.head_dim**-0.5, num_kv_heads=base.kv_heads, cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn.{base.layers + i}")
+
+    own = model.layers[model.start_layer].self_attn
+    lanes = int(getattr(hf, MEMORY_LANES, 1) or 1)
+    return MemoryBank(base, vllm_config.model_config.dtype, own.rotary_emb, slots, lanes, layers, own.qkv_proj.bias is not None, attention)
 
 
 def with_token_index(hidden: torch.Tensor) -> torch.Tensor:

@@ -35,13 +35,16 @@ def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor) -
     starts = query_start_loc()
     if starts is None:
         return []
+    present = [i for i in sorted(rows) if i + 1 < len(starts) and starts[i + 1] > starts[i]]
+    if not present:
+        return []
+    # one read of the step's positions and ids for all rows, whatever their number
+    first = positions[[starts[i] for i in present]].tolist()
+    ids = input_ids.tolist() if input_ids is not None else None
     out = []
-    for index in sorted(rows):
-        if index + 1 >= len(starts) or starts[index + 1] <= starts[index]:
-            continue
+    for index, position in zip(present, first):
         s, e = starts[index], starts[index + 1]
-        position = int(positions[s])
-        tokens = input_ids[s:e].tolist() if input_ids is not None else rows[index].context(position, position + e - s)
+        tokens = ids[s:e] if ids is not None else rows[index].context(position, position + e - s)
         out.append((rows[index], Span(s, e, position, tokens)))
     return out
 
@@ -57,6 +60,10 @@ def query_start_loc() -> list[int] | None:
         starts = getattr(next(iter(metadata.values())), "query_start_loc", None)
         if starts is not None:
             return starts.tolist()
-    if metadata is not None:
-        log.error("memories need per-request query_start_loc from the attention metadata; this step serves them as the base")
+    if metadata is not None and not _warned:
+        _warned.append(True)
+        log.error("memories need per-request query_start_loc from the attention metadata; steps without it serve memory rows as the base")
     return None
+
+
+_warned: list[bool] = []  # the missing-metadata error is logged once per process, not at every step

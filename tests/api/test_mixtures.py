@@ -20,7 +20,9 @@ from openai import OpenAI
 from memories.reference import ReferenceFusion
 
 MAX_TOKENS = 10
-TOL = 1e-5  # fp32 on both sides
+# fp32 on both sides; the memories' attention runs vLLM's CPU attention kernel (as the base's does), whose
+# vectorised softmax and per-batch blocking differ from the oracle's SDPA by up to ~1.3e-5 over 10 tokens
+TOL = 2e-5
 
 
 @pytest.fixture(scope="module")

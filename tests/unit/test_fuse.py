@@ -137,8 +137,9 @@ def test_mixture_weights_above_one_are_refused():
         fuse(base, [m1, m2], [0.7, 0.4])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         fuse(base, [m1, m2], [-0.1, 0.4])
-    with pytest.raises(ValueError, match="sum to at most 1"):
-        fuse(base, [m1, m2], [torch.tensor([[0.5], [0.7]]), torch.tensor([[0.5], [0.4]])])
+    # per-row weight tensors are not read back (on a GPU that would wait for the step): their producer
+    # checks them, as the server checks each request's weights (server/worker/rows.py validate_params)
+    fuse(base, [m1, m2], [torch.tensor([[0.5]]), torch.tensor([[0.5]])])
 
 
 def test_mixture_of_one_equals_the_single_call_and_mix_on_a_few_tokens():

@@ -37,10 +37,10 @@ def test_the_engine_serves_the_base_through_memserves_model_where_it_has_one(arc
     from server.engine.client import engine_args
     from server.engine.keys import ROWS_PROCESSOR
 
-    args = engine_args("/m", "base", None, [], architecture=architecture)
+    args = engine_args("/m", "base", None, [], architecture=architecture, decoder_slots=3, decoder_layers=0, mixture_size=2)
     assert args.logits_processors == [ROWS_PROCESSOR] and args.enforce_eager
     overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else json.loads(args.hf_overrides or "null")
     if architecture in MODEL_ARCHITECTURES:
-        assert overrides == {"architectures": [MODEL_ARCHITECTURES[architecture]]}
+        assert overrides == {"architectures": [MODEL_ARCHITECTURES[architecture]], "memserve_memory_slots": 3, "memserve_memory_layers": 0, "memserve_memory_lanes": 2}
     else:
         assert not overrides  # vLLM's own class: decoder and calm memories are refused at load

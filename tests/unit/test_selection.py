@@ -8,6 +8,7 @@ from server.serving.selection import select_memory
 
 class Catalog:
     retry_after = 3
+    mixture_size = 3
 
     def __init__(self, *names, desired=()):
         self._m = {n: LoadedMemory(MemoryCard(name=n, path="/x", weight=0.25, temperature=2.0), key=f"{n}@1") for n in names}
@@ -110,7 +111,7 @@ def test_mixture_object_and_list():
     body = {"model": "base", "domain": {"bio": 0.3, "law": 0.2}}
     s = sel(body)
     assert [(m.name, w) for m, w in s.parts] == [("bio", 0.3), ("law", 0.2)]
-    assert s.label == "bio=0.3, law=0.2" and s.model_id == "base" and body == {"model": "base"}
+    assert s.label == "bio=0.3, law=0.2" and s.model_id == "base" and body.pop("cache_salt").startswith("memserve-") and body == {"model": "base"}
     assert s.engine_args() == {"memserve_memories": ["bio@1", "law@1"], "memserve_weights": [0.3, 0.2], "memserve_temperatures": [2.0, 2.0]}
     s = sel({"domain": ["law", "bio"]})  # each memory's own λ (0.25)
     assert [(m.name, w) for m, w in s.parts] == [("law", 0.25), ("bio", 0.25)] and s.label == "law=0.25, bio=0.25"
@@ -138,7 +139,7 @@ def test_base_changing_memory_with_decoders():
     assert s.engine_args() == {"memserve_memories": ["bio@1", "law@1"], "memserve_weights": [0.3, 0.1], "memserve_temperatures": [2.0, 2.0]}
     body = {"model": "base", "domain": ["bio", "cal"]}
     s = select_memory(body, {}, cat, "base")
-    assert body["model"] == "base" and body["cache_salt"].startswith("memserve-calm-")
+    assert body["model"] == "base" and body["cache_salt"].startswith("memserve-")
     assert s.engine_args() == {"memserve_calm": "cal@3", "memserve_memory": "bio@1", "memserve_weight": 0.25, "memserve_temperature": 2.0}
     assert s.label == "bio=0.25, cal"
 
@@ -185,3 +186,27 @@ def test_mixture_weights_summing_to_one_by_rounding_are_accepted():
     cat = Catalog("a", "b", "c")
     s = select_memory({"domain": {"a": 0.1, "b": 0.2, "c": 0.7}}, {}, cat, "base")  # 1.0000000000000002 in floats
     assert [w for _, w in s.parts] == [0.1, 0.2, 0.7]
+
+
+def test_memory_rows_get_a_prefix_cache_salt_of_their_memories():
+    """Decoder and calm rows keep memory keys and values in their KV blocks: only rows of the same memories, in the same order, share them."""
+
+    def salt(domain, **extra):
+        body = {"model": "base", "domain": domain, **extra}
+        sel(body) if not isinstance(domain, str) or domain else None
+        return body.get("cache_salt")
+
+    assert salt("bio") == salt("bio") and salt("bio") != salt("law")
+    assert salt({"bio": 0.3, "law": 0.2}) == salt({"bio": 0.1, "law": 0.1})  # weights do not change the keys and values
+    assert salt({"bio": 0.3, "law": 0.2}) != salt({"law": 0.2, "bio": 0.3})  # a request's k-th memory runs in lane k
+    assert salt("bio", cache_salt="mine") != salt("bio")
+    body = {"model": "base"}
+    assert sel(body) is None and "cache_salt" not in body
+
+
+def test_a_mixture_beyond_the_mixture_size_is_refused():
+    cat = Catalog("bio", "law", "fin")
+    cat.mixture_size = 2
+    with pytest.raises(BadRequest) as e:
+        select_memory({"domain": ["bio", "law", "fin"]}, {}, cat, "base")
+    assert e.value.param == "domain" and "--mixture-size" in str(e.value) and "at most 2" in str(e.value)

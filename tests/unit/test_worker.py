@@ -12,10 +12,20 @@ from tests.tiny_models import poisoned_copy
 
 
 class OneWorkerEngine:
-    """collective_rpc as vLLM runs it: the named method on every worker (here one), results in a list."""
+    """collective_rpc as vLLM runs it: the named method on every worker (here one), results in a list.
 
-    def __init__(self):
+    ``bank``: the worker's model has these decoder memory slots (memserve's model, as test_processor's stand-in).
+    """
+
+    def __init__(self, bank=None):
         self.worker = MemoryWorkerExtension()
+        if bank is not None:
+            from types import SimpleNamespace
+
+            from tests.unit.test_processor import _Model
+
+            model = _Model(bank)
+            self.worker.model_runner = SimpleNamespace(device=torch.device("cpu"), model_config=SimpleNamespace(dtype=torch.float32, max_model_len=512), get_model=lambda: model)
         self.calls = []
 
     async def collective_rpc(self, method, args=()):
@@ -24,7 +34,9 @@ class OneWorkerEngine:
 
 
 def test_load_polls_until_the_memory_is_ready(tiny):
-    engine = OneWorkerEngine()
+    from tests.unit.test_processor import make_bank
+
+    engine = OneWorkerEngine(make_bank(tiny, slots=1))
     info = asyncio.run(EngineAdapter(engine).load_memory("alpha@w1", str(tiny["alpha"])))
     try:
         assert info["num_parameters"] > 0 and info["bytes"] > 0
@@ -33,12 +45,21 @@ def test_load_polls_until_the_memory_is_ready(tiny):
     finally:
         asyncio.run(EngineAdapter(engine).unload_memory("alpha@w1"))
     assert REGISTRY.get("alpha@w1") is None
+    info = asyncio.run(EngineAdapter(engine).load_memory("beta@w1", str(tiny["beta"])))  # the one slot is free again
+    asyncio.run(EngineAdapter(engine).unload_memory("beta@w1"))
+
+
+def test_a_server_without_decoder_slots_refuses_decoder_memories(tiny):
+    with pytest.raises(ArtifactError, match=r"decoder memories are off.*--decoder-slots 0"):
+        asyncio.run(EngineAdapter(OneWorkerEngine()).load_memory("alpha@w0", str(tiny["alpha"])))
 
 
 def test_nan_weights_arrive_as_artifact_error(tiny, tmp_path):
     """vLLM would turn a worker's exception into a bare Exception; the adapter raises the ArtifactError itself."""
+    from tests.unit.test_processor import make_bank
+
     bad = poisoned_copy(tiny["alpha"], tmp_path / "nan")
-    engine = OneWorkerEngine()
+    engine = OneWorkerEngine(make_bank(tiny, slots=1))
     with pytest.raises(ArtifactError, match=r"weights are not finite.*up_proj"):
         asyncio.run(EngineAdapter(engine).load_memory("nan@w1", str(bad)))
     assert engine.calls[-1] == "memserve_unload" and REGISTRY.get("nan@w1") is None
