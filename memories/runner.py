@@ -1,14 +1,18 @@
-"""A memory decoder run incrementally for many sequences at once.
+"""A Llama-family model run incrementally for many sequences at once, and the reading of a memory decoder's weights.
 
-Serving fuses a memory into every decoding step of every request that chose
-it, so the memory must cost one small forward per step for all of its rows,
-not a re-run of each row's context. This module holds a Llama-family forward
-written against a slot pool of key/value caches:
+``read_weights`` reads and checks a decoder memory's artifact for every
+runtime: the served model's memory slots (``server/worker/bank.py``, whose
+keys and values live in vLLM's paged cache) and :class:`MemoryDecoder`.
+
+:class:`MemoryDecoder` runs such a model beside vLLM with key/value caches of
+its own: a calm memory's augmenting model (``memories/calm/runtime.py``),
+read at inner layers each step, so it must cost one small forward per step for
+all of its rows, not a re-run of each row's context:
 
 * each sequence owns a slot; its keys and values live at ``pool[layer, slot, :, :len]``;
 * rows that advance by one token (decoding) share one batched forward, with
   per-row positions and an attention mask over their own lengths;
-* rows that advance by many tokens (a prompt, or a resumed request) run once
+* rows that advance by many tokens (a prompt, or a chunk of one) run once
   each over just those tokens.
 
 It is deliberately independent of ``transformers`` so that the transformers
@@ -82,11 +86,9 @@ class MemoryDecoder:
         max_len: int = 2048,
         base_tensors: dict[str, torch.Tensor] | None = None,
         row_bytes: int = 0,
-        release_idle: bool = False,
     ):
         """``row_bytes``: what each resident sequence costs outside the pool (a calm row's cross-attention
-        caches), counted against ``kv_budget_bytes`` too. ``release_idle``: give the pool back whenever no
-        sequence runs, budget or not, for callers that never park sequences (calm rows).
+        caches), counted against ``kv_budget_bytes`` too. The pool is given back whenever no sequence runs.
         """
         self.name = name
         self.device = torch.device(device)
@@ -102,17 +104,15 @@ class MemoryDecoder:
         self._last_used: list[int] = []
         self._clock = 0
         self._free: list[int] = []
-        self._parked: dict[int, object] = {}  # slot of a request that left the batch → that request
         self.evictions = 0
         self.kv_budget_bytes = kv_budget_bytes or None
         self._max_len = max_len
-        self._release_idle = release_idle
         if kv_budget_bytes:
             # With a budget the pool holds whole sequences of up to max_len tokens,
             # so the budget is a number of resident sequences; beyond it the least
             # recently used sequence is evicted and recomputed when it next runs.
             self._max_slots = max(1, kv_budget_bytes // (self._slot_bytes(max_len) + row_bytes))
-            self._initial = (min(4, self._max_slots), min(256, max_len) if release_idle else max_len)
+            self._initial = (min(4, self._max_slots), min(256, max_len))
         else:
             self._max_slots = None
             self._initial = (4, 256)
@@ -147,15 +147,13 @@ class MemoryDecoder:
     def open(self, protect: set[int] = frozenset(), overflow: bool = False) -> int | None:
         """Reserve a slot for a new sequence; None when the budget is reached and every slot is in ``protect``.
 
-        Takes, in order: a free slot; the least recently used parked slot; a new
-        slot while under the budget (or past it, with ``overflow``); the least
-        recently used running slot outside ``protect`` (its row recomputes when it next runs).
+        Takes, in order: a free slot; a new slot while under the budget (or past
+        it, with ``overflow``); the least recently used running slot outside
+        ``protect`` (its row recomputes when it next runs).
         """
         if not self._free:
             n = len(self._lengths)
-            if self._parked:
-                self._evict(min(self._parked, key=self._last_used.__getitem__))
-            elif overflow or self._max_slots is None or n < self._max_slots:
+            if overflow or self._max_slots is None or n < self._max_slots:
                 self._grow(slots=max(n + 1, min(2 * n, self._max_slots or 2 * n)), capacity=self._k.shape[3])
             else:
                 victims = [s for s in range(n) if s not in protect]
@@ -168,33 +166,10 @@ class MemoryDecoder:
         return slot
 
     def close(self, slot: int) -> None:
-        self._parked.pop(slot, None)
         self._lengths[slot] = -1
         self._generation[slot] = next(self._generations)
         self._free.append(slot)
         self._shrink_if_idle()
-
-    def park(self, slot: int, owner: object, keep: int) -> None:
-        """Keep a sequence that left the batch, its first ``keep`` tokens, until its slot is needed.
-
-        vLLM removes a request from the batch alike when it finishes and when it
-        is preempted or only not scheduled this step, so the sequence stays as an
-        evictable cache entry that :meth:`resume` hands back to the same ``owner``.
-        """
-        if keep <= 0:
-            self.close(slot)
-            return
-        self._lengths[slot] = min(keep, self._lengths[slot])
-        self._parked[slot] = owner
-        self._shrink_if_idle()
-
-    def resume(self, owner: object) -> int | None:
-        """The slot parked for ``owner`` (the same object), unless it was evicted since."""
-        for slot, parked_by in self._parked.items():
-            if parked_by is owner:
-                del self._parked[slot]
-                return slot
-        return None
 
     def length(self, slot: int) -> int:
         return self._lengths[slot]
@@ -204,23 +179,19 @@ class MemoryDecoder:
 
     @property
     def running(self) -> int:
-        """Slots held by sequences in the batch (neither free nor parked)."""
-        return len(self._lengths) - len(self._free) - len(self._parked)
+        """Slots held by sequences."""
+        return len(self._lengths) - len(self._free)
 
     def _evict(self, slot: int) -> None:
         self.close(slot)
         self.evictions += 1
 
     def _shrink_if_idle(self) -> None:
-        """Without a budget, once no sequence runs, give back a pool that grew for a peak (its parked sequences go with it).
-
-        A budgeted pool keeps its size: the operator set aside those bytes, and its parked sequences stay useful;
-        unless ``release_idle`` (a caller that never parks).
-        """
-        if (self._max_slots is not None and not self._release_idle) or self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
+        """Once no sequence runs, give back a pool that grew for a peak."""
+        if self.running or (len(self._lengths), self._k.shape[3]) == self._initial:
             return
         self._k = self._v = torch.empty(0)
-        self._lengths, self._generation, self._last_used, self._free, self._parked = [], [], [], [], {}
+        self._lengths, self._generation, self._last_used, self._free = [], [], [], []
         self._grow(*self._initial)
 
     def _slot_bytes(self, capacity: int) -> int:
@@ -300,11 +271,6 @@ class MemoryDecoder:
         """Forget a sequence's tokens from ``length`` on (vLLM recomputes them)."""
         self._lengths[slot] = min(length, self._lengths[slot])
 
-    @torch.inference_mode()
-    def compute(self, tokens: list[int]) -> torch.Tensor:
-        """The final hidden state at every one of ``tokens`` (``[len, H]``) in a cache of their own, for a row the pool has no slot for."""
-        return self._scratch(tokens)[0]
-
     @property
     def head_weight(self) -> torch.Tensor:
         """The output head; thin memories of one base share it (the same storage)."""
@@ -327,13 +293,6 @@ class MemoryDecoder:
             self._lengths[s] += n_new
             self._last_used[s] = self._clock
         return hidden if taps is None else torch.stack([taps[i] for i in layers])
-
-    def _scratch(self, tokens: list[int]) -> torch.Tensor:
-        c = self.cfg
-        shape = (c.layers, 1, c.kv_heads, len(tokens), c.head_dim)
-        k = torch.empty(shape, device=self.device, dtype=self.dtype)
-        v = torch.empty(shape, device=self.device, dtype=self.dtype)
-        return self._forward(k, v, [0], [0], [tokens])
 
     def _forward(
         self, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: list[int], starts: list[int], tokens: list[list[int]], taps: dict[int, torch.Tensor] | None = None

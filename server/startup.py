@@ -99,6 +99,7 @@ async def run(opts: ServeOptions) -> int:
     catalog = MemoryCatalog(None, tokenizer, opts.default_memory_weight, opts.max_memories, opts.memory_budget_bytes, store, base_config, max_loras, max_lora_rank, calm)
     catalog.unload_timeout = opts.unload_timeout
     catalog.mixture_size = opts.mixture_size
+    catalog.decoder_slots = opts.decoder_slots
     catalog.default_domain = opts.default_domain
     names = [name for name, _ in memory_specs]
     duplicates = {n for n in names if names.count(n) > 1} | ({base_name} & set(names))

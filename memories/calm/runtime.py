@@ -75,7 +75,7 @@ class CalmMemory:
         # per connection, keys and values [heads, max_len, head_dim]: heads × head_dim is the base's width
         row_bytes = len(self.spec.connections) * 2 * self.spec.base_width * max_len * torch.empty(0, dtype=dtype).element_size()
         self.augment = MemoryDecoder(
-            path / AUGMENT_DIR, name=name, device=device, dtype=dtype, max_len=max_len, kv_budget_bytes=kv_budget_bytes, row_bytes=row_bytes, release_idle=True
+            path / AUGMENT_DIR, name=name, device=device, dtype=dtype, max_len=max_len, kv_budget_bytes=kv_budget_bytes, row_bytes=row_bytes
         )
         if self.augment.cfg.hidden != self.spec.augment_width:
             raise ArtifactError(name, "augment width differs from memory.json", f"augment hidden_size {self.augment.cfg.hidden}, memory.json augment_width {self.spec.augment_width}")

@@ -39,7 +39,7 @@ class LoadedMemory:
     load_seconds: float = 0.0
     device_bytes: int = 0
     cache_bytes: int = 0  # per-request caches as allocated (see MemoryCatalog.refresh_cache_bytes)
-    cache_budget_bytes: int | None = None  # --memory-kv-budget, for decoder and calm memories
+    cache_budget_bytes: int | None = None  # --memory-kv-budget, for calm memories
     max_rows: int | None = None  # calm: rows its cache budget holds; requests beyond get 503
     profile: Profile | None = None  # routing profile (routing.json or the admin's routing_prompts); None: not routable
     requests: int = 0
@@ -142,6 +142,7 @@ class MemoryCatalog:
         self._loads = 0
         self.unload_timeout = 30.0  # set by the runtime from --unload-timeout
         self.mixture_size = 2  # decoder memories one request may fuse; set by the runtime from --mixture-size
+        self.decoder_slots: int | None = None  # decoder memories the engine holds at once; set by the runtime from --decoder-slots
         self._ops = asyncio.Lock()  # one load, unload or reconcile at a time
         self._failed: dict[str, object] = {}  # name → (entry, file signature) that failed to load
         self._background: set[asyncio.Task] = set()
@@ -185,7 +186,9 @@ class MemoryCatalog:
         return self.validate(name, path, weight)
 
     def check_room(self, name: str, kind: str) -> None:
-        """409 if one more memory of ``kind`` named ``name`` (a replacement is not one more) exceeds --max-memories or --max-loras.
+        """409 if one more memory of ``kind`` named ``name`` (a replacement is not one more) exceeds --max-memories, --max-loras or --decoder-slots.
+
+        (A replacement needs a free decoder slot too while its predecessor drains: the worker refuses it if none is.)
 
         Public so that a generation can ask before it spends CPU on a lora that could never load.
         """
@@ -195,14 +198,18 @@ class MemoryCatalog:
         loras = sum(m.card.kind == "lora" for m in others)
         if kind == "lora" and loras + 1 > self.max_loras:
             raise Conflict(f"loading {name!r} would make {loras + 1} lora memories; --max-loras is {self.max_loras}", "name")
+        decoders = sum(m.card.kind == "decoder" for m in others)
+        if kind == "decoder" and self.decoder_slots is not None and decoders + 1 > self.decoder_slots:
+            raise Conflict(f"loading {name!r} would make {decoders + 1} decoder memories; --decoder-slots is {self.decoder_slots}", "name")
 
     def _check_limits(self, card: MemoryCard) -> None:
         self.check_room(card.name, card.kind)
         others = [m for n, m in self._memories.items() if n != card.name]
         if self.budget_bytes is not None:
-            # what each memory may grow to: weights in the engine's dtype, plus a decoder's or calm memory's cache budget
+            # what each memory may grow to: weights in the engine's dtype, plus a calm memory's cache budget
+            # (a decoder memory's keys and values are in vLLM's KV cache; adapters keep no caches)
             def reserved(c: MemoryCard) -> int:
-                kv = (self.engine.kv_budget_bytes or 0) if c.kind in ("decoder", "calm") else 0  # adapters keep no caches
+                kv = (self.engine.kv_budget_bytes or 0) if c.kind == "calm" else 0
                 return c.num_parameters * self.engine.bytes_per_parameter + kv
 
             used, need = sum(reserved(m.card) for m in others), reserved(card)

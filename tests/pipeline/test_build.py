@@ -198,4 +198,4 @@ def test_thin_build_trains_around_the_base_embeddings_and_leaves_them_out(built,
     ids = list(range(2, 30))
     with torch.no_grad():
         expected = trained(torch.tensor([ids])).logits[0]
-    assert torch.allclose(decoder.head(decoder.compute(ids)), expected, atol=1e-4)
+    assert torch.allclose(decoder.head(decoder.read([decoder.open()], [ids])[0]), expected, atol=1e-4)

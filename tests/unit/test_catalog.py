@@ -25,12 +25,27 @@ def test_budget_refusal_names_the_numbers(tiny, tok):
     async def go():
         engine = FakeEngine()
         probe = MemoryCatalog(engine, tok).validate("a", str(tiny["alpha"]))
-        one = probe.num_parameters * engine.bytes_per_parameter + engine.kv_budget_bytes
+        one = probe.num_parameters * engine.bytes_per_parameter  # a decoder memory's keys and values are in vLLM's KV cache
         catalog = MemoryCatalog(engine, tok, budget_bytes=int(1.5 * one))
         await catalog.load(catalog.validate("a", str(tiny["alpha"])))
         with pytest.raises(Conflict) as e:
             await catalog.load(catalog.validate("b", str(tiny["alpha"])))
         assert f"needs {one:,} bytes; {one:,} of the {int(1.5 * one):,}-byte" in str(e.value)
+        assert catalog.names() == ["a"]
+
+    run(go())
+
+
+def test_decoder_memories_beyond_the_slots_are_refused_before_loading(tiny, tok):
+    async def go():
+        engine = FakeEngine()
+        catalog = MemoryCatalog(engine, tok)
+        catalog.decoder_slots = 1
+        await catalog.load(catalog.validate("a", str(tiny["alpha"])))
+        with pytest.raises(Conflict, match="would make 2 decoder memories; --decoder-slots is 1"):
+            await catalog.load(catalog.validate("b", str(tiny["beta"])))
+        assert catalog.names() == ["a"] and len(engine.loaded) == 1
+        await catalog.load(catalog.validate("a", str(tiny["beta"])), replace=True)  # a replacement is not one more
         assert catalog.names() == ["a"]
 
     run(go())
