@@ -30,6 +30,7 @@ from bench.reference_loop import DTYPES, reference_throughput
 from server.launcher import ServerProcess, server_env
 from bench.workload import make_prompts, run_streams
 from memories.artifact import write_json_atomic
+from memories.kinds import kind_of
 
 log = logging.getLogger("memserve.bench")
 MEMORY_NAMES = ("mem1", "mem2", "mem3")
@@ -146,6 +147,8 @@ def main(opts: argparse.Namespace) -> int:
     args = ["--model", str(base), "--served-model-name", "base", "--max-model-len", str(opts.prompt_len + opts.output_len + 16)]
     for name in MEMORY_NAMES:
         args += ["--memory", f"{name}={memory}"]
+    if kind_of(memory, "bench") == "decoder":  # slots as deep as the memory: no KV cache for layers it does not have
+        args += ["--decoder-layers", str(json.loads((memory / "config.json").read_text())["num_hidden_layers"])]
     server = ServerProcess([*args, "--", *extra] if extra else args, workdir, env)
     runs = {n: {} for n in opts.streams}
     try:
@@ -174,7 +177,7 @@ def main(opts: argparse.Namespace) -> int:
     finally:
         server.stop()
     engine = setup["engine"]
-    calm = (memory / "memory.json").exists() and json.loads((memory / "memory.json").read_text()).get("kind") == "calm"
+    calm = kind_of(memory, "bench") == "calm"
     if calm and not opts.no_reference:
         log.info("no reference loop for a calm memory (the loop fuses a decoder memory)")
     if not opts.no_reference and not calm:

@@ -180,9 +180,11 @@ class MemoryBank(nn.Module):
             table = self.base_embed if g.slot.thin else self.embed[g.slot.index]
             x[g.index] = F.embedding(ids[g.index], table)
         for j in range(self.layers):
+            running = [g for g in groups if j < g.slot.layers]
+            if not running:  # deeper than every memory in this lane: no row ever reads this layer's keys and values
+                break
             q = x.new_zeros(T, self.q_size)
             k, v = x.new_zeros(T, self.kv_size), x.new_zeros(T, self.kv_size)
-            running = [g for g in groups if j < g.slot.layers]
             for g in running:
                 s = g.slot.index
                 h = rms_norm(x[g.index], self.in_norm[s, j], g.slot.eps)
