@@ -80,7 +80,9 @@ class MemserveModel:
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         rows = MemoryRows.active
-        step = spans(rows.requests, input_ids, positions) if rows is not None else []
+        # token lists only where a calm row or a step without ids (prompt embeddings) needs them
+        tokens = rows is not None and (input_ids is None or any(r.calm is not None for r in rows.requests.values()))
+        step = spans(rows.requests, input_ids, positions, tokens) if rows is not None else []
         self._calm = CalmStep.read(step)
         try:
             hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)

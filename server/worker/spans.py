@@ -24,12 +24,18 @@ log = logging.getLogger("memserve.rows")
 class Span:
     start: int  # index of the row's first token in this step's tokens
     stop: int
-    position: int  # that token's position in the request's sequence
-    tokens: list[int]
+    position: int | None = None  # that token's position in the request's sequence (None: not read)
+    tokens: list[int] | None = None  # the row's token ids this step (None: not read)
 
 
-def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor) -> list[tuple[object, Span]]:
-    """``(rows[i], span)`` of every row in ``rows`` (by batch row index, each a ``server.worker.rows.Request``) that has tokens in this step, in row order."""
+def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor, tokens: bool = True) -> list[tuple[object, Span]]:
+    """``(rows[i], span)`` of every row in ``rows`` (by batch row index, each a ``server.worker.rows.Request``) that has tokens in this step, in row order.
+
+    ``tokens``: also each span's position and token ids (one read of the step's
+    positions and ids, which on a GPU waits for them). Decoder memories need
+    neither: they read the step's own tensors on the device; calm memories and
+    steps without token ids (prompt embeddings) do.
+    """
     if not rows:
         return []
     starts = query_start_loc()
@@ -38,14 +44,16 @@ def spans(rows: dict, input_ids: torch.Tensor | None, positions: torch.Tensor) -
     present = [i for i in sorted(rows) if i + 1 < len(starts) and starts[i + 1] > starts[i]]
     if not present:
         return []
+    if not tokens:
+        return [(rows[i], Span(starts[i], starts[i + 1])) for i in present]
     # one read of the step's positions and ids for all rows, whatever their number
     first = positions[[starts[i] for i in present]].tolist()
     ids = input_ids.tolist() if input_ids is not None else None
     out = []
     for index, position in zip(present, first):
         s, e = starts[index], starts[index + 1]
-        tokens = ids[s:e] if ids is not None else rows[index].context(position, position + e - s)
-        out.append((rows[index], Span(s, e, position, tokens)))
+        held = ids[s:e] if ids is not None else rows[index].context(position, position + e - s)
+        out.append((rows[index], Span(s, e, position, held)))
     return out
 
 
