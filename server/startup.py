@@ -81,7 +81,7 @@ async def run(opts: ServeOptions) -> int:
     args = engine_args(
         model, base_name, opts.max_model_len, opts.engine_args, opts.tensor_parallel_size, opts.pipeline_parallel_size,
         opts.memory_budget_bytes, choose_max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
-        (base_config.get("architectures") or [None])[0], opts.decoder_slots, opts.decoder_layers, opts.mixture_size,
+        (base_config.get("architectures") or [None])[0], opts.decoder_slots, opts.decoder_layers, opts.mixture_size, calm,
     )  # fmt: skip
     refused = unsupported(args)
     if refused:

@@ -80,6 +80,7 @@ def engine_args(
     decoder_slots: int = 0,
     decoder_layers: int = 0,
     mixture_size: int = 1,
+    calm: bool = True,
 ) -> Namespace:
     """Build the Namespace vLLM's own OpenAI server would build from its CLI.
 
@@ -93,6 +94,8 @@ def engine_args(
     through that class, which applies calm and decoder memories to the rows
     that select one; it runs eagerly. A base of another architecture is served
     by vLLM's own class, and memories other than lora are refused at load.
+    On a CPU the model is compiled by vLLM as usual unless ``calm`` memories are
+    served (their hooks need eager execution); on a GPU it runs eagerly.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -120,7 +123,9 @@ def engine_args(
         argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank), "--max-cpu-loras", str(2 * max_loras)]
     user_sized = any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--gpu-memory-utilization") for a in extra)
     if on_cpu():
-        argv += ["--enforce-eager", *apply_cpu_defaults(extra, tensor_parallel_size * pipeline_parallel_size)]
+        # calm rows enter through forward hooks inside the base's layers, which vLLM-CPU's compiled
+        # backbone (traced once) would not call; decoder memories run outside it and compile fine
+        argv += [*(["--enforce-eager"] if calm else []), *apply_cpu_defaults(extra, tensor_parallel_size * pipeline_parallel_size)]
         # vLLM-CPU otherwise reserves a fraction of the NUMA node, which fails
         # beside anything else running; 1 GiB of KV cache serves many streams.
         if not user_sized and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):

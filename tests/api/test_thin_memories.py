@@ -45,7 +45,8 @@ def server(models, tmp_path_factory):
     args = ["--model", str(models["base"]), "--served-model-name", "tied-base", "--max-model-len", "512"]
     for name in ("m1-full", "m1-thin", "m2-full", "m2-thin"):
         args += ["--memory", f"{name}={models[name]}"]
-    args += ["--memory-root", str(models["root"]), "--admin-token", TOKEN, *FP32]
+    # --calm off: vLLM-CPU compiles the base (no --enforce-eager), and decoder memories run beside it
+    args += ["--memory-root", str(models["root"]), "--admin-token", TOKEN, "--calm", "off", *FP32]
     with ServerProcess(args, tmp_path_factory.mktemp("thin-server")).running() as proc:
         yield proc
 
@@ -76,6 +77,18 @@ def test_thin_memory_serves_what_its_full_copy_serves(server, prompt_ids):
     for job in jobs:
         assert thin[job][0] == full[job][0], job
         assert thin[job][1] == pytest.approx(full[job][1], abs=1e-5), job
+
+
+def test_a_compiled_base_with_memories_equals_the_oracle(server, models, prompt_ids):
+    """With calm off, vLLM-CPU compiles the base's backbone (no --enforce-eager); decoder memories run beside it, still exact."""
+    from memories.reference import ReferenceFusion
+
+    log = server.log_path.read_text(errors="replace")
+    assert "enforce_eager=False" in log and "Warming up model for the compilation" in log
+    for name in ("m1-full", "m2-thin"):
+        tokens, logprobs = complete(server, prompt_ids[1], name)
+        expected = ReferenceFusion(str(models["base"]), str(models[name.replace("thin", "full")])).greedy(prompt_ids[1], MAX_TOKENS, 0.6)
+        assert tokens == expected.tokens and logprobs == pytest.approx(expected.logprobs, abs=2e-5), name
 
 
 def test_thin_memory_weighs_less(server):
