@@ -34,7 +34,7 @@ from memories.kinds import kind_of
 
 log = logging.getLogger("memserve.bench")
 MEMORY_NAMES = ("mem1", "mem2", "mem3")
-SCENARIOS = ("base", "memory", "mixed", "mixture")
+SCENARIOS = ("base", "memory", "mixed", "mixture", "plain")  # plain: the base on a second server with no memories (and no slots)
 MIXTURE = {MEMORY_NAMES[0]: 0.25, MEMORY_NAMES[1]: 0.25}  # the "mixture" scenario: two memories fused in every request
 
 
@@ -150,15 +150,23 @@ def main(opts: argparse.Namespace) -> int:
     if kind_of(memory, "bench") == "decoder":  # slots as deep as the memory: no KV cache for layers it does not have
         args += ["--decoder-layers", str(json.loads((memory / "config.json").read_text())["num_hidden_layers"])]
     server = ServerProcess([*args, "--", *extra] if extra else args, workdir, env)
+    plain = None
+    if "plain" in opts.scenarios:  # the same engine without memories: what having them loaded costs base rows
+        plain_args = [*args[:6], "--decoder-slots", "0"]
+        plain = ServerProcess([*plain_args, "--", *extra] if extra else plain_args, workdir.parent / "plain", env)
     runs = {n: {} for n in opts.streams}
     try:
         startup = server.wait_ready()
         log.info("server ready in %.1fs", startup)
+        if plain is not None:
+            plain.wait_ready()
 
-        def served(n: int, domains):
-            return asyncio.run(run_streams(server.url, "base", prompts[n], opts.output_len, domains))
+        def served(n: int, domains, on: ServerProcess = server):
+            return asyncio.run(run_streams(on.url, "base", prompts[n], opts.output_len, domains))
 
         served(max(opts.streams), [None] * max(opts.streams))  # warm-up: first-request costs are not the workload
+        if plain is not None:
+            served(max(opts.streams), [None] * max(opts.streams), plain)
         for n in opts.streams:
             domains = {
                 "base": [None] * n,
@@ -171,11 +179,13 @@ def main(opts: argparse.Namespace) -> int:
                 order = opts.scenarios[r % len(opts.scenarios) :] + opts.scenarios[: r % len(opts.scenarios)]
                 rounds.append({})
                 for name in order:
-                    rounds[-1][name] = served(n, domains[name])
+                    rounds[-1][name] = served(n, [None] * n, plain) if name == "plain" else served(n, domains[name])
                     log.info("%d streams, round %d, %s: %.1f tok/s", n, r + 1, name, rounds[-1][name]["output_tokens_per_s"])
             runs[n] = summarize_rounds(rounds)
     finally:
         server.stop()
+        if plain is not None:
+            plain.stop()
     engine = setup["engine"]
     calm = kind_of(memory, "bench") == "calm"
     if calm and not opts.no_reference:
@@ -262,6 +272,9 @@ def _targets(streams: int, s: dict, bound: float, mix_bound: float | None = None
             f"- {streams} streams: mixture of two ÷ single-memory = {ratio:.3f}; its compute bound "
             f"(base + memory FLOPs) ÷ (base + 2 memories' FLOPs) = {best:.3f}, so {ratio / best:.2f} × the bound"
         )
+    if "plain" in s and "base" in s:
+        ratio = s["base"]["output_tokens_per_s"] / s["plain"]["output_tokens_per_s"]
+        out.append(f"- {streams} streams: base rows with memories loaded ÷ a server without memories = {ratio:.3f} (target ≥ 0.97)")
     if "reference" in s and "memory" in s:
         out.append(f"- {streams} streams: fused ÷ same-dtype reference loop = {s['memory']['output_tokens_per_s'] / s['reference']['output_tokens_per_s']:.2f} (target ≥ 2 at 8 streams)")
     return out

@@ -115,3 +115,12 @@ def test_rounds_give_medians_and_within_round_ratios_with_their_spread():
     assert out["memory"]["rounds"] == 3
     text = markdown({**describe_setup([], {}), "compute_bound": 0.5, "prompt_len": 32, "output_len": 32, "runs": [{"streams": 1, "scenarios": out}]})
     assert "| 1 | memory | 50.0 |" in text and "0.500 (0.500–0.600, 3 rounds)" in text
+
+
+def test_plain_scenario_reports_base_rows_against_a_server_without_memories():
+    from bench.run import SCENARIOS, _targets
+
+    assert "plain" in SCENARIOS
+    stats = lambda tps: {"output_tokens_per_s": tps, "ratio_to_base": 1.0}  # noqa: E731
+    lines = _targets(8, {"base": stats(97.0), "plain": stats(100.0)}, 0.5)
+    assert lines == ["- 8 streams: base rows with memories loaded ÷ a server without memories = 0.970 (target ≥ 0.97)"]
