@@ -11,8 +11,10 @@ entry point and selected with ``hf_overrides``), extended here:
 - ``forward`` finds each memory row's tokens in this step (``spans``, from the
   bookkeeping in ``server/worker/rows.py``); calm rows' augmenting models read
   them and the base's layers receive their deltas through a forward hook on
-  each decoder layer (``calm_step.py``); every decoder memory reads them too
-  (``decoder_step.py``), so under chunked prefill, prefix caching and
+  each decoder layer (``calm_step.py``); every decoder memory reads them too,
+  after the base, in the model's memory slots (``bank.py``: weights
+  preallocated at start, keys and values in vLLM's paged KV cache;
+  ``decoder_step.py``), so under chunked prefill, prefix caching and
   preemption it reads what the base reads.
 - ``compute_logits`` must know which token each of its rows is: vLLM's V1
   runner indexes the forward's output by ``logits_indices`` for sampling and
