@@ -235,6 +235,29 @@ def test_replace_swaps_the_adapter_for_new_requests(client, lora_server, prompt_
     assert complete(client, prompt_ids[1], model="bob")[0] == as_ada
 
 
+def test_a_lora_built_from_a_corpus_serves_as_its_peft_oracle(client, lora_server, tiny, root, prompt_ids, tmp_path_factory):
+    """`memserve memory build --kind lora` on a corpus, hot-loaded beside the decoder memory and the other adapter."""
+    from memories.cli import main
+    from tests.tiny_models import corpus
+
+    text = tmp_path_factory.mktemp("lora-corpus")  # a folder of documents, as a user points --corpus at one
+    lines = corpus(600, seed=7)
+    for i in range(60):
+        (text / f"doc{i:02d}.txt").write_text(" ".join(lines[10 * i : 10 * i + 10]))
+    argv = ["build", "--kind", "lora", "--base", str(tiny["base"]), "--corpus", str(text), "--name", "built", "--out", str(root), "--max-tokens", "2000",
+            "--eval-tokens", "300", "--validation-fraction", "0.1", "--test-fraction", "0.1", "--context", "64", "--stride", "32", "--rank", "8", "--epochs", "1", "--batch", "4", "--threads", "1", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert admin(lora_server, "DELETE", "/admin/memories/bob").status_code == 200  # --max-loras 2: ada and this one
+    try:
+        assert admin_load(lora_server, "built", "built").status_code == 201
+        expected = ReferenceFusion(str(tiny["base"]), None, lora_dir=str(root / "built")).greedy(prompt_ids[2], MAX_TOKENS, 0.0)
+        tokens, logprobs = complete(client, prompt_ids[2], model="built")
+        assert tokens == expected.tokens and logprobs == pytest.approx(expected.logprobs, abs=1e-3)
+    finally:
+        admin(lora_server, "DELETE", "/admin/memories/built")
+        assert admin_load(lora_server, "bob", "bob").status_code == 201
+
+
 def test_restart_restores_persisted_loras_and_turns_lora_on_for_them(lora_server, tiny, root, prompt_ids, tmp_path_factory):
     """No --max-loras and no lora --memory: the persisted set alone needs LoRA, so the server turns it on."""
     before = complete(OpenAI(base_url=lora_server.url + "/v1", api_key="-", max_retries=0), prompt_ids[0], model="bob")
