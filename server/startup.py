@@ -83,7 +83,7 @@ async def run(opts: ServeOptions) -> int:
         opts.memory_budget_bytes, choose_max_loras(opts.max_loras, memory_specs, store, generator_dir), opts.max_lora_rank,
         (base_config.get("architectures") or [None])[0], opts.decoder_slots, opts.decoder_layers, opts.mixture_size, calm,
     )  # fmt: skip
-    refused = unsupported(args)
+    refused = unsupported(args, calm)
     if refused:
         for reason in refused:
             log.error("refusing to start: %s", reason)

@@ -34,8 +34,11 @@ def prepare_environment(workdir: Path) -> None:
             (workdir / sub).mkdir(exist_ok=True)
             os.environ[var] = str(workdir / sub)
     os.environ["TMPDIR"] = str(socket_dir(Path(os.environ["TMPDIR"])))
-    # memserve's row bookkeeping is a V1 logits processor, which Model Runner V2
-    # refuses (see server/worker/rows.py).
+    # vLLM's V1 model runner by default: memserve's row bookkeeping there is a V1
+    # logits processor (server/worker/rows.py), and it serves every memory kind.
+    # Under Model Runner V2 (an operator's =1) a model state keeps the rows
+    # (server/worker/v2_state.py): decoder memories only, and only where vLLM
+    # can run V2 (Triton: a GPU); see unsupported().
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
@@ -96,6 +99,10 @@ def engine_args(
     by vLLM's own class, and memories other than lora are refused at load.
     On a CPU the model is compiled by vLLM as usual unless ``calm`` memories are
     served (their hooks need eager execution); on a GPU it runs eagerly.
+
+    Under Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``) the row bookkeeping
+    is memserve's model state (``server/worker/v2_state.py``), which the model
+    names itself, so no ``--logits-processors`` is passed: V2 refuses V1 ones.
     """
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -103,7 +110,7 @@ def engine_args(
     argv = [
         "--model", model,
         "--served-model-name", served_name,
-        "--logits-processors", keys.ROWS_PROCESSOR,
+        *([] if v2_runner() else ["--logits-processors", keys.ROWS_PROCESSOR]),  # V2 refuses V1 processors: its rows come from a model state
         "--worker-extension-cls", keys.WORKER_EXTENSION,
         "--no-async-scheduling",
         "--tensor-parallel-size", str(tensor_parallel_size),
@@ -140,15 +147,33 @@ def engine_args(
 SPAN_ATTENTION_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN", "FLEX_ATTENTION")
 
 
-def unsupported(args: Namespace) -> list[str]:
+def v2_runner() -> bool:
+    """Whether vLLM runs Model Runner V2: ``VLLM_USE_V2_MODEL_RUNNER`` set and not 0 (memserve defaults it to 0: ``prepare_environment``)."""
+    return os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false", "")
+
+
+def unsupported(args: Namespace, calm: bool = False) -> list[str]:
     """Why the engine ``args`` describe cannot serve memories as memserve serves them: one reason per flag, empty if none.
 
-    Each combination here would start and then serve memory rows wrongly (or
-    fail at the first request), so the server refuses to start, naming it.
+    ``calm``: whether the server accepts calm memories (``server/startup.py``'s
+    ``serves_calm``). Each combination here would start and then serve memory
+    rows wrongly (or fail at the first request), so the server refuses to
+    start, naming it.
     """
     reasons = []
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false", ""):
-        reasons.append("VLLM_USE_V2_MODEL_RUNNER=1: memserve tracks each row's memories with a V1 logits processor, which Model Runner V2 refuses; unset it or set it to 0")
+    v2 = v2_runner()
+    if v2 and calm:
+        reasons.append(
+            "VLLM_USE_V2_MODEL_RUNNER=1 with calm memories: under Model Runner V2 memserve serves decoder memories only "
+            "(calm's augmenting model needs each row's token lists, kept by the V1 runner's bookkeeping); pass --calm off, or unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+        )
+    if v2 and on_cpu() and not _has_triton():
+        reasons.append(
+            "VLLM_USE_V2_MODEL_RUNNER=1 on this CPU: vLLM's Model Runner V2 prepares every step with Triton kernels, and this Triton has no CPU backend "
+            "(vLLM disables it); unset VLLM_USE_V2_MODEL_RUNNER or set it to 0"
+        )
+    if v2 and (getattr(args, "enable_dbo", False) or int(getattr(args, "ubatch_size", 0) or 0) > 1):
+        reasons.append("--enable-dbo / --ubatch-size under Model Runner V2: the step's memory rows reach the forward whole, not split per micro-batch; drop the flag or use the V1 runner")
     if getattr(args, "async_scheduling", False):
         reasons.append("--async-scheduling: memories read each request's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
     overrides = getattr(args, "hf_overrides", None)
@@ -157,7 +182,7 @@ def unsupported(args: Namespace) -> list[str]:
         reasons.append("decoder memory slots run on one device (not yet sharded): with --tensor-parallel-size or --pipeline-parallel-size above 1, pass --decoder-slots 0")
     if getattr(args, "speculative_config", None):
         reasons.append("--speculative-config: the drafter reads the model's hidden states, which memserve's model widens on steps with decoder memories; drop the flag")
-    if not on_cpu():
+    if not on_cpu() and not v2:  # under V2 the rows' spans come from the input batch (server/worker/v2_state.py), not the attention metadata
         backend = getattr(args, "attention_backend", None)
         name = getattr(backend, "name", backend) or os.environ.get("VLLM_ATTENTION_BACKEND")
         if name not in SPAN_ATTENTION_BACKENDS:
@@ -202,6 +227,13 @@ def _utilization_leaving(reserved_bytes: int, default: float = 0.9) -> float:
     if share < 0.1:
         raise ValueError(f"--memory-budget-bytes {reserved_bytes:,} leaves vLLM {share:.0%} of the {total:,}-byte GPU")
     return share
+
+
+def _has_triton() -> bool:
+    """Whether vLLM can run Triton kernels here (on a CPU: only with Triton's CPU backend, ``vllm/triton_utils/importing.py``)."""
+    from vllm.triton_utils import HAS_TRITON
+
+    return bool(HAS_TRITON)
 
 
 def on_cpu() -> bool:

@@ -97,9 +97,7 @@ class MemoryWorkerExtension:
             error = ArtifactError(key, "decoder memories are off", "this server has no decoder memory slots (--decoder-slots 0)")
             _LOADING[key] = _LOADER.submit(_raise, error)
             return
-        from server.worker.rows import MemoryRows
-
-        _LOADING[key] = _LOADER.submit(bank.load, path, key, lambda slot: MemoryRows.active is not None and MemoryRows.active.holds(slot), base_tensors(runner))
+        _LOADING[key] = _LOADER.submit(bank.load, path, key, rows_hold, base_tensors(runner))
 
     def memserve_loaded(self, key: str) -> dict | None:
         """None while loading; then the memory's sizes, or ``{"error": ...}``.
@@ -144,6 +142,18 @@ class MemoryWorkerExtension:
         if isinstance(memory, Slot):
             memory.retired = True  # its slot is reused once no row runs on it
         return memory is not None or loading is not None
+
+
+def rows_hold(slot: Slot) -> bool:
+    """Whether a row of the batch still runs on ``slot``: the V1 runner's bookkeeping (``server/worker/rows.py``) or Model Runner V2's (``server/worker/v2_state.py``)."""
+    import sys
+
+    from server.worker.rows import MemoryRows
+
+    if MemoryRows.active is not None and MemoryRows.active.holds(slot):
+        return True
+    v2 = sys.modules.get("server.worker.v2_state")  # imported only where vLLM runs V2
+    return v2 is not None and v2.MemserveModelState.active is not None and v2.MemserveModelState.active.holds(slot)
 
 
 def cache_sizes(memory: Slot | CalmMemory) -> dict:

@@ -29,6 +29,13 @@ entry point and selected with ``hf_overrides``), extended here:
   reaches ``compute_logits``; a step without decoder rows returns vLLM's
   hidden states untouched. Speculative decoding (whose drafter reads the
   hidden states) is refused at start (``server/engine/client.py``).
+- Under Model Runner V2 (``VLLM_USE_V2_MODEL_RUNNER=1``, no V1 logits
+  processors) the rows come from memserve's model state instead
+  (``get_model_state_cls``, ``server/worker/v2_state.py``), as the forward's
+  ``memserve_rows`` keyword; decoder memories only (calm is refused with V2 at
+  start). V2's runner, too, only indexes rows of the forward's output
+  (``hidden_states[input_batch.logits_indices]`` in ``sample``, slices of a
+  request's tokens for prompt logprobs) before ``compute_logits``.
 
 Base rows compute exactly what vLLM computes, bit for bit (their logits are
 returned in fp32 when the step fuses other rows, which is lossless).
@@ -51,7 +58,7 @@ from server.worker.bank import MemoryBank
 from server.worker.calm_step import CalmStep
 from server.worker.decoder_step import DecoderStep
 from server.worker.rows import MemoryRows
-from server.worker.spans import spans
+from server.worker.spans import IDS_KWARG, ROWS_KWARG, spans
 
 log = logging.getLogger("memserve.worker")
 
@@ -80,7 +87,16 @@ class MemserveModel:
 
         return hook
 
+    @staticmethod
+    def get_model_state_cls():
+        """Model Runner V2's per-request state for this model (V1 never asks): it hands ``forward`` the step's memory rows."""
+        from server.worker.v2_state import MemserveModelState  # imports V2's modules, which a V1 worker never needs
+
+        return MemserveModelState
+
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        if ROWS_KWARG in kwargs:  # Model Runner V2: the rows from MemserveModelState.prepare_inputs
+            return self._forward_v2(kwargs.pop(ROWS_KWARG), kwargs.pop(IDS_KWARG, None), input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         rows = MemoryRows.active
         # token lists only where a calm row or a step without ids (prompt embeddings) needs them
         tokens = rows is not None and (input_ids is None or any(r.calm is not None for r in rows.requests.values()))
@@ -91,6 +107,15 @@ class MemserveModel:
         finally:
             self._calm = None
         self._decoders = DecoderStep.read(step, input_ids, positions, self.memory_bank)
+        if self._decoders is None or not isinstance(hidden, torch.Tensor):
+            return hidden
+        return with_token_index(hidden)
+
+    def _forward_v2(self, step, step_ids, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
+        """The forward under Model Runner V2: ``step`` is ``[(Request, Span(start, stop)), ...]`` in row order (decoder rows only:
+        calm is not served under V2); ``step_ids`` the step's token ids where vLLM passes only ``inputs_embeds``."""
+        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        self._decoders = DecoderStep.read(step, input_ids if input_ids is not None else step_ids, positions, self.memory_bank)
         if self._decoders is None or not isinstance(hidden, torch.Tensor):
             return hidden
         return with_token_index(hidden)

@@ -144,10 +144,20 @@ def _request(params: SamplingParams, prompt: list[int] | None, output: list[int]
             request.calm = memory
         else:
             log.error("request names calm memory %s, which this worker has not loaded; serving the base", calm_key)
+    request.decoders = decoder_parts(specs)
+    return request if request.calm is not None or request.decoders else None
+
+
+def decoder_parts(specs: list[dict]) -> list[DecoderPart]:
+    """The decoder memories ``specs`` name (``read_decoder_parts``), in order, as this worker has them loaded; one it has not is left out, logged.
+
+    Shared by both runners' bookkeeping: this module's (V1) and ``server/worker/v2_state.py``'s (Model Runner V2).
+    """
+    parts = []
     for spec in specs:
         slot = REGISTRY.get(spec["memory"])
         if not isinstance(slot, Slot):
             log.error("request names memory %s, which this worker has not loaded; the row goes without it", spec["memory"])
             continue
-        request.decoders.append(DecoderPart(slot, float(spec["weight"]), float(spec.get("temperature", 1.0))))
-    return request if request.calm is not None or request.decoders else None
+        parts.append(DecoderPart(slot, float(spec["weight"]), float(spec.get("temperature", 1.0))))
+    return parts

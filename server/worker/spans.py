@@ -19,6 +19,12 @@ import torch
 
 log = logging.getLogger("memserve.rows")
 
+# Under Model Runner V2 the rows reach the forward as keyword arguments from memserve's model state
+# (server/worker/v2_state.py) instead of being read here: the step's memory rows, and the step's
+# token ids where vLLM passes only inputs_embeds (--enable-prompt-embeds)
+ROWS_KWARG = "memserve_rows"
+IDS_KWARG = "memserve_input_ids"
+
 
 @dataclass(frozen=True)
 class Span:

@@ -45,3 +45,14 @@ def test_the_engine_serves_the_base_through_memserves_model_where_it_has_one(arc
         assert overrides == {"architectures": [MODEL_ARCHITECTURES[architecture]], "memserve_memory_slots": 3, "memserve_memory_layers": 0, "memserve_memory_lanes": 2}
     else:
         assert not overrides  # vLLM's own class: decoder and calm memories are refused at load
+
+
+def test_under_model_runner_v2_no_v1_logits_processor_is_passed(environ):
+    """V2 refuses V1 logits processors; memserve's model names its own model state instead (server/worker/v2_state.py)."""
+    from server.engine.client import engine_args
+
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    args = engine_args("/m", "base", None, [], architecture="LlamaForCausalLM", decoder_slots=3, calm=False)
+    assert not args.logits_processors and args.worker_extension_cls
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    assert engine_args("/m", "base", None, [], architecture="LlamaForCausalLM", calm=False).logits_processors
