@@ -255,11 +255,11 @@ def markdown(r: dict) -> str:
             )
     rows.append("")
     for run in r["runs"]:
-        rows += _targets(run["streams"], run["scenarios"], r["compute_bound"], r.get("mixture_bound"))
+        rows += targets(run["streams"], run["scenarios"], r["compute_bound"], r.get("mixture_bound"))
     return "\n".join(rows)
 
 
-def _targets(streams: int, s: dict, bound: float, mix_bound: float | None = None) -> list[str]:
+def targets(streams: int, s: dict, bound: float, mix_bound: float | None = None) -> list[str]:
     out = []
     if "memory" in s and "base" in s:
         mem = s["memory"]["ratio_to_base"]

@@ -118,9 +118,9 @@ def test_rounds_give_medians_and_within_round_ratios_with_their_spread():
 
 
 def test_plain_scenario_reports_base_rows_against_a_server_without_memories():
-    from bench.run import SCENARIOS, _targets
+    from bench.run import SCENARIOS, targets
 
     assert "plain" in SCENARIOS
     stats = lambda tps: {"output_tokens_per_s": tps, "ratio_to_base": 1.0}  # noqa: E731
-    lines = _targets(8, {"base": stats(97.0), "plain": stats(100.0)}, 0.5)
+    lines = targets(8, {"base": stats(97.0), "plain": stats(100.0)}, 0.5)
     assert lines == ["- 8 streams: base rows with memories loaded ÷ a server without memories = 0.970 (target ≥ 0.97)"]
