@@ -18,7 +18,8 @@ Writes ``report.json``, ``report.md`` and ``confusion.png`` (oracle × router at
 
 A text file holds one document per non-empty line (``.jsonl``: a ``text`` field per line); an
 artifact directory's build work folder (``<out>/work/<name>/corpus/test.npy``, as the decoder build
-and calm compose leave it) is cut into documents of ``--doc-tokens`` tokens.
+and calm compose leave it; ``<cache>/work/<name>`` for the demo memories in ``<cache>/memories``) is
+cut into documents of ``--doc-tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -55,12 +56,17 @@ def read_documents(spec: str, max_docs: int, doc_tokens: int) -> list[str | list
     path = Path(spec)
     if path.is_dir():
         stream = None
-        for candidate in (path.parent / "work" / path.name / "corpus" / "test.npy", path / "corpus" / "test.npy"):
+        candidates = (
+            path.parent / "work" / path.name / "corpus" / "test.npy",  # a build's default work folder, <out>/work/<name>
+            path.parent.parent / "work" / path.name / "corpus" / "test.npy",  # the demo memories': <cache>/work/<name> beside <cache>/memories
+            path / "corpus" / "test.npy",  # the work folder itself
+        )
+        for candidate in candidates:
             if candidate.exists():
                 stream = np.load(candidate)
                 break
         if stream is None:
-            raise SystemExit(f"{spec}: no test split found (looked for {path.parent / 'work' / path.name / 'corpus' / 'test.npy'})")
+            raise SystemExit(f"{spec}: no test split found (looked for {', '.join(map(str, candidates))})")
         return [stream[i : i + doc_tokens].tolist() for i in range(0, len(stream) - doc_tokens + 1, doc_tokens)][:max_docs]
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":

@@ -50,3 +50,26 @@ def test_groups_pool_tokens_and_report_auto_against_oracle_and_base():
 
     md = markdown(report)
     assert "| in-domain | 4 | 50.0% / 100.0% |" in md and "| out-of-domain | 4 | 0.0% / 100.0% |" in md
+
+
+def test_an_artifact_directory_reads_its_test_split_from_either_work_folder(tmp_path):
+    import numpy as np
+    import pytest
+
+    from server.route_eval import read_documents
+
+    stream = np.arange(1000)
+    build = tmp_path / "out" / "work" / "bio" / "corpus"  # memserve memory build --out OUT: OUT/work/NAME
+    demo = tmp_path / "cache" / "work" / "law" / "corpus"  # the demo memories: <cache>/memories/NAME beside <cache>/work/NAME
+    for folder in (build, demo):
+        folder.mkdir(parents=True)
+        np.save(folder / "test.npy", stream)
+    (tmp_path / "out" / "bio").mkdir()
+    (tmp_path / "cache" / "memories" / "law").mkdir(parents=True)
+    docs = read_documents(str(tmp_path / "out" / "bio"), max_docs=2, doc_tokens=256)
+    assert [len(d) for d in docs] == [256, 256] and docs[1][0] == 256
+    assert len(read_documents(str(tmp_path / "cache" / "memories" / "law"), max_docs=50, doc_tokens=256)) == 3
+    assert len(read_documents(str(tmp_path / "cache" / "work" / "law"), max_docs=50, doc_tokens=256)) == 3
+    (tmp_path / "none").mkdir()
+    with pytest.raises(SystemExit, match="no test split"):
+        read_documents(str(tmp_path / "none"), max_docs=1, doc_tokens=256)
