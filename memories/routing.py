@@ -263,8 +263,13 @@ def read_profile(directory: str | os.PathLike, vocab_size: int | None = None) ->
     path = Path(directory) / ROUTING_JSON
     if not path.is_file():
         return None
+    return read_profile_file(path, vocab_size)
+
+
+def read_profile_file(path: str | os.PathLike, vocab_size: int | None = None) -> Profile:
+    """A routing profile from a file of ``routing.json``'s form (an artifact's, or one the memory store keeps)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise RoutingError(f"{ROUTING_JSON} cannot be read: {e}") from None
     if not isinstance(data, dict):

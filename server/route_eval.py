@@ -18,7 +18,8 @@ Writes ``report.json``, ``report.md`` and ``confusion.png`` (oracle × router at
 
 A text file holds one document per non-empty line (``.jsonl``: a ``text`` field per line); an
 artifact directory's build work folder (``<out>/work/<name>/corpus/test.npy``, as the decoder build
-and calm compose leave it) is cut into documents of ``--doc-tokens`` tokens.
+and calm compose leave it; ``<cache>/work/<name>`` for the demo memories in ``<cache>/memories``) is
+cut into documents of ``--doc-tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -55,12 +56,17 @@ def read_documents(spec: str, max_docs: int, doc_tokens: int) -> list[str | list
     path = Path(spec)
     if path.is_dir():
         stream = None
-        for candidate in (path.parent / "work" / path.name / "corpus" / "test.npy", path / "corpus" / "test.npy"):
+        candidates = (
+            path.parent / "work" / path.name / "corpus" / "test.npy",  # a build's default work folder, <out>/work/<name>
+            path.parent.parent / "work" / path.name / "corpus" / "test.npy",  # the demo memories': <cache>/work/<name> beside <cache>/memories
+            path / "corpus" / "test.npy",  # the work folder itself
+        )
+        for candidate in candidates:
             if candidate.exists():
                 stream = np.load(candidate)
                 break
         if stream is None:
-            raise SystemExit(f"{spec}: no test split found (looked for {path.parent / 'work' / path.name / 'corpus' / 'test.npy'})")
+            raise SystemExit(f"{spec}: no test split found (looked for {', '.join(map(str, candidates))})")
         return [stream[i : i + doc_tokens].tolist() for i in range(0, len(stream) - doc_tokens + 1, doc_tokens)][:max_docs]
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
@@ -100,9 +106,7 @@ def evaluate(client: Client, sources: list[tuple[str, str | None]], docs: dict[s
 
     memories = [name for name, label in sources if label is not None]
     options = ["none", *memories]
-    rows, logprobs = [], {o: [] for o in options}
-    auto_lps = {n: [] for n in lengths}
-    oracle_lps: list[float] = []
+    rows, scored = [], []  # scored[i]: row i's log-probabilities under every option (kept out of the report)
     for source, label in sources:
         for i, doc in enumerate(docs[source]):
             ids, base_lps = client.score(doc if isinstance(doc, list) else doc, "none")
@@ -115,26 +119,51 @@ def evaluate(client: Client, sources: list[tuple[str, str | None]], docs: dict[s
             ppl = {o: perplexity(per[o]) for o in options}
             oracle = min(options, key=lambda o: ppl[o])
             routed = {n: client.route(ids[:n]) for n in lengths}
-            for o in options:
-                logprobs[o] += per[o]
-            oracle_lps += per[oracle]
-            for n in lengths:
-                auto_lps[n] += per[routed[n]]
             rows.append({"source": source, "document": i, "label": label or "none", "tokens": len(ids), "routed": routed, "oracle": oracle, "perplexity": ppl})
-    overall = {
+            scored.append(per)
+    overall = {**summarize(rows, scored, memories, lengths), "routable": client.routable}
+    pairs = list(zip(rows, scored))
+    groups = {
+        "in-domain": [(r, s) for r, s in pairs if r["label"] != "none"],
+        "out-of-domain": [(r, s) for r, s in pairs if r["label"] == "none"],
+        **{source: [(r, s) for r, s in pairs if r["source"] == source] for source, _ in sources},
+    }
+    by_group = {g: summarize([r for r, _ in ps], [s for _, s in ps], memories, lengths) for g, ps in groups.items() if ps}
+    return {"options": options, "lengths": list(lengths), "overall": overall, "groups": by_group, "documents": rows}
+
+
+def summarize(rows: list[dict], scored: list[dict], memories: list[str], lengths) -> dict:
+    """Accuracy and pooled perplexities (every scored token weighted equally) over ``rows``.
+
+    ``ratios``: perplexity under auto at each length ÷ the oracle's and ÷ the base's, the issue's
+    targets (in-domain: auto ≤ 1.02 × oracle; out-of-domain: auto ≤ 1.01 × base).
+    """
+    from memories.perplexity import perplexity
+
+    def pooled(pick) -> float | None:
+        lps = [x for r, s in zip(rows, scored) for x in s[pick(r)]]
+        return perplexity(lps) if lps else None
+
+    ppl = {
+        **{f"auto@{n}": pooled(lambda r, n=n: r["routed"][n]) for n in lengths},
+        "oracle": pooled(lambda r: r["oracle"]),
+        "base": pooled(lambda r: "none"),
+        **{m: pooled(lambda r, m=m: m) for m in memories},
+    }
+    ratios = {}
+    for n in lengths:
+        auto = ppl[f"auto@{n}"]
+        if auto is not None:
+            ratios[f"auto@{n}/oracle"] = auto / ppl["oracle"]
+            ratios[f"auto@{n}/base"] = auto / ppl["base"]
+    return {
         "documents": len(rows),
         "accuracy_vs_oracle": {n: _share(rows, lambda r, n=n: r["routed"][n] == r["oracle"]) for n in lengths},
         "accuracy_vs_label": {n: _share(rows, lambda r, n=n: r["routed"][n] == r["label"]) for n in lengths},
         "oracle_vs_label": _share(rows, lambda r: r["oracle"] == r["label"]),
-        "perplexity": {
-            **{f"auto@{n}": perplexity(auto_lps[n]) for n in lengths if auto_lps[n]},
-            "oracle": perplexity(oracle_lps) if oracle_lps else None,
-            "base": perplexity(logprobs["none"]) if logprobs["none"] else None,
-            **{m: perplexity(logprobs[m]) for m in memories if logprobs[m]},
-        },
-        "routable": client.routable,
+        "perplexity": ppl,
+        "ratios": ratios,
     }
-    return {"options": options, "lengths": list(lengths), "overall": overall, "documents": rows}
 
 
 def _share(rows, ok) -> float | None:
@@ -148,11 +177,26 @@ def markdown(report: dict) -> str:
     out += [f"| {n} | {_pct(o['accuracy_vs_oracle'][n])} | {_pct(o['accuracy_vs_label'][n])} |" for n in lengths]
     out += ["", f"oracle = label on {_pct(o['oracle_vs_label'])} of documents", "", "| scored under | perplexity |", "|---|---|"]
     out += [f"| {k} | {v:.3f} |" for k, v in o["perplexity"].items() if v is not None]
+    groups = report.get("groups") or {}
+    if groups:
+        keys = [f"auto@{n}" for n in lengths] + ["oracle", "base"] + report["options"][1:]
+        out += ["", "By group (accuracy vs label at " + "/".join(map(str, lengths)) + " tokens; pooled perplexity; auto@64 ÷ oracle and ÷ base):", ""]
+        out += ["| group | docs | accuracy vs label | accuracy vs oracle | " + " | ".join(f"ppl {k}" for k in keys) + " | auto@64 ÷ oracle | auto@64 ÷ base |"]
+        out += ["|" + "---|" * (6 + len(keys))]
+        for g, s in groups.items():
+            acc = " / ".join(_pct(s["accuracy_vs_label"][n]) for n in lengths)
+            acc_o = " / ".join(_pct(s["accuracy_vs_oracle"][n]) for n in lengths)
+            ppl = " | ".join(_num(s["perplexity"].get(k)) for k in keys)
+            out.append(f"| {g} | {s['documents']} | {acc} | {acc_o} | {ppl} | {_num(s['ratios'].get('auto@64/oracle'), 4)} | {_num(s['ratios'].get('auto@64/base'), 4)} |")
     out += ["", "| source | doc | label | oracle | " + " | ".join(f"routed@{n}" for n in lengths) + " | " + " | ".join(f"ppl {x}" for x in report["options"]) + " |"]
     out += ["|" + "---|" * (4 + len(lengths) + len(report["options"]))]
     for r in report["documents"]:
         out.append(f"| {r['source']} | {r['document']} | {r['label']} | {r['oracle']} | " + " | ".join(r["routed"][n] for n in lengths) + " | " + " | ".join(f"{r['perplexity'][x]:.2f}" for x in report["options"]) + " |")
     return "\n".join(out) + "\n"
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x) -> str:

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from memories.artifact import ArtifactError, MemoryCard
 from memories.kinds import check_any_compatible, read_any_card
-from memories.routing import Profile, Router, RoutingError, profile_from_texts, read_profile
+from memories.routing import Profile, Router, RoutingError, profile_from_texts, read_profile, read_profile_file
 from server import metrics
 from server.engine.client import EngineAdapter
-from server.errors import Conflict, Unavailable, UnknownMemory, no_weight
+from server.errors import BadRequest, Conflict, Unavailable, UnknownMemory, no_weight
 from server.serving.store import DesiredMemory, MemoryStore
 
 log = logging.getLogger("memserve.catalog")
+
+ROUTING_PROMPTS = "routing_prompts"  # source of a profile made at load time from an admin's routing_prompts: kept in the store, not the artifact
 
 
 @dataclass(eq=False)
@@ -42,6 +44,7 @@ class LoadedMemory:
     cache_budget_bytes: int | None = None  # --memory-kv-budget, for calm memories
     max_rows: int | None = None  # calm: rows its cache budget holds; requests beyond get 503
     profile: Profile | None = None  # routing profile (routing.json or the admin's routing_prompts); None: not routable
+    routing: str | None = None  # the store's file of a profile made from routing_prompts (DesiredMemory.routing), if any
     requests: int = 0
     rows: int = 0  # engine rows (choices × prompts) of the running requests
     prompt_tokens: int = 0
@@ -159,10 +162,19 @@ class MemoryCatalog:
         """The memory's routing profile: made from ``routing_prompts`` when given, else its ``routing.json``, else None (not routable)."""
         try:
             if routing_prompts:
-                return profile_from_texts(routing_prompts, self.base_tokenizer, source="routing_prompts")
+                return profile_from_texts(routing_prompts, self.base_tokenizer, source=ROUTING_PROMPTS)
             return read_profile(card.path, self.vocab_size)
         except RoutingError as e:
             raise ArtifactError(card.name, "routing profile", str(e)) from None
+
+    def stored_profile(self, card: MemoryCard, want: DesiredMemory) -> Profile | None:
+        """A desired memory's profile: the one the store keeps from its admin load's routing_prompts, else its routing.json."""
+        if want.routing is None:
+            return self.routing_profile(card)
+        try:
+            return read_profile_file(self.store.resolve(want.routing), self.vocab_size)
+        except (RoutingError, BadRequest) as e:
+            raise ArtifactError(card.name, "routing profile kept in the memory root", str(e)) from None
 
     def _rebuild_router(self) -> None:
         self.router = Router({n: m.profile for n, m in self._memories.items() if m.profile is not None}, self.vocab_size)
@@ -310,7 +322,8 @@ class MemoryCatalog:
             self._spawn(self._retire(previous, timeout=None))
         if managed and persist and self.store is not None:
             entry = DesiredMemory(card.name, self.store.relative(Path(card.path)), card.weight if card.kind == "decoder" else None, card.content_sha256)
-            await asyncio.to_thread(self.store.put, entry)
+            made = profile.to_json() if profile is not None and profile.source == ROUTING_PROMPTS else None  # not in the artifact: kept in the store
+            loaded.routing = (await asyncio.to_thread(self.store.put, entry, made)).routing
         return loaded
 
     async def unload(self, name: str, timeout: float | None = None, managed: bool = True) -> tuple[LoadedMemory, bool]:
@@ -394,6 +407,8 @@ class MemoryCatalog:
                 same_weight = have is not None and (want.memory_weight is None or have.card.weight == want.memory_weight)
                 if have is not None and have.card.content_sha256 == want.content_sha256 and same_weight:
                     have.managed = True
+                    if have.routing != want.routing:  # another replica reloaded it with other routing_prompts, or none
+                        await self._swap_profile(have, want)
                     continue
                 try:
                     path = self.store.resolve(want.path)
@@ -407,8 +422,9 @@ class MemoryCatalog:
                     card = await asyncio.to_thread(self.validate_stored, name, str(path), want.memory_weight)
                     if card.content_sha256 != want.content_sha256:
                         raise ArtifactError(name, "content changed on disk", f"store expects {want.content_sha256[:16]}…, found {card.content_sha256[:16]}…")
-                    profile = await asyncio.to_thread(self.routing_profile, card)
-                    await self._load(card, replace=True, managed=True, persist=False, profile=profile)
+                    profile = await asyncio.to_thread(self.stored_profile, card, want)
+                    loaded = await self._load(card, replace=True, managed=True, persist=False, profile=profile)
+                    loaded.routing = want.routing
                     log.info("reconcile: memory %s loaded from the store", name)
                 except Exception as e:  # reported in /admin/memories, the server keeps serving
                     self._fail(name, str(e), attempt)
@@ -418,6 +434,21 @@ class MemoryCatalog:
             for name in [n for n in self.problems if n not in desired]:
                 del self.problems[name]
                 self._failed.pop(name, None)
+
+    async def _swap_profile(self, have: LoadedMemory, want: DesiredMemory) -> None:
+        """Take the desired entry's routing profile for a memory already loaded (the weights are the same).
+
+        A profile that cannot be read leaves the memory unroutable, with the reason logged once
+        (tried again when the entry changes), rather than routing on a profile the store no longer names.
+        """
+        try:
+            have.profile = await asyncio.to_thread(self.stored_profile, have.card, want)
+            log.info("reconcile: memory %s routes on %s", have.name, want.routing or "its routing.json")
+        except Exception as e:
+            have.profile = None
+            log.error("reconcile: memory %s is not routable: %s", have.name, e)
+        have.routing = want.routing
+        self._rebuild_router()
 
     def _fail(self, name: str, reason: str, attempt) -> None:
         self.problems[name] = reason

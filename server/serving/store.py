@@ -1,7 +1,8 @@
 """The persistent memory store: a folder of artifacts plus the desired loaded set.
 
 ``<memory-root>/memserve-state.json`` is the *desired* set (name, path
-relative to the root, λ, content hash). Every admin change on any replica
+relative to the root, λ, content hash, and the routing profile an admin load
+made from ``routing_prompts``, kept in ``<memory-root>/routing/``). Every admin change on any replica
 edits it under an exclusive file lock (read, modify one entry, write
 atomically), and every replica reconciles its loaded set against it: at
 start, after its own admin calls, and on a timer. Replicas sharing the root
@@ -11,13 +12,15 @@ therefore converge on the same set without talking to each other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from memories.artifact import ArtifactError, write_json_atomic
@@ -28,6 +31,8 @@ log = logging.getLogger("memserve.store")
 STATE_FILE = "memserve-state.json"
 GENERATED = "generated"  # <memory-root>/generated/<name>-<16 hex>: lora memories memserve generated (server/serving/generation.py)
 _GENERATED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16}")
+ROUTING = "routing"  # <memory-root>/routing/<name>-<16 hex>.json: routing profiles made from an admin load's routing_prompts
+_ROUTING_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*-[0-9a-f]{16}\.json")
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,13 @@ class DesiredMemory:
     path: str  # relative to the memory root
     memory_weight: float | None
     content_sha256: str
+    routing: str | None = None  # relative to the root: the profile made from the admin load's routing_prompts (instead of the artifact's routing.json)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        if out["routing"] is None:  # written only when set, so that a state without it stays readable by older servers
+            del out["routing"]
+        return out
 
 
 class MemoryStore:
@@ -112,7 +124,8 @@ class MemoryStore:
         except (OSError, json.JSONDecodeError) as e:
             log.error("cannot read %s (%s); keeping the loaded set as it is", self.state_path, e)
             raise
-        return {m["name"]: DesiredMemory(**m) for m in data.get("memories", [])}
+        known = {f.name for f in dataclasses.fields(DesiredMemory)}
+        return {m["name"]: DesiredMemory(**{k: v for k, v in m.items() if k in known}) for m in data.get("memories", [])}
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -124,11 +137,18 @@ class MemoryStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def put(self, entry: DesiredMemory) -> None:
+    def put(self, entry: DesiredMemory, routing: dict | None = None) -> DesiredMemory:
+        """Add or replace ``entry``; ``routing``: a routing profile (``routing.json``'s form) to keep with it.
+
+        The profile is written under the lock, so no other replica's write prunes it before its entry lands.
+        Returns the entry as stored (``routing`` set to the profile's file, or None).
+        """
         with self._locked():
+            entry = dataclasses.replace(entry, routing=self._write_routing(entry.name, routing) if routing is not None else None)
             state = self.desired()
             state[entry.name] = entry
             self._write(state)
+        return entry
 
     def remove(self, name: str) -> None:
         with self._locked():
@@ -137,4 +157,25 @@ class MemoryStore:
                 self._write(state)
 
     def _write(self, state: dict[str, DesiredMemory]) -> None:
-        write_json_atomic(self.state_path, {"format": 1, "memories": [asdict(state[n]) for n in sorted(state)]})
+        write_json_atomic(self.state_path, {"format": 1, "memories": [state[n].to_json() for n in sorted(state)]})
+        self._prune_routing(state)
+
+    def _write_routing(self, name: str, profile: dict) -> str:
+        """Write a routing profile as ``routing/<name>-<16 hex of its content>.json``; its path relative to the root."""
+        text = json.dumps(profile, sort_keys=True)
+        relative = f"{ROUTING}/{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+        path = self.root / relative
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            write_json_atomic(path, profile)
+        return relative
+
+    def _prune_routing(self, state: dict[str, DesiredMemory]) -> None:
+        """Delete the profiles memserve wrote that no entry refers to any more (only files named as it names them)."""
+        folder = self.root / ROUTING
+        if not folder.is_dir():
+            return
+        keep = {e.routing for e in state.values() if e.routing}
+        for path in folder.iterdir():
+            if _ROUTING_FILE.fullmatch(path.name) and f"{ROUTING}/{path.name}" not in keep:
+                path.unlink(missing_ok=True)

@@ -461,3 +461,41 @@ def test_calm_requests_beyond_the_rows_its_cache_budget_holds_get_503_naming_the
     assert (listed["cache_bytes"], listed["cache_budget_bytes"], listed["max_rows"]) == (40, 1000, 2)
     assert refreshed["cache_bytes"] == 77 and refreshed["active_rows"] == 1
     assert metrics.CACHE_BYTES.labels("c")._value.get() == 77 and metrics.CACHE_BUDGET_BYTES.labels("c")._value.get() == 1000
+
+
+def test_a_profile_made_from_routing_prompts_is_kept_in_the_store_for_other_replicas(tiny, tok, tmp_path):
+    """An admin load's routing_prompts profile survives a restart and reaches every replica; a reload without prompts drops it."""
+    import json
+    import shutil
+
+    from server.serving.store import ROUTING, MemoryStore
+
+    shutil.copytree(tiny["alpha"], tmp_path / "m")  # no routing.json: routable only through routing_prompts
+    prompts = ["the court held that the contract was void", "the licensee may not sublicense the software", "the tenant shall pay rent monthly"]
+    ids = tok("the court held the licence void", add_special_tokens=False)["input_ids"]
+
+    async def go():
+        a = MemoryCatalog(FakeEngine(), tok, store=MemoryStore(tmp_path))
+        loaded = await a.load_dir("m", str(tmp_path / "m"), routing_prompts=prompts)
+        assert loaded.routing.startswith(f"{ROUTING}/m-") and (tmp_path / loaded.routing).is_file()
+        assert json.loads((tmp_path / "memserve-state.json").read_text())["memories"][0]["routing"] == loaded.routing
+
+        b = MemoryCatalog(FakeEngine(), tok, store=MemoryStore(tmp_path))  # another replica, or this one restarted
+        await b.reconcile()
+        kept = b.get("m").profile
+        assert kept is not None and kept.threshold == loaded.profile.threshold and kept.counts.tolist() == loaded.profile.counts.tolist()
+        assert b.router.route(ids).memory == a.router.route(ids).memory == "m"
+
+        await a.load_dir("m", str(tmp_path / "m"), replace=True)  # reloaded without routing_prompts: its routing.json (none) again
+        assert a.get("m").profile is None and list((tmp_path / ROUTING).iterdir()) == []
+        assert "routing" not in json.loads((tmp_path / "memserve-state.json").read_text())["memories"][0]  # readable by older servers
+        await b.reconcile()  # same weights: only the profile changes
+        assert b.get("m").profile is None and b.router.route(ids).memory is None and b.engine.loaded == ["m@1"]
+        await drained(a)
+        await drained(b)
+
+    run(go())
+    state = json.loads((tmp_path / "memserve-state.json").read_text())
+    state["memories"][0]["from_a_newer_server"] = 1  # unknown fields are ignored
+    (tmp_path / "memserve-state.json").write_text(json.dumps(state))
+    assert list(MemoryStore(tmp_path).desired()) == ["m"]
