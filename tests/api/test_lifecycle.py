@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ def start(tiny, workdir: Path, *extra: str) -> ServerProcess:
 
 
 class LongStream(threading.Thread):
-    """A streamed memory request long enough to still run when the test acts (8 choices × 500 tokens)."""
+    """A streamed memory request of 8 choices × 500 tokens."""
 
     def __init__(self, server: ServerProcess):
         super().__init__(daemon=True)
@@ -57,19 +58,28 @@ class LongStream(threading.Thread):
 
 def test_sigterm_finishes_running_requests_and_refuses_new_ones(tiny, tmp_path):
     server = start(tiny, tmp_path, "--shutdown-grace", "300")
+    engine = None
     try:
         stream = LongStream(server)
         stream.start()
         assert stream.started.wait(300) and stream.error is None
+        # the engine is held still while the test acts, so the running request cannot finish first, however fast it decodes
+        engine = next(pid for pid in _children(server.proc.pid) if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes())
+        os.kill(engine, signal.SIGSTOP)
         os.kill(server.proc.pid, signal.SIGTERM)
         refused = httpx.post(server.url + "/v1/completions", json={"model": "tiny-base", "prompt": "x", "max_tokens": 2}, timeout=60)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == 503
         assert httpx.get(server.url + "/health", timeout=60).status_code == 503
+        assert not stream.done
+        os.kill(engine, signal.SIGCONT)
         stream.join(600)
         assert stream.error is None and stream.done and stream.tokens == 8 * 500
         assert server.proc.wait(120) == 0
         assert "drained; stopping" in server.log_path.read_text()
     finally:
+        if engine is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine, signal.SIGCONT)
         server.stop()
 
 
