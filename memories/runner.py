@@ -318,7 +318,7 @@ class MemoryDecoder:
         B = len(slots)
         for i in range(c.layers):
             p = f"layers.{i}."
-            h = _rms_norm(x, w[p + "input_layernorm.weight"], c.rms_eps)
+            h = rms_norm(x, w[p + "input_layernorm.weight"], c.rms_eps)
             q = F.linear(h, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
             k = F.linear(h, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
             v = F.linear(h, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
@@ -336,12 +336,12 @@ class MemoryDecoder:
                 keys, values = cache_k[i, s : s + 1, :, :total], cache_v[i, s : s + 1, :, :total]
             att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=c.heads != c.kv_heads)
             x = x + F.linear(att.transpose(1, 2).reshape(B, n_new, -1), w[p + "self_attn.o_proj.weight"])
-            h = _rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
+            h = rms_norm(x, w[p + "post_attention_layernorm.weight"], c.rms_eps)
             gate = F.linear(h, w[p + "mlp.gate_proj.weight"])
             x = x + F.linear(F.silu(gate) * F.linear(h, w[p + "mlp.up_proj.weight"]), w[p + "mlp.down_proj.weight"])
             if taps is not None:
                 taps[i] = x
-        return _rms_norm(x, w["norm.weight"], c.rms_eps)
+        return rms_norm(x, w["norm.weight"], c.rms_eps)
 
     def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = pos.to(torch.float64)[..., None] * self._inv_freq  # [B, M, D/2]
@@ -436,7 +436,8 @@ def _finite(name: str, key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.T
     return t
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as transformers computes it (in fp32, scaled in the weight's dtype); every runtime of a memory uses this one."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memories.artifact import ArtifactError, check_floating, finite_number, is_int
+from memories.runner import rms_norm
 
 COMPOSITION_FILE = "composition.safetensors"
 AUGMENT_DIR = "augment"
@@ -131,11 +132,6 @@ def default_connections(n: int, augment_layers: int, base_layers: int) -> list[t
     augment = [(i + 1) * augment_layers // n - 1 for i in range(n)]
     base = [(i + 1) * base_layers // (n + 1) - 1 for i in range(n)]
     return list(zip(augment, base))
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class Connection(nn.Module):

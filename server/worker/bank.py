@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memories.artifact import ArtifactError
-from memories.runner import DecoderConfig, read_weights
+from memories.runner import DecoderConfig, read_weights, rms_norm
 
 
 @dataclass
@@ -206,9 +206,3 @@ class MemoryBank(nn.Module):
         """The slot's output head over its own vocabulary (thin memories: the base's, one tensor for all of them)."""
         return self.base_head[: slot.vocab] if slot.thin else self.head[slot.index, : slot.vocab]
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm as transformers computes it (in fp32, scaled in the weight's dtype)."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
