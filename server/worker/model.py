@@ -95,27 +95,22 @@ class MemserveModel:
         return MemserveModelState
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
-        if ROWS_KWARG in kwargs:  # Model Runner V2: the rows from MemserveModelState.prepare_inputs
-            return self._forward_v2(kwargs.pop(ROWS_KWARG), kwargs.pop(IDS_KWARG, None), input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        rows = MemoryRows.active
-        # token lists only where a calm row or a step without ids (prompt embeddings) needs them
-        tokens = rows is not None and (input_ids is None or any(r.calm is not None for r in rows.requests.values()))
-        step = spans(rows.requests, input_ids, positions, tokens) if rows is not None else []
+        memory_ids = input_ids
+        if ROWS_KWARG in kwargs:  # Model Runner V2: the rows from MemserveModelState.prepare_inputs (decoder rows only)
+            step = kwargs.pop(ROWS_KWARG)
+            step_ids = kwargs.pop(IDS_KWARG, None)  # the step's token ids where vLLM passes only inputs_embeds
+            memory_ids = input_ids if input_ids is not None else step_ids
+        else:
+            rows = MemoryRows.active
+            # token lists only where a calm row or a step without ids (prompt embeddings) needs them
+            tokens = rows is not None and (input_ids is None or any(r.calm is not None for r in rows.requests.values()))
+            step = spans(rows.requests, input_ids, positions, tokens) if rows is not None else []
         self._calm = CalmStep.read(step)
         try:
             hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         finally:
             self._calm = None
-        self._decoders = DecoderStep.read(step, input_ids, positions, self.memory_bank)
-        if self._decoders is None or not isinstance(hidden, torch.Tensor):
-            return hidden
-        return with_token_index(hidden)
-
-    def _forward_v2(self, step, step_ids, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs):
-        """The forward under Model Runner V2: ``step`` is ``[(Request, Span(start, stop)), ...]`` in row order (decoder rows only:
-        calm is not served under V2); ``step_ids`` the step's token ids where vLLM passes only ``inputs_embeds``."""
-        hidden = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        self._decoders = DecoderStep.read(step, input_ids if input_ids is not None else step_ids, positions, self.memory_bank)
+        self._decoders = DecoderStep.read(step, memory_ids, positions, self.memory_bank)
         if self._decoders is None or not isinstance(hidden, torch.Tensor):
             return hidden
         return with_token_index(hidden)
