@@ -1,4 +1,4 @@
-"""``memserve memory ...`` sub-commands that build memories offline: ``build --kind decoder|calm|lora``, the decoder build's stages one by one, demo, and generate (a lora memory from prompts).
+"""``memserve memory ...`` sub-commands that build memories offline: ``build --kind decoder|calm|lora``, the decoder build's stages one by one, demo, generate (a lora memory from prompts) and compare (every kind on the same text).
 
 ``server/cli.py`` calls ``add_memory_commands(subparsers)`` on the ``memory``
 parser; every sub-command sets ``func`` (taking the argparse Namespace).
@@ -173,6 +173,9 @@ def add_memory_commands(subparsers) -> None:
 
     add_augment_command(subparsers)
     add_calm_demo_command(subparsers)
+    from memories.compare import add_compare_command
+
+    add_compare_command(subparsers)
 
 
 def main(argv=None) -> int:

