@@ -18,6 +18,7 @@ import torch
 from memories.calm.runtime import CalmMemory, CalmRow
 from server.worker.rows import Request
 from server.worker.spans import Span
+from server.worker.upload import upload
 
 
 class _Group:
@@ -71,7 +72,7 @@ class CalmStep:
         for group in self.groups:
             if layer not in group.memory.base_layers:
                 continue
-            index = self.index.setdefault(id(group), torch.tensor(group.index, device=hidden.device))
+            index = self.index.setdefault(id(group), upload(group.index, hidden.device))
             stream = hidden[index] + residual[index]  # vLLM's layers hand the stream on as these two summands
             delta = group.memory.attend(layer, stream, group.rows, group.counts)
             residual = residual.index_add(0, index, delta.to(residual.dtype))

@@ -8,18 +8,19 @@ all memories in one call of the model's :class:`server.worker.bank.MemoryBank`
 paged KV cache, so under chunked prefill, prefix caching and preemption a
 memory holds exactly what the base holds; nothing here tracks positions.
 
-``compute_logits`` then hands :meth:`DecoderStep.fuse` the base's logits of
-some of the step's tokens (the last token of each row for sampling, a
-request's prompt positions for prompt logprobs) and which token each is;
-memory rows get ``memories.fuse.fuse``'s log-distribution over the base and
-all their memories, base rows are returned as they are. Memories that share
-an output head (thin memories: the base's own) apply it in one matmul for all
-their rows, so a mix of them costs about what one memory costs.
+The memories' output heads run in the forward too, at the tokens whose
+logits vLLM will ask for: each row's last token (sampling) and, for a
+request that wants prompt logprobs, all of its tokens. ``compute_logits``
+then hands :meth:`DecoderStep.fuse` the base's logits of some of the step's
+tokens with a device tensor saying which token each is; memory rows get
+``memories.fuse.fuse``'s log-distribution over the base and all their
+memories, gathered on the device, base rows are returned as they are. Memories
+that share an output head (thin memories: the base's own) apply it in one
+matmul for all their rows, so a mix of them costs about what one memory costs.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 
@@ -30,22 +31,30 @@ from memories.fuse import fuse
 from server.worker.bank import LaneGroup, MemoryBank
 from server.worker.rows import Request
 from server.worker.spans import Span
+from server.worker.upload import upload
 
 log = logging.getLogger("memserve.fusion")
 
 
 class DecoderStep:
-    """The decoder rows of one forward and the memories' final hidden states at the step's tokens."""
+    """The decoder rows of one forward and, at the tokens whose logits will be asked for, their memories' logits."""
 
-    def __init__(self, rows: list[tuple[Request, Span]], hidden: torch.Tensor, bank: MemoryBank):
-        self.rows = rows  # in row order, so spans ascend
-        self.starts = [span.start for _, span in rows]
-        self.hidden = hidden  # [lanes, step tokens, H]: lane k holds each row's k-th memory
-        self.bank = bank
+    def __init__(self, token_row: torch.Tensor, mem: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor):
+        self.token_row = token_row  # [step tokens]: the planned row of each token, -1 for tokens no memory fuses
+        self.mem = mem  # [planned rows, lanes, width]: each row's memories' logits (a missing memory: zeros at weight 0)
+        self.weight = weight  # [planned rows, lanes]
+        self.temperature = temperature  # [planned rows, lanes]
 
     @classmethod
     def read(cls, rows: list[tuple[Request, Span]], input_ids: torch.Tensor | None, positions: torch.Tensor, bank: MemoryBank | None) -> "DecoderStep | None":
-        """Run every decoder memory of every row over the row's span; None without decoder rows."""
+        """Run every decoder memory of every row over the row's span; None without decoder rows.
+
+        ``compute_logits`` only ever asks for a row's last token (sampling) or,
+        for a request that wants prompt logprobs, any of its tokens; the memories'
+        output heads run here, in the forward, for exactly those tokens, so that
+        ``compute_logits`` fuses by gathering on the device and never reads back
+        which tokens it was given.
+        """
         rows = [(request, span) for request, span in rows if request.decoders]
         if not rows or bank is None:
             return None
@@ -54,94 +63,96 @@ class DecoderStep:
             ids = [0] * positions.shape[0]
             for _, span in rows:
                 ids[span.start : span.stop] = span.tokens
-            input_ids = torch.tensor(ids, device=device)
+            input_ids = upload(ids, device)
         tokens: list[dict[int, tuple]] = [{} for _ in range(bank.lanes)]  # lane → slot index → (slot, the step's token indices)
         for request, span in rows:
             for lane, part in enumerate(request.decoders[: bank.lanes]):
                 tokens[lane].setdefault(part.slot.index, (part.slot, []))[1].extend(range(span.start, span.stop))
-        lanes = [[LaneGroup(slot, torch.tensor(index, device=device)) for slot, index in by_slot.values()] for by_slot in tokens]
-        return cls(rows, bank(input_ids, positions, lanes), bank)
+        lanes = [[LaneGroup(slot, upload(index, device)) for slot, index in by_slot.values()] for by_slot in tokens]
+        hidden = bank(input_ids, positions, lanes)
 
-    def fuse(self, logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
-        """``logits`` (row r: the base's logits at this step's token ``tokens[r]``) with every memory row fused.
-
-        The plan (which memory hidden state, head, weight and temperature each
-        row's memories use) is built here from host-side lists; the tensor work
-        is :func:`fuse_rows`, whose number of operations depends on the heads
-        and mixture sizes in the step, never on its number of rows.
-        """
-        entries = []  # (output row, lane, part, step token)
-        sizes: dict[int, list[int]] = {}  # a row's number of memories → its output rows
-        for r, t in enumerate(tokens):
-            i = bisect.bisect_right(self.starts, t) - 1
-            if i < 0 or t >= self.rows[i][1].stop:
-                continue
-            parts = self.rows[i][0].decoders[: self.bank.lanes]
-            sizes.setdefault(len(parts), []).append(r)
-            entries += [(r, lane, part, t) for lane, part in enumerate(parts)]
-        if not entries:
-            return logits
-        device = logits.device
-        at = {(r, lane): e for e, (r, lane, _, _) in enumerate(entries)}
+        planned = []  # (step token, its row's memories)
+        for request, span in rows:
+            wanted = range(span.start, span.stop) if request.prompt_logprobs else (span.stop - 1,)
+            planned += [(t, request.decoders[: bank.lanes]) for t in wanted]
+        k = max(len(parts) for _, parts in planned)
+        entries = [(n, lane, part, t) for n, (t, parts) in enumerate(planned) for lane, part in enumerate(parts)]
         heads = []
-        for group in _by_head(list(enumerate(entries))):
-            columns = list(zip(*[(e, lane, t) for e, (_, lane, _, t) in group]))
-            heads.append((self.bank.head_weight(group[0][1][2].slot), *(torch.tensor(c, device=device) for c in columns)))
-        weight = torch.tensor([[part.weight] for _, _, part, _ in entries], device=device)
-        temperature = torch.tensor([[part.temperature] for _, _, part, _ in entries], device=device)
-        mixes = [(torch.tensor(rows, device=device), torch.tensor([[at[r, lane] for lane in range(k)] for r in rows], device=device)) for k, rows in sorted(sizes.items())]
-        fused, broken = fuse_rows(logits, self.hidden, heads, weight, temperature, mixes)
-        if broken.device.type == "cpu" and broken.any():  # reading it on a GPU would wait for the step
-            for name in sorted({entries[e][2].slot.name for e in broken.nonzero()[:, 0].tolist()}):
-                _warn_once(name, f"memory {name} gave non-finite logits; the base alone serves those rows")
-        return fused
+        for group in _by_head(entries):
+            columns = list(zip(*[(n, lane, t) for n, lane, _, t in group]))
+            heads.append((bank.head_weight(group[0][2].slot), *(upload(c, device) for c in columns)))
+        weight = [[0.0] * k for _ in planned]
+        temperature = [[1.0] * k for _ in planned]
+        for n, lane, part, _ in entries:
+            weight[n][lane], temperature[n][lane] = part.weight, part.temperature
+        token_row = [-1] * positions.shape[0]
+        for n, (t, _) in enumerate(planned):
+            token_row[t] = n
+        mem, broken = memory_logits(hidden, heads, len(planned), k)
+        if broken.device.type == "cpu":  # reading it on a GPU would wait for the step
+            _report_non_finite(broken, entries)
+        weight = upload(weight, device).masked_fill(broken, 0.0)
+        return cls(upload(token_row, device), mem, weight, upload(temperature, device))
+
+    def fuse(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``logits`` (row r: the base's logits at this step's token ``index[r]``, a device tensor) with every memory row fused."""
+        return fuse_rows(logits, index, self.token_row, self.mem, self.weight, self.temperature)
 
 
-def fuse_rows(
-    logits: torch.Tensor,
-    hidden: torch.Tensor,
-    heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-    weight: torch.Tensor,
-    temperature: torch.Tensor,
-    mixes: list[tuple[torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused log-distributions of the memory rows of ``logits`` (fp32), and which memory entries gave non-finite logits.
+def memory_logits(hidden: torch.Tensor, heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], rows: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memories' logits ``[rows, lanes, width]`` (fp32), and which gave non-finite ones ``[rows, lanes]``.
 
     ``hidden`` ``[lanes, tokens, H]``; ``heads``: per output head, (its weight
-    ``[V, H]``, and per entry using it: the entry's number, lane and token);
-    ``weight`` / ``temperature`` ``[entries, 1]``; ``mixes``: per mixture size
-    k, (its output rows ``[R]``, their entries ``[R, k]`` in lane order). A
-    memory whose logits are not finite (overflow in its dtype) gives its share
-    back to the base: its weight counts as 0. Pure tensor work, no host reads.
+    ``[V, H]``, and per use: the planned row, the lane and the step token). A
+    narrower head leaves its missing tokens at -inf (no share); a lane a row
+    does not use, and a memory whose logits are not finite (overflow in its
+    dtype), is left at zeros, which its weight 0 gives no share. Pure tensor
+    work, no host reads.
+    """
+    width = max(head.shape[0] for head, *_ in heads)
+    mem = hidden.new_zeros((rows, lanes, width), dtype=torch.float32)
+    broken = torch.zeros(rows, lanes, dtype=torch.bool, device=hidden.device)
+    for head, row, lane, token in heads:
+        m = F.linear(hidden[lane, token], head).float()
+        finite = torch.isfinite(m).all(dim=-1)
+        mem[row, lane] = F.pad(m, (0, width - head.shape[0]), value=-math.inf).masked_fill(~finite[:, None], 0.0)
+        broken[row, lane] = ~finite
+    return mem, broken
+
+
+def fuse_rows(logits: torch.Tensor, index: torch.Tensor, token_row: torch.Tensor, mem: torch.Tensor, weight: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Rows of ``logits`` (fp32 out) whose step token ``index`` has memories: ``memories.fuse.fuse`` over the base and all of them; others unchanged.
+
+    Every row is gathered and fused, then base rows are taken back as they
+    were, so the work does not depend on which rows are which and nothing is
+    read back to the host. Pure tensor work.
     """
     logits = logits.float()
-    width = max(head.shape[0] for head, *_ in heads)
-    mem = logits.new_full((weight.shape[0], width), -math.inf)  # a narrower head's missing tokens: no share
-    broken = torch.zeros(weight.shape[0], dtype=torch.bool, device=logits.device)
-    for head, entry, lane, token in heads:
-        m = F.linear(hidden[lane, token], head).float()
-        mem[entry, : head.shape[0]] = m
-        broken[entry] = ~torch.isfinite(m).all(dim=-1)
-    weight = weight.masked_fill(broken[:, None], 0.0)
-    mem = mem.masked_fill(broken[:, None], 0.0)
-    out = logits.clone()
-    for rows, entry in mixes:
-        k = entry.shape[1]
-        if k == 1:
-            e = entry[:, 0]
-            out[rows] = fuse(logits[rows], mem[e], weight[e], temperature[e])
-        else:
-            out[rows] = fuse(logits[rows], [mem[entry[:, j]] for j in range(k)], [weight[entry[:, j]] for j in range(k)], [temperature[entry[:, j]] for j in range(k)])
-    return out, broken
+    row = token_row[index]
+    planned = row.clamp(min=0)
+    m, w, t = mem[planned], weight[planned], temperature[planned]
+    if m.shape[1] == 1:
+        fused = fuse(logits, m[:, 0], w, t)
+    else:
+        lanes = range(m.shape[1])
+        fused = fuse(logits, [m[:, k] for k in lanes], [w[:, k : k + 1] for k in lanes], [t[:, k : k + 1] for k in lanes])
+    return torch.where((row >= 0)[:, None], fused, logits)
 
 
 def _by_head(entries: list[tuple]) -> list[list[tuple]]:
-    """Numbered entries ``(e, (row, lane, part, token))`` by output head: thin memories share the base's."""
+    """Entries ``(row, lane, part, token)`` by output head: thin memories share the base's."""
     groups: dict[object, list[tuple]] = {}
     for entry in entries:
-        slot = entry[1][2].slot
+        slot = entry[2].slot
         groups.setdefault("base" if slot.thin else slot.index, []).append(entry)
     return list(groups.values())
+
+
+def _report_non_finite(broken: torch.Tensor, entries: list[tuple]) -> None:
+    if broken.any():
+        for n, lane, part, _ in entries:
+            if broken[n, lane]:
+                _warn_once(part.slot.name, f"memory {part.slot.name} gave non-finite logits; the base alone serves those rows")
 
 
 _warned: set[str] = set()

@@ -23,7 +23,8 @@ entry point and selected with ``hf_overrides``), extended here:
   hidden states widened by one fp32 column holding each token's index in the
   step (bf16/fp16 hidden states pass through fp32 unchanged), and
   ``compute_logits`` splits it off, computes the base's logits from the exact
-  hidden states and fuses the decoder rows (``DecoderStep.fuse``). Every use of
+  hidden states and fuses the decoder rows (``DecoderStep.fuse``, which
+  gathers by that column on the device: nothing is read back to the host). Every use of
   the forward's output on the V1 path (``execute_model``, ``_dummy_run``,
   ``_dummy_sampler_run``, ``_get_prompt_logprobs_dict``) indexes rows only, or
   reaches ``compute_logits``; a step without decoder rows returns vLLM's
@@ -153,9 +154,9 @@ def with_token_index(hidden: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden.float(), index[:, None]], dim=-1)
 
 
-def split_token_index(widened: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
-    """The rows' hidden states as the model computed them (``dtype``, contiguous) and their token indices in the step."""
-    return widened[:, :-1].to(dtype).contiguous(), widened[:, -1].long().tolist()
+def split_token_index(widened: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' hidden states as the model computed them (``dtype``, contiguous) and their token indices in the step (on the device)."""
+    return widened[:, :-1].to(dtype).contiguous(), widened[:, -1].long()
 
 
 class MemserveLlamaForCausalLM(MemserveModel, LlamaForCausalLM):

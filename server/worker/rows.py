@@ -48,6 +48,7 @@ class Request:
     calm: CalmMemory | None = None
     calm_row: CalmRow | None = None
     decoders: list[DecoderPart] = field(default_factory=list)
+    prompt_logprobs: bool = False  # whether vLLM will ask for logits at every prompt token, not only the last
 
     def context(self, start: int, stop: int) -> list[int]:
         """The request's tokens ``start:stop`` (prompt, then output)."""
@@ -137,7 +138,7 @@ def _request(params: SamplingParams, prompt: list[int] | None, output: list[int]
     if prompt is None:
         log.error("a request with prompt embeddings and no token ids selects a memory; the base alone serves it")
         return None
-    request = Request(list(prompt), output)
+    request = Request(list(prompt), output, prompt_logprobs=params.prompt_logprobs is not None)
     if calm_key is not None:
         memory = REGISTRY.get(calm_key)
         if isinstance(memory, CalmMemory):

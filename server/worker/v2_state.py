@@ -154,7 +154,7 @@ def _request(req_id: str, params, prompt: list[int] | None, embeds: bool) -> Req
     if prompt is None or embeds:
         log.error("a request with prompt embeddings selects a memory; the base alone serves it")
         return None
-    request = Request(list(prompt), [])  # under V2 no live output list: decoder memories read the step's token ids on the device
+    request = Request(list(prompt), [], prompt_logprobs=params.prompt_logprobs is not None)  # under V2 no live output list: decoder memories read the step's token ids on the device
     request.decoders = decoder_parts(specs)
     return request if request.decoders else None
 

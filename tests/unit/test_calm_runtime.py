@@ -108,6 +108,7 @@ def test_a_connection_beyond_the_base_is_refused_at_load(calm_dir):
 class _Params:
     def __init__(self, extra):
         self.extra_args = extra
+        self.prompt_logprobs = None
 
 
 class _Update:

@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vllm import SamplingParams
 
 from server.worker.bank import LaneGroup, MemoryBank
-from server.worker.decoder_step import fuse_rows
+from server.worker.decoder_step import fuse_rows, memory_logits
 from server.worker.extension import REGISTRY
 from tests.unit.test_processor import Batch, NeoxRope, load, make_bank
 
@@ -96,19 +96,44 @@ def test_a_decode_step_dispatches_the_same_operations_for_2_8_and_32_rows(bank, 
     assert launches(one) <= launches(two)
 
 
-def test_the_memory_slots_and_the_fusion_read_nothing_back_to_the_host(bank, monkeypatch):
+class HostReads:
+    """Counts reads of tensor values into Python (``.tolist()``, ``.item()``, ``.numpy()``, ``.cpu()``, ``bool()``), which a dispatch mode does not see on a CPU tensor."""
+
+    NAMES = ("tolist", "item", "numpy", "cpu", "__bool__")
+
+    def __init__(self, monkeypatch):
+        self.calls = Counter()
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+
+    def _counting(self, name, original):
+        def counted(tensor, *args, **kwargs):
+            self.calls[name] += 1
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+
+def test_a_decode_step_reads_nothing_back_to_the_host(bank, monkeypatch):
+    """Forward (the memory slots, the output heads at the planned tokens) and compute_logits (the fusion, gathered by the device's token index)."""
     from server.worker import decoder_step
 
-    calls = []
-    original = decoder_step.fuse_rows
-    monkeypatch.setattr(decoder_step, "fuse_rows", lambda *a: calls.append(a) or original(*a))
-    decode_step(bank, monkeypatch, 4)  # records fuse_rows' inputs
-    ids, positions = torch.tensor([20, 21, 22, 23]), torch.tensor([3, 3, 3, 3])
-    lanes = [[LaneGroup(bank.held[0], torch.tensor([0, 1, 2, 3]))], []]
+    batch = Batch(monkeypatch, bank)
+    params = SamplingParams(extra_args={"memserve_memory": KEY, "memserve_weight": 0.5, "memserve_temperature": 1.0})
+    batch.update(added=[(i, params, [5 + i, 6, 7], [20]) for i in range(4)])
+    batch.forward([(0, [5 + i, 6, 7]) for i in range(4)])  # the prefill, outside the count
+    monkeypatch.setattr(decoder_step, "_report_non_finite", lambda broken, entries: None)  # CPU only: a GPU skips it
+    index = torch.tensor(batch.starts[1:]) - 1
+    reads = HostReads(monkeypatch)
     with Ops() as mode:
-        bank(ids, positions, lanes)
-        original(*calls[0])
+        batch.forward([(3, [20])] * 4)
+        fused = batch.model.compute_logits(batch.out[torch.arange(4)])
+    monkeypatch.undo()
+    assert fused.shape[0] == 4 and index.shape[0] == 4
     assert mode.ops["aten._local_scalar_dense"] == 0 and mode.ops["aten.is_nonzero"] == 0, mode.ops
+    assert not reads.calls, reads.calls
+    batch.update(removed=list(range(4)))
 
 
 def test_the_memory_slots_and_the_fusion_compile_as_one_graph(tiny, monkeypatch):
@@ -122,15 +147,37 @@ def test_the_memory_slots_and_the_fusion_compile_as_one_graph(tiny, monkeypatch)
         lanes = [[LaneGroup(slot, torch.tensor([1, 2, 3]))]]
         base = torch.randn(2, bank.shape.vocab_size)
 
-        def step(ids, positions, base):
+        def step(ids, positions, base, index):
             hidden = bank(ids, positions, lanes)
             head = (bank.head_weight(slot), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2, 3]))
-            weight, temperature = torch.full((2, 1), 0.5), torch.ones(2, 1)
-            return fuse_rows(base, hidden, [head], weight, temperature, [(torch.tensor([0, 1]), torch.tensor([[0], [1]]))])
+            mem, broken = memory_logits(hidden, [head], 2, 1)
+            weight, temperature = torch.full((2, 1), 0.5).masked_fill(broken, 0.0), torch.ones(2, 1)
+            token_row = torch.tensor([-1, -1, 0, 1])
+            return fuse_rows(base, index, token_row, mem, weight, temperature)
 
         torch._dynamo.reset()
-        eager = step(ids, positions, base)
-        compiled = torch.compile(step, fullgraph=True, backend="eager")(ids, positions, base)  # a graph break raises
-        assert torch.allclose(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+        index = torch.tensor([1, 3])  # a base token and a memory token
+        eager = step(ids, positions, base, index)
+        compiled = torch.compile(step, fullgraph=True, backend="eager")(ids, positions, base, index)  # a graph break raises
+        assert torch.allclose(compiled, eager) and torch.equal(eager[0], base[0])
     finally:
         REGISTRY.pop("alpha@compile")
+
+
+def test_the_step_planning_queues_its_uploads_instead_of_waiting():
+    """A tensor made from a host list straight on a GPU (``torch.tensor(..., device=...)``) waits for the device; the worker's step code stages through ``upload``."""
+    import ast
+    from pathlib import Path
+
+    from server.worker.upload import upload
+
+    assert torch.equal(upload([[1, 2], [3, 4]], torch.device("cpu")), torch.tensor([[1, 2], [3, 4]]))
+    assert upload([0.5], "cpu", torch.float64).dtype == torch.float64
+    root = Path(__file__).resolve().parents[2] / "server" / "worker"
+    direct = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("tensor", "as_tensor"):
+                if any(k.arg == "device" for k in node.keywords):
+                    direct.append(f"{path.name}:{node.lineno}")
+    assert not direct, direct

@@ -143,9 +143,9 @@ class Batch:
         return self.logits(torch.tensor(self.starts[1:]) - 1)
 
 
-def params(memory: bool, weight: float = 0.5, key: str = KEY, temperature: float = 1.0) -> SamplingParams:
+def params(memory: bool, weight: float = 0.5, key: str = KEY, temperature: float = 1.0, prompt_logprobs: bool = False) -> SamplingParams:
     extra = {"memserve_memory": key, "memserve_weight": weight, "memserve_temperature": temperature} if memory else None
-    return SamplingParams(extra_args=extra)
+    return SamplingParams(extra_args=extra, prompt_logprobs=1 if prompt_logprobs else None)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_the_token_index_column_is_lossless():
         hidden = (torch.randn(7, WIDTH) * 100).to(dtype)
         back, index = split_token_index(with_token_index(hidden)[[5, 2, 6]], dtype)
         assert torch.equal(back, hidden[[5, 2, 6]]) and back.dtype == dtype and back.is_contiguous()
-        assert index == [5, 2, 6]
+        assert index.tolist() == [5, 2, 6]
 
 
 def test_a_step_without_decoder_rows_is_vllms_own(memory, batch):
@@ -257,7 +257,7 @@ def test_steps_without_input_ids_read_the_requests_own_tokens(memory, batch):
 def test_prompt_logprobs_are_fused_at_every_position(memory, batch):
     """vLLM slices a request's prompt positions out of the forward's output and calls compute_logits on them."""
     prompt = [5, 9, 11, 40, 7, 8]
-    batch.update(added=[(0, params(False), [3, 4], []), (1, params(True, 0.3), prompt, [])])
+    batch.update(added=[(0, params(False), [3, 4], []), (1, params(True, 0.3, prompt_logprobs=True), prompt, [])])
     batch.forward([(0, [3, 4]), (0, prompt)])
     base, fused = batch.logits(torch.arange(2, 2 + len(prompt) - 1))
     for i in range(len(prompt) - 1):
@@ -329,12 +329,17 @@ def test_memory_row_without_prompt_token_ids_is_served_by_the_base(memory, batch
     batch.update(removed=[1, 0])
 
 
-def test_non_finite_memory_logits_leave_the_base_distribution(memory, batch):
+def test_non_finite_memory_logits_leave_the_base_distribution(memory, batch, bank, monkeypatch):
+    original = type(bank).forward
+
+    def overflowing(self, *args):
+        hidden = original(self, *args).clone()
+        hidden[0, 1, 3] = float("inf")  # row 0's last token, as an overflow in a low-precision dtype would leave it
+        return hidden
+
     batch.update(added=[(0, params(True), [5, 6], []), (1, params(True), [7, 8], [])])
+    monkeypatch.setattr(type(bank), "forward", overflowing)
     batch.forward([(0, [5, 6]), (0, [7, 8])])
-    step = batch.model._decoders
-    step.hidden[0] = step.hidden[0].clone()
-    step.hidden[0][1, 3] = float("inf")  # row 0's last token, as an overflow in a low-precision dtype would leave it
     base, fused = batch.sample()
     assert torch.isfinite(fused).all()
     assert torch.allclose(fused[0], torch.log_softmax(base[0], -1), atol=1e-6)
@@ -364,9 +369,9 @@ def test_thin_memories_share_one_head_call(tiny, tmp_path, bank, batch, monkeypa
         batch.update(added=[(i, params(key is not None, weight, key=key), prompt, outs[i]) for i, (key, prompt, weight) in enumerate(rows)])
         batch.forward([(0, prompt) for _, prompt, _ in rows])
         for step_no in range(3):
+            assert sorted(heads) == [1, 4]  # beta's row alone; all four thin rows in one call
             heads.clear()
             base, fused = batch.sample()
-            assert sorted(heads) == [1, 4]  # beta's row alone; all four thin rows in one call
             for i, (key, prompt, weight) in enumerate(rows):
                 if key is None:
                     assert torch.equal(fused[i], base[i])
