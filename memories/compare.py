@@ -17,7 +17,8 @@ composed by ``memories.calm.hf``. The base, and base + kNN-LM where the
 decoder build's index is found under ``--work-root``, score the same
 positions. A build's CPU minutes are the sum of its stages' ``cpu_seconds``.
 
-For decoder memories it also tries λ rules meant to hold across sources,
+For each domain's default decoder memory (the deepest with its own
+embeddings and β > 0) it also tries λ rules meant to hold across sources,
 each chosen on validation text only and reported on both test sets:
 ``own`` (memory.json's λ, chosen by the build on in-source validation),
 ``mixed`` (one λ chosen on validation text of both sources) and ``entropy``
@@ -331,16 +332,18 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     report: dict = {"sets": {k: {"spec": s.spec, "tokens": len(s.tokens)} for k, s in all_sets.items()}, "base": {}, "knnlm": {}, "memories": {}, "lambda_rules": {}}
     for k, s in all_sets.items():
         report["base"][k] = perplexity(scorer.base_scores(s).logp)
+    defaults = {e.domain: max((x for x in entries if x.domain == e.domain and _is_default(x)), key=lambda x: x.flops, default=None) for e in entries}
     for e in entries:
-        # validation sets only for a decoder memory's own domain (its λ rules); test sets of other domains only for --cross
-        wanted = [s for s in all_sets.values() if (s.domain == e.domain and (e.kind == "decoder" or s.split == "test")) or (e.name in cross and s.split == "test")]
+        ruled = defaults[e.domain] is e and any(s.source == "other" for s in sets[e.domain])  # the domain's default decoder memory: λ rules
+        # validation sets only for the λ rules; test sets of other domains only for --cross
+        wanted = [s for s in all_sets.values() if (s.domain == e.domain and (ruled or s.split == "test")) or (e.name in cross and s.split == "test")]
         mem = scorer.memory_scores(e, wanted)
         ppl = {}
         for s in wanted:
             base = scorer.base_scores(s)
             ppl[s.key] = fused_ppl(base, mem[s.key], float(e.meta.get("lambda", 0.0))) if e.kind == "decoder" else perplexity(mem[s.key].logp)
         report["memories"][e.name] = {"kind": e.kind, "variant": e.variant, "domain": e.domain, "lambda": e.meta.get("lambda"), "cpu_minutes": e.cpu_minutes, "flops": e.flops, "ppl": ppl}
-        if e.kind == "decoder" and e.domain in sets and any(s.source == "other" for s in sets[e.domain]):
+        if ruled:
             base_scores = {k: scorer.base_scores(all_sets[k]) for k in mem}
             report["lambda_rules"][e.name] = lambda_rules(float(e.meta["lambda"]), base_scores, mem, e.domain)
         if e.kind == "decoder" and e.domain in sets and e.domain not in report["knnlm"]:
@@ -358,8 +361,13 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
 # --- verdicts and the report -----------------------------------------------------------------
 
 
+def _is_default(e: Entry) -> bool:
+    """A decoder memory as `memory build` makes it by default: own embeddings, β > 0."""
+    return e.kind == "decoder" and "thin" not in e.variant and "β=0" not in e.variant
+
+
 def _default_decoder(report: dict, domain: str) -> str | None:
-    """The domain's decoder memory as `memory build` makes it by default (own embeddings, β > 0), the deepest if several."""
+    """The domain's default decoder memory (``_is_default``), the deepest if several."""
     full = [(m["flops"], n) for n, m in report["memories"].items() if m["domain"] == domain and m["kind"] == "decoder" and "thin" not in m["variant"] and "β=0" not in m["variant"]]
     return max(full)[1] if full else None
 
