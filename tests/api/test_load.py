@@ -83,8 +83,7 @@ def same_scores(solo: list[float]):
     Batched rows sum in another order (calm: keys padded to the longest row), and which rows share
     a step depends on when the requests arrive. Measured on calm rows: up to 1.2e-4 absolute, at
     logprobs of -8.6 (relative 1.2e-5) as at -24 (relative 5e-6); so the bound is 3e-4 absolute,
-    or 1e-5 relative where that is larger. A wrong row is off by far more (another memory's or the
-    base's scores differ from a calm row's by 1e-2 and up).
+    or 1e-5 relative where that is larger.
     """
     return pytest.approx(solo, rel=1e-5, abs=3e-4)
 
