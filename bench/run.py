@@ -58,7 +58,7 @@ def _scenario_list(text: str) -> list[str]:
 def build_parser(prog: str = "memserve bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="base directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--memory", help="memory directory, a decoder or calm memory (default: a decoder memory of --memory-layers layers initialised from the base)")
+    p.add_argument("--memory", help="memory directory, of any kind (default: a decoder memory of --memory-layers layers initialised from the base); the mixture scenario needs a decoder memory")
     p.add_argument("--memory-layers", type=int, default=6, help="depth of the default memory (default: %(default)s)")
     p.add_argument("--thin", action="store_true", help="the default memory is thin: it runs on the base's embedding and head, shared by all memories in a step")
     p.add_argument("--streams", type=_int_list, default="1,8,32", metavar="N[,N...]", help="concurrent stream counts, each measured in turn (default: %(default)s)")
@@ -138,6 +138,10 @@ def main(opts: argparse.Namespace) -> int:
     extra = opts.engine_args[1:] if opts.engine_args[:1] == ["--"] else opts.engine_args
     base = Path(opts.model) if opts.model else default_base()
     memory = Path(opts.memory) if opts.memory else default_memory(base, opts.memory_layers, opts.thin)
+    kind = kind_of(memory, "bench")
+    if kind != "decoder" and "mixture" in opts.scenarios:
+        log.info("no mixture scenario for a %s memory (mixtures fuse decoder memories)", kind)
+        opts.scenarios = [s for s in opts.scenarios if s != "mixture"]
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     prompts = {n: make_prompts(n, opts.prompt_len, vocab, opts.seed) for n in opts.streams}
     workdir = cache_dir() / "bench" / "run"
@@ -147,7 +151,7 @@ def main(opts: argparse.Namespace) -> int:
     args = ["--model", str(base), "--served-model-name", "base", "--max-model-len", str(opts.prompt_len + opts.output_len + 16)]
     for name in MEMORY_NAMES:
         args += ["--memory", f"{name}={memory}"]
-    if kind_of(memory, "bench") == "decoder":  # slots as deep as the memory: no KV cache for layers it does not have
+    if kind == "decoder":  # slots as deep as the memory: no KV cache for layers it does not have
         args += ["--decoder-layers", str(json.loads((memory / "config.json").read_text())["num_hidden_layers"])]
     server = ServerProcess([*args, "--", *extra] if extra else args, workdir, env)
     plain = None
@@ -187,10 +191,9 @@ def main(opts: argparse.Namespace) -> int:
         if plain is not None:
             plain.stop()
     engine = setup["engine"]
-    calm = kind_of(memory, "bench") == "calm"
-    if calm and not opts.no_reference:
-        log.info("no reference loop for a calm memory (the loop fuses a decoder memory)")
-    if not opts.no_reference and not calm:
+    if kind != "decoder" and not opts.no_reference:
+        log.info("no reference loop for a %s memory (the loop fuses a decoder memory)", kind)
+    if not opts.no_reference and kind == "decoder":
         dtype = engine["dtype"] if engine["dtype"] in DTYPES else "float32"
         engine["reference"] = {"dtype": dtype, "threads": engine["worker_threads"]}
         for n in opts.streams:

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from memories.flags import add_threads_argument, fraction
+from memories.flops import flops_per_token, memory_flops_per_token
 from memories.mixture import LAMBDA_GRID, knn_logprob_at_targets, mix_at_targets
 from memories.perplexity import perplexity
 from memories.windows import iter_windows
@@ -161,7 +162,7 @@ class Entry:
     variant: str
     meta: dict
     work: Path | None
-    flops: float  # forward multiply-adds per token ÷ the base's (a lora or calm memory: the changed base's)
+    flops: float  # the memory's own FLOPs per token ÷ the base's (memories.flops)
 
     @property
     def cpu_minutes(self) -> float | None:
@@ -171,17 +172,7 @@ class Entry:
         return sum(seconds) / 60 if seconds else None
 
 
-def macs_per_token(config: dict) -> int:
-    """Weight multiply-adds per token of a Llama-family model: its decoder layers and its output head."""
-    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or h // heads
-    kv = config.get("num_key_value_heads", heads) * head_dim
-    layer = 2 * h * heads * head_dim + 2 * h * kv + 3 * h * inter
-    return config["num_hidden_layers"] * layer + vocab * h
-
-
-def describe(path: Path, work_roots: list[Path], base_config: dict) -> Entry:
+def describe(path: Path, work_roots: list[Path], base_dir: str) -> Entry:
     """The memory at ``path``: kind, domain and a variant label read from memory.json and its build's config."""
     from memories.artifact import MEMORY_JSON
     from memories.kinds import kind_of
@@ -191,12 +182,12 @@ def describe(path: Path, work_roots: list[Path], base_config: dict) -> Entry:
     kind = kind_of(path, name)
     work = next((r / path.name for r in work_roots if (r / path.name / "corpus").is_dir()), None)
     build = json.loads((work / "build.json").read_text()).get("config", {}) if work and (work / "build.json").exists() else {}
-    flops = 1.0
+    flops = memory_flops_per_token(path) / flops_per_token(base_dir)
     if kind == "decoder":
         config = json.loads((path / "config.json").read_text())
-        flops = macs_per_token(config) / macs_per_token(base_config)
         layers = config["num_hidden_layers"]
-        parts = ["decoder", "thin" if meta.get("embeddings") == "base" else "", f"{layers} layers" if layers < base_config["num_hidden_layers"] else "whole base"]
+        base_layers = json.loads((Path(base_dir) / "config.json").read_text())["num_hidden_layers"]
+        parts = ["decoder", "thin" if meta.get("embeddings") == "base" else "", f"{layers} layers" if layers < base_layers else "whole base"]
         parts.append("β=0 (cross-entropy only)" if build.get("beta") == 0 else "")
         variant = ", ".join(p for p in parts if p)
     elif kind == "lora":
@@ -297,7 +288,8 @@ class Scorer:
 
 
 def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[Path], other_sources: dict[str, str], cross: set[str],
-            eval_tokens: int = 5000, fractions: tuple[float, float] = (0.05, 0.05), context: int = 512, stride: int = 512, progress: bool = True) -> dict:  # fmt: skip
+            eval_tokens: int = 5000, fractions: tuple[float, float] = (0.05, 0.05), context: int = 512, stride: int = 512, progress: bool = True,
+            served: dict[str, Path] | None = None) -> dict:  # fmt: skip
     """Score every memory; write ``report.json`` and ``report.md`` under ``out``; return the report.
 
     Raises ``ValueError`` when a build's own test split (its work folder's ``corpus/test.npy``)
@@ -309,8 +301,7 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     from memories.corpus import OTHER_SOURCES
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    base_config = json.loads((Path(base_dir) / "config.json").read_text())
-    entries = [describe(Path(d), work_roots, base_config) for d in memory_dirs]
+    entries = [describe(Path(d), work_roots, base_dir) for d in memory_dirs]
     specs: dict[str, str] = {}
     for e in entries:
         spec = e.meta.get("corpus", {}).get("spec")
@@ -343,6 +334,8 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
             base = scorer.base_scores(s)
             ppl[s.key] = fused_ppl(base, mem[s.key], float(e.meta.get("lambda", 0.0))) if e.kind == "decoder" else perplexity(mem[s.key].logp)
         report["memories"][e.name] = {"kind": e.kind, "variant": e.variant, "domain": e.domain, "lambda": e.meta.get("lambda"), "cpu_minutes": e.cpu_minutes, "flops": e.flops, "ppl": ppl}
+        if served and e.name in served:
+            report["memories"][e.name]["served"] = served_ratios(served[e.name])
         if ruled:
             base_scores = {k: scorer.base_scores(all_sets[k]) for k in mem}
             report["lambda_rules"][e.name] = lambda_rules(float(e.meta["lambda"]), base_scores, mem, e.domain)
@@ -356,6 +349,12 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(markdown(report))
     return report
+
+
+def served_ratios(bench_json: Path) -> dict[str, float]:
+    """Memory ÷ base output tokens/s per stream count, from a ``memserve bench --json`` file (median of its rounds)."""
+    result = json.loads(Path(bench_json).read_text())
+    return {str(run["streams"]): run["scenarios"]["memory"]["ratio_to_base"] for run in result["runs"] if "memory" in run["scenarios"]}
 
 
 # --- verdicts and the report -----------------------------------------------------------------
@@ -392,6 +391,10 @@ def targets(report: dict) -> dict:
     return out
 
 
+def _served(ratios: dict | None) -> str:
+    return "—" if not ratios else " / ".join(_f(ratios.get(n)) for n in ("1", "8"))
+
+
 def _f(x, fmt="{:.2f}") -> str:
     return "—" if x is None else fmt.format(x)
 
@@ -401,20 +404,20 @@ def markdown(r: dict) -> str:
     lines = ["# Which memory to build: every kind on the same text", ""]
     lines += [("Test perplexity (÷ base in brackets) on the domain's own test split and on the same domain from another source; "
               "decoder memories fused at their own λ. Build CPU minutes: the sum of the build's stages' `cpu_seconds`."), ""]
-    lines += ["| domain | system | in-domain test | other-source test | λ | memory FLOPs ÷ base | build CPU-min |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["| domain | system | in-domain test | other-source test | λ | memory FLOPs ÷ base | build CPU-min | served ÷ base, 1 / 8 streams |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for domain in sorted({m["domain"] for m in mems.values()}):
         own, other = f"{domain}/own/test", f"{domain}/other/test"
 
         def cell(p, key):
             return "—" if p is None or key not in base else f"{p:.2f} ({p / base[key]:.3f})"
 
-        lines.append(f"| {domain} | base | {cell(base.get(own), own)} | {cell(base.get(other), other)} | | | |")
+        lines.append(f"| {domain} | base | {cell(base.get(own), own)} | {cell(base.get(other), other)} | | | | |")
         knn = r["knnlm"].get(domain, {})
         if knn:
-            lines.append(f"| {domain} | base + kNN-LM | {cell(knn.get(own), own)} | {cell(knn.get(other), other)} | | | |")
+            lines.append(f"| {domain} | base + kNN-LM | {cell(knn.get(own), own)} | {cell(knn.get(other), other)} | | | | |")
         for n, m in mems.items():
             if m["domain"] == domain:
-                lines.append(f"| {domain} | {m['variant']} (`{n}`) | {cell(m['ppl'].get(own), own)} | {cell(m['ppl'].get(other), other)} | {_f(m['lambda'])} | {_f(m['flops'] if m['kind'] == 'decoder' else None)} | {_f(m['cpu_minutes'], '{:.1f}')} |")
+                lines.append(f"| {domain} | {m['variant']} (`{n}`) | {cell(m['ppl'].get(own), own)} | {cell(m['ppl'].get(other), other)} | {_f(m['lambda'])} | {_f(m['flops'], '{:.3f}')} | {_f(m['cpu_minutes'], '{:.1f}')} | {_served(m.get('served'))} |")
     crossing = [n for n, m in mems.items() if sum(1 for k in m["ppl"] if not k.startswith(m["domain"] + "/")) > 0]
     if crossing:
         test_sets = [k for k in r["sets"] if k.endswith("/test")]
@@ -447,6 +450,7 @@ def add_compare_command(subparsers) -> None:
     p.add_argument("--base", default=None, help="base directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--work-root", action="append", type=Path, default=[], metavar="DIR", help="where builds keep work folders (NAME/ below it), for CPU minutes and kNN-LM; repeatable (default: none)")
     p.add_argument("--other-source", action="append", default=[], metavar="DOMAIN=SPEC", help="the domain's text from another source (default for demo domains: demo:DOMAIN/other-source)")
+    p.add_argument("--bench", action="append", default=[], metavar="NAME=FILE", help="a `memserve bench --json` file measured with memory NAME (or one of its kind): the served column (default: none)")
     p.add_argument("--cross", default="", metavar="NAME[,NAME...]", help="memories also scored on every other domain's test sets (default: none)")
     p.add_argument("--eval-tokens", type=int, default=5000, help="tokens per validation and test set, as the builds' --eval-tokens (default: %(default)s, the demo memories')")
     p.add_argument("--validation-fraction", type=fraction, default=0.05, help="as the builds' (default: %(default)s)")
@@ -464,13 +468,18 @@ def _run_compare(args) -> int:
     from memories.base_model import default_base
     from memories.stage import set_threads
 
-    others = {}
-    for item in args.other_source:
-        domain, sep, spec = item.partition("=")
-        if not sep or not domain or not spec:
-            print(f"memserve memory compare: --other-source wants DOMAIN=SPEC, got {item!r}", file=sys.stderr)
-            return 2
-        others[domain] = spec
+    pairs = {}
+    for flag, items in (("--other-source", args.other_source), ("--bench", args.bench)):
+        pairs[flag] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                print(f"memserve memory compare: {flag} wants NAME=VALUE, got {item!r}", file=sys.stderr)
+                return 2
+            pairs[flag][key] = value if flag == "--other-source" else Path(value)
+    if missing := [str(f) for f in pairs["--bench"].values() if not f.is_file()]:
+        print(f"memserve memory compare: --bench file not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
     for d in args.memory:
         if not d.is_dir():
             print(f"memserve memory compare: --memory {d}: not a directory", file=sys.stderr)
@@ -478,7 +487,8 @@ def _run_compare(args) -> int:
     set_threads(args.threads)
     cross = {n for n in args.cross.split(",") if n}
     try:
-        compare(args.memory, args.base or str(default_base()), args.out, args.work_root, others, cross, args.eval_tokens, (args.validation_fraction, args.test_fraction), args.context, args.stride, not args.no_progress)
+        compare(args.memory, args.base or str(default_base()), args.out, args.work_root, pairs["--other-source"], cross, args.eval_tokens,
+                (args.validation_fraction, args.test_fraction), args.context, args.stride, not args.no_progress, pairs["--bench"])  # fmt: skip
     except ValueError as e:
         print(f"memserve memory compare: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,10 @@ def compared(built, tiny_base, tmp_path_factory, synthetic_corpus):
     lora = _lora(tiny_base, synthetic_corpus, root / "memories", "synth-lora", cfg.domain or cfg.name)
     second = _lora(tiny_base, other, root / "memories", "second", "second")
     works = [Path(cfg.work).parent, root / "memories" / "work"]
-    args = _compare_args(tiny_base, [Path(decoder), lora, second], root / "out", works, "--eval-tokens", "2000", "--other-source", f"{cfg.domain or cfg.name}={other}", "--cross", cfg.name)
+    bench = root / "bench.json"  # what `memserve bench --json` writes, reduced to what compare reads
+    bench.write_text(json.dumps({"runs": [{"streams": n, "scenarios": {"base": {"ratio_to_base": 1.0}, "memory": {"ratio_to_base": r}}} for n, r in ((1, 0.9), (8, 0.7))]}))
+    domain = cfg.domain or cfg.name
+    args = _compare_args(tiny_base, [Path(decoder), lora, second], root / "out", works, "--eval-tokens", "2000", "--other-source", f"{domain}={other}", "--cross", cfg.name, "--bench", f"synth-lora={bench}")
     assert main(args) == 0
     return cfg, root, json.loads((root / "out" / "report.json").read_text()), (tiny_base, [Path(decoder), lora, second], works)
 
@@ -68,6 +71,8 @@ def test_compare_reproduces_each_builds_own_test_numbers(compared):
     assert report["memories"]["synth-lora"]["ppl"][own] == pytest.approx(lora_eval["lora"], rel=1e-6)
     assert report["memories"][cfg.name]["variant"].startswith("decoder") and report["memories"]["synth-lora"]["variant"] == "lora, trained"
     assert report["memories"][cfg.name]["cpu_minutes"] > 0 and report["memories"]["synth-lora"]["cpu_minutes"] > 0
+    assert report["memories"]["synth-lora"]["served"] == {"1": 0.9, "8": 0.7} and "0.90 / 0.70" in (root / "out" / "report.md").read_text()
+    assert 0 < report["memories"]["synth-lora"]["flops"] < 0.5 < report["memories"][cfg.name]["flops"]  # an adapter vs a 2-of-3-layer memory
 
 
 def test_compare_scores_another_source_and_other_domains(compared):

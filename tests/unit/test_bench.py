@@ -77,6 +77,19 @@ def test_a_calm_memory_costs_its_augmenting_layers_and_composition_not_its_head(
     assert compute_bound(tiny["base"], calm) == base / (base + memory_flops_per_token(calm))
 
 
+def test_a_lora_memory_costs_its_adapter_once_per_token(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from memories.flops import memory_flops_per_token
+    from tests.tiny_models import build_lora
+
+    lora = build_lora(tmp_path / "lora", tiny["base"], rank=4)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), str(lora))
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert adapter > 0 and memory_flops_per_token(lora) == 2.0 * adapter
+
+
 def test_mixture_compute_bound_counts_both_memories(tiny):
     """A request fusing two memories runs the base and both: base ÷ (base + 2 × memory) FLOPs."""
     from bench.flops import compute_bound, flops_per_token, mixture_bound
