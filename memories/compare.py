@@ -28,6 +28,8 @@ base is unsure and the memory is not; λ₀ and s chosen on in-source validation
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -98,6 +100,13 @@ def score(logits_of, tokens: np.ndarray, context: int, stride: int, temperature:
         lps.append(logp.gather(-1, labels[:, None])[:, 0].numpy())
         ents.append(-(logp.exp() * logp).sum(-1).numpy())
     return Scores(np.concatenate(lps).astype(np.float64), np.concatenate(ents).astype(np.float64))
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    """Write an .npz atomically: a killed run leaves no half-written cache entry."""
+    tmp = path.with_name(f".{path.name}.partial.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def labels_of(tokens: np.ndarray, context: int, stride: int) -> np.ndarray:
@@ -198,35 +207,60 @@ def describe(path: Path, work_roots: list[Path], base_dir: str) -> Entry:
 
 
 class Scorer:
-    """Loads the base once; scores it and every memory on every text set, each at most once."""
+    """Loads the base once; scores it and every memory on every text set, each at most once.
 
-    def __init__(self, base_dir: str, context: int, stride: int, progress: bool = True):
+    With a ``cache`` folder each (model, set) result is also kept on disk, keyed by
+    the model's files (names, sizes, times), the set's tokens and the windows, so a
+    re-run with one more memory scores only that memory.
+    """
+
+    def __init__(self, base_dir: str, context: int, stride: int, progress: bool = True, cache: Path | None = None):
         from memories.base_model import load_base
 
-        self.base_dir, self.context, self.stride, self.progress = base_dir, context, stride, progress
+        self.base_dir, self.context, self.stride, self.progress, self.cache = base_dir, context, stride, progress, cache
         self.base = load_base(base_dir)
         self.vocab = self.base.config.vocab_size
         self._base_scores: dict[str, Scores] = {}
         self._keys: dict[str, np.ndarray] = {}
+        if cache:
+            cache.mkdir(parents=True, exist_ok=True)
+
+    def _cached(self, model_dir: Path, s: TextSet, temperature: float) -> Path | None:
+        if self.cache is None:
+            return None
+        files = sorted(f for f in Path(model_dir).iterdir() if f.is_file())
+        h = hashlib.sha256(json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode())
+        h.update(np.ascontiguousarray(s.tokens).tobytes())
+        h.update(json.dumps([s.key, self.context, self.stride, temperature]).encode())
+        return self.cache / f"{Path(model_dir).name}-{h.hexdigest()[:16]}.npz"
 
     def base_scores(self, s: TextSet) -> Scores:
-        if s.key not in self._base_scores:
-            from memories.decoder.datastore import capture_keys
+        if s.key in self._base_scores:
+            return self._base_scores[s.key]
+        path = self._cached(Path(self.base_dir), s, 1.0)
+        if path is not None and path.exists():
+            saved = np.load(path)
+            self._base_scores[s.key], self._keys[s.key] = Scores(saved["logp"], saved["entropy"]), saved["keys"].astype(np.float32)
+            return self._base_scores[s.key]
+        from memories.decoder.datastore import capture_keys
 
-            keys: list[np.ndarray] = []
-            with capture_keys(self.base, -1) as seen:
+        keys: list[np.ndarray] = []
+        with capture_keys(self.base, -1) as seen:
 
-                def logits_of(ids):
-                    seen.clear()
-                    logits = self.base(input_ids=ids).logits[0]
-                    keys.append(seen[-1][0])
-                    return logits
+            def logits_of(ids):
+                seen.clear()
+                logits = self.base(input_ids=ids).logits[0]
+                keys.append(seen[-1][0])
+                return logits
 
-                self._base_scores[s.key] = score(logits_of, s.tokens, self.context, self.stride, desc=f"base on {s.key}", progress=self.progress)
-            offsets = [w.offset for w in iter_windows(len(s.tokens), self.context, self.stride)]
-            # fp16, as the datastore and the held-out stage store keys
-            self._keys[s.key] = np.concatenate([k[o:].half().float().numpy() for k, o in zip(keys, offsets)])
-        return self._base_scores[s.key]
+            scores = score(logits_of, s.tokens, self.context, self.stride, desc=f"base on {s.key}", progress=self.progress)
+        offsets = [w.offset for w in iter_windows(len(s.tokens), self.context, self.stride)]
+        # fp16, as the datastore and the held-out stage store keys
+        self._keys[s.key] = np.concatenate([k[o:].half().float().numpy() for k, o in zip(keys, offsets)])
+        self._base_scores[s.key] = scores
+        if path is not None:
+            _save(path, logp=scores.logp, entropy=scores.entropy, keys=self._keys[s.key].astype(np.float16))
+        return scores
 
     def knnlm_ppl(self, e: Entry, s: TextSet) -> float | None:
         """base + kNN-LM over the decoder build's index, at the build's tuned λ and temperature (None if no index)."""
@@ -249,28 +283,43 @@ class Scorer:
 
     def memory_scores(self, e: Entry, sets: list[TextSet]) -> dict[str, Scores]:
         """The memory's own scores: a decoder memory alone (at its temperature), a lora or calm memory as the changed base."""
-        import contextlib
+        temperature = float(e.meta.get("temperature", 1.0)) if e.kind == "decoder" else 1.0
+        out, todo = {}, []
+        for s in sets:
+            path = self._cached(e.path, s, temperature)
+            if path is not None and path.exists():
+                saved = np.load(path)
+                out[s.key] = Scores(saved["logp"], saved["entropy"])
+            else:
+                todo.append((s, path))
+        if not todo:
+            return out
+        with self._logits_of(e) as logits_of:
+            for s, path in todo:
+                out[s.key] = score(logits_of, s.tokens, self.context, self.stride, temperature, f"{e.name} on {s.key}", self.progress)
+                if path is not None:
+                    _save(path, logp=out[s.key].logp, entropy=out[s.key].entropy)
+        return out
 
+    @contextlib.contextmanager
+    def _logits_of(self, e: Entry):
+        """``logits_of(ids)`` of the memory: a decoder memory alone, or the base changed by a lora or calm memory."""
         from memories.base_model import load_base
 
-        ctx = contextlib.nullcontext()
         if e.kind == "decoder":
             model = self._decoder_model(e.path)
-            logits_of = lambda ids: model(input_ids=ids).logits[0]
+            yield lambda ids: model(input_ids=ids).logits[0]
         elif e.kind == "lora":
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(load_base(self.base_dir), str(e.path)).eval()
-            logits_of = lambda ids: model(input_ids=ids).logits[0]
+            yield lambda ids: model(input_ids=ids).logits[0]
         else:
             from memories.calm.hf import composed, load_calm
 
             augment, composition = load_calm(e.path)
-            ctx = composed(self.base, augment, composition)
-            logits_of = lambda ids: self.base(input_ids=ids).logits[0]
-        temperature = float(e.meta.get("temperature", 1.0)) if e.kind == "decoder" else 1.0
-        with ctx:
-            return {s.key: score(logits_of, s.tokens, self.context, self.stride, temperature, f"{e.name} on {s.key}", self.progress) for s in sets}
+            with composed(self.base, augment, composition):
+                yield lambda ids: self.base(input_ids=ids).logits[0]
 
     def _decoder_model(self, path: Path):
         from transformers import AutoModelForCausalLM
@@ -318,7 +367,7 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
         if built and built.exists() and not np.array_equal(np.load(built), _own_test(sets[e.domain]).tokens):
             raise ValueError(f"{e.name}: its build's test split is not this one; give compare the build's --eval-tokens, --validation-fraction and --test-fraction")
     all_sets = {s.key: s for ss in sets.values() for s in ss}
-    scorer = Scorer(base_dir, context, stride, progress)
+    scorer = Scorer(base_dir, context, stride, progress, out / "scores")
 
     report: dict = {"sets": {k: {"spec": s.spec, "tokens": len(s.tokens)} for k, s in all_sets.items()}, "base": {}, "knnlm": {}, "memories": {}, "lambda_rules": {}}
     for k, s in all_sets.items():

@@ -110,3 +110,16 @@ def test_entropy_rule_at_zero_slope_is_the_fixed_lambda():
     assert fused_ppl(base, mem, entropy_weights(base, mem, 0.3, 0.0)) == pytest.approx(fused_ppl(base, mem, 0.3), rel=1e-12)
     w = entropy_weights(base, mem, 0.3, 1.0)  # more memory exactly where the base is less sure than the memory
     assert np.all((w > 0.3) == (base.entropy > mem.entropy))
+
+
+def test_a_rerun_scores_nothing_again(compared, monkeypatch):
+    """Every (model, text) score is kept under OUT/scores: a re-run (say with one more memory) only scores what is new."""
+    from memories import compare
+    from memories.cli import main
+
+    cfg, root, report, (base, memories, works) = compared
+    monkeypatch.setattr(compare, "score", lambda *a, **k: pytest.fail("scored again"))
+    args = _compare_args(base, memories, root / "out", works, "--eval-tokens", "2000", "--other-source", f"{cfg.domain or cfg.name}={root / 'other-corpus'}", "--cross", cfg.name)
+    assert main(args) == 0
+    again = json.loads((root / "out" / "report.json").read_text())
+    assert again["memories"][cfg.name]["ppl"] == report["memories"][cfg.name]["ppl"] and again["knnlm"] == report["knnlm"]
