@@ -278,16 +278,21 @@ def _load_demo_subdomain(name: str, cache: Path | None) -> Corpus:
 def _labelled_licences(wheel: str) -> tuple[tuple[str, Document], ...]:
     """(category, document) for every licence; the category comes from its YAML front matter."""
     out = []
+    for name, front, body in _front_matter_files(wheel, "licensedcode/data/licenses/", ".LICENSE"):
+        found = re.search(r"^category:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", front, re.MULTILINE)
+        if found and body.strip():
+            out.append((found.group(1).strip(), Document(name, body.strip())))
+    return tuple(out)
+
+
+def _front_matter_files(wheel: str, prefix: str, suffix: str) -> Iterator[tuple[str, str, str]]:
+    """(file name, YAML front matter or "", the text after it) of each licensedcode file under ``prefix`` ending in ``suffix``."""
     with zipfile.ZipFile(wheel) as zf:
         for member in sorted(zf.namelist()):
-            if member.startswith("licensedcode/data/licenses/") and member.endswith(".LICENSE"):
+            if member.startswith(prefix) and member.endswith(suffix):
                 text = zf.read(member).decode("utf-8", errors="replace")
                 front = _FRONT_MATTER.match(text)
-                found = re.search(r"^category:\s*['\"]?([^'\"\n]+?)['\"]?\s*$", front.group(0), re.MULTILINE) if front else None
-                body = _FRONT_MATTER.sub("", text, count=1).strip()
-                if found and body:
-                    out.append((found.group(1).strip(), Document(Path(member).name, body)))
-    return tuple(out)
+                yield Path(member).name, front.group(0) if front else "", _FRONT_MATTER.sub("", text, count=1)
 
 
 @functools.lru_cache(maxsize=2)
@@ -412,15 +417,10 @@ def _pmc_paragraphs(wheel: str) -> tuple[Document, ...]:
 def _licence_notices(wheel: str) -> tuple[Document, ...]:
     """Rules flagged ``is_license_notice`` of at least 200 characters, with the rule syntax's ``{{ }}`` markers removed."""
     out = []
-    with zipfile.ZipFile(wheel) as zf:
-        for member in sorted(zf.namelist()):
-            if member.startswith("licensedcode/data/rules/") and member.endswith(".RULE"):
-                text = zf.read(member).decode("utf-8", errors="replace")
-                front = _FRONT_MATTER.match(text)
-                if front and re.search(r"^is_license_notice:\s*yes\s*$", front.group(0), re.MULTILINE):
-                    body = _FRONT_MATTER.sub("", text, count=1).replace("{{", "").replace("}}", "").strip()
-                    if len(body) >= 200:
-                        out.append(Document(Path(member).name, body))
+    for name, front, body in _front_matter_files(wheel, "licensedcode/data/rules/", ".RULE"):
+        body = body.replace("{{", "").replace("}}", "").strip()
+        if re.search(r"^is_license_notice:\s*yes\s*$", front, re.MULTILINE) and len(body) >= 200:
+            out.append(Document(name, body))
     return _clean(iter(out))
 
 

@@ -123,3 +123,18 @@ def test_other_source_and_joined_bbc_corpora_read_from_the_wheels(tmp_path, monk
     assert sorted(d.source for d in load_corpus("demo:bbc/sports+entertainment").documents) == ["entertainment/001.txt", "sports/001.txt"]
     with pytest.raises(CorpusError, match="join several with"):
         load_corpus("demo:bbc/sports+weather")
+
+
+def test_licence_categories_come_from_the_front_matter(tmp_path, monkeypatch):
+    import zipfile
+
+    import memories.base_model
+
+    wheel = tmp_path / "licensedcode-data.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("licensedcode/data/licenses/mit.LICENSE", "---\nkey: mit\ncategory: Permissive\n---\nPermission is hereby granted.")
+        zf.writestr("licensedcode/data/licenses/gpl.LICENSE", "---\ncategory: 'Copyleft'\n---\nThe GNU General Public License.")
+        zf.writestr("licensedcode/data/licenses/none.LICENSE", "no front matter")
+    monkeypatch.setattr(memories.base_model, "fetch_wheel", lambda package, dest: wheel)
+    assert [d.text for d in load_corpus("demo:licences/Permissive").documents] == ["Permission is hereby granted."]
+    assert [d.source for d in load_corpus("demo:licences/Copyleft").documents] == ["gpl.LICENSE"]
