@@ -369,10 +369,11 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     all_sets = {s.key: s for ss in sets.values() for s in ss}
     scorer = Scorer(base_dir, context, stride, progress, out / "scores")
 
+    defaults = {e.domain: max((x for x in entries if x.domain == e.domain and _is_default(x)), key=lambda x: x.flops, default=None) for e in entries}
     report: dict = {"sets": {k: {"spec": s.spec, "tokens": len(s.tokens)} for k, s in all_sets.items()}, "base": {}, "knnlm": {}, "memories": {}, "lambda_rules": {}}
+    report["defaults"] = {d: e.name for d, e in defaults.items() if e is not None}  # each domain's default decoder memory
     for k, s in all_sets.items():
         report["base"][k] = perplexity(scorer.base_scores(s).logp)
-    defaults = {e.domain: max((x for x in entries if x.domain == e.domain and _is_default(x)), key=lambda x: x.flops, default=None) for e in entries}
     for e in entries:
         ruled = defaults[e.domain] is e and any(s.source == "other" for s in sets[e.domain])  # the domain's default decoder memory: λ rules
         # validation sets only for the λ rules; test sets of other domains only for --cross
@@ -388,7 +389,7 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
         if ruled:
             base_scores = {k: scorer.base_scores(all_sets[k]) for k in mem}
             report["lambda_rules"][e.name] = lambda_rules(float(e.meta["lambda"]), base_scores, mem, e.domain)
-        if e.kind == "decoder" and e.domain in sets and e.domain not in report["knnlm"]:
+        if e.kind == "decoder" and e.domain not in report["knnlm"]:
             knn = {s.key: scorer.knnlm_ppl(e, s) for s in sets[e.domain] if s.split == "test"}
             if all(v is not None for v in knn.values()):
                 report["knnlm"][e.domain] = knn
@@ -410,14 +411,8 @@ def served_ratios(bench_json: Path) -> dict[str, float]:
 
 
 def _is_default(e: Entry) -> bool:
-    """A decoder memory as `memory build` makes it by default: own embeddings, β > 0."""
+    """A decoder memory as `memory build` makes it by default: own embeddings, β > 0 (the deepest of a domain's is its default)."""
     return e.kind == "decoder" and "thin" not in e.variant and "β=0" not in e.variant
-
-
-def _default_decoder(report: dict, domain: str) -> str | None:
-    """The domain's default decoder memory (``_is_default``), the deepest if several."""
-    full = [(m["flops"], n) for n, m in report["memories"].items() if m["domain"] == domain and m["kind"] == "decoder" and "thin" not in m["variant"] and "β=0" not in m["variant"]]
-    return max(full)[1] if full else None
 
 
 def targets(report: dict) -> dict:
@@ -426,9 +421,8 @@ def targets(report: dict) -> dict:
     out = {}
     for domain in sorted({m["domain"] for m in mems.values()}):
         own, other = f"{domain}/own/test", f"{domain}/other/test"
-        d = _default_decoder(report, domain)
-        defaults = {_default_decoder(report, m["domain"]) for m in mems.values()}
-        crossed = {n: m["ppl"][own] for n, m in mems.items() if own in m["ppl"] and m["domain"] != domain and n in defaults}
+        d = report["defaults"].get(domain)
+        crossed = {n: m["ppl"][own] for n, m in mems.items() if own in m["ppl"] and m["domain"] != domain and n in report["defaults"].values()}
         loras = [m["ppl"][own] for m in mems.values() if m["domain"] == domain and m["variant"] == "lora, trained" and own in m["ppl"]]
         small = [m["ppl"][own] / base[own] for m in mems.values() if m["domain"] == domain and m["kind"] == "decoder" and m["flops"] <= 1 / 3]
         out[domain] = {
