@@ -369,7 +369,7 @@ def read_weights(
     shared: set[int] = set()
     if uses_base_embeddings(path):
         if base_tensors is None:
-            raise ArtifactError(name, "embeddings 'base' unavailable", "this engine's model exposes no token embedding and output head to share")
+            raise ArtifactError(name, "embeddings 'base' unavailable", "this engine's model exposes no whole token embedding and output head to share (another architecture, or split across tensor-parallel ranks)")
         stored = sorted(k for k in weights if k.removeprefix("model.") in BASE_TENSORS)
         if stored:
             raise ArtifactError(name, "memory.json says embeddings 'base' but the weights hold them", ", ".join(stored))

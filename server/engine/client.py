@@ -178,8 +178,8 @@ def unsupported(args: Namespace, calm: bool = False) -> list[str]:
         reasons.append("--async-scheduling: memories read each request's sampled token ids, which async scheduling leaves as placeholders; drop the flag")
     overrides = getattr(args, "hf_overrides", None)
     slots = overrides.get(keys.MEMORY_SLOTS, 0) if isinstance(overrides, dict) else 0
-    if slots and max(int(getattr(args, "tensor_parallel_size", 1) or 1), int(getattr(args, "pipeline_parallel_size", 1) or 1)) > 1:
-        reasons.append("decoder memory slots run on one device (not yet sharded): with --tensor-parallel-size or --pipeline-parallel-size above 1, pass --decoder-slots 0")
+    if slots and int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
+        reasons.append("decoder memory slots run after the base's last layer, on the last pipeline stage only (not yet placed per stage): with --pipeline-parallel-size above 1, pass --decoder-slots 0")
     if getattr(args, "speculative_config", None):
         reasons.append("--speculative-config: the drafter reads the model's hidden states, which memserve's model widens on steps with decoder memories; drop the flag")
     if not on_cpu() and not v2:  # under V2 the rows' spans come from the input batch (server/worker/v2_state.py), not the attention metadata

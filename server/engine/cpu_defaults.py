@@ -94,6 +94,16 @@ def _choose_layout(choice: Choice, machine: Machine, env: dict[str, str], world_
         choice.worker_threads = _threads_under(user, machine, world_size)
         settings = " ".join(f"{k}={v}" for k, v in user.items())
         choice.log.append(f"CPU threads: your {settings} ({choice.worker_threads} worker threads)")
+    elif world_size > 1 and world_size <= n <= SMALL_MACHINE_CPUS * world_size:
+        # vLLM's own layout binds each worker to a NUMA node of its own and refuses to start with fewer nodes than workers
+        share = n // world_size
+        groups = [cpu_list(machine.cpus[w * share : (w + 1) * share]) for w in range(world_size)]
+        choice.env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(groups), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        choice.worker_threads = share
+        choice.log.append(
+            f"CPU threads: {world_size} workers on {share} CPUs each ({' | '.join(groups)}), none reserved for the scheduler; "
+            f"override with {' / '.join(LAYOUT_VARS)}"
+        )
     elif world_size > 1:
         choice.worker_threads = _threads_under({}, machine, world_size)
         choice.log.append(f"CPU threads: vLLM's layout for {world_size} workers; override with {' / '.join(LAYOUT_VARS)}")

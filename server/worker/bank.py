@@ -25,6 +25,14 @@ naming both shapes. A thin memory (``"embeddings": "base"``) runs on the
 base's own embedding and head. Tokens of rows without a memory in a lane
 enter its attention as zeros and their outputs are never read, so shapes
 per step depend only on the step's token count and its active slots.
+
+Under tensor parallelism each rank holds its share of every slot, split as
+vLLM splits the base (:class:`Shard`): its query heads, its key/value heads
+(replicated where the ranks outnumber them), its part of the MLP; the
+attention output and MLP projections give partial sums that ``reduce``
+(vLLM's all-reduce) adds up, once per layer for all the step's memories.
+Embeddings, norms and output heads are held whole on every rank, so each
+rank computes the memories' logits itself and nothing is gathered.
 """
 
 from __future__ import annotations
@@ -38,6 +46,27 @@ from torch import nn
 
 from memories.artifact import ArtifactError
 from memories.runner import DecoderConfig, read_weights, rms_norm
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank's share of the slots under tensor parallelism, cut as vLLM cuts the base's layers."""
+
+    rank: int = 0
+    world: int = 1
+
+    def part(self, n: int) -> slice:
+        """This rank's equal part of ``n`` (query heads, MLP channels)."""
+        size = n // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def kv_heads(self, n: int) -> slice:
+        """This rank's key/value heads: a part of them, or one replicated where the ranks outnumber them (vLLM's
+        ``QKVParallelLinear``: rank r holds head ``r // (world // n)``)."""
+        if n >= self.world:
+            return self.part(n)
+        head = self.rank // (self.world // n)
+        return slice(head, head + 1)
 
 
 @dataclass
@@ -70,15 +99,19 @@ def describe(c: DecoderConfig) -> str:
 class MemoryBank(nn.Module):
     """``slots`` memory slots of the base's shape, and ``lanes`` × ``layers`` vLLM attention layers for their keys and values."""
 
-    def __init__(self, base: DecoderConfig, dtype: torch.dtype, rotary, slots: int, lanes: int, layers: int, qkv_bias: bool, attention):
+    def __init__(self, base: DecoderConfig, dtype: torch.dtype, rotary, slots: int, lanes: int, layers: int, qkv_bias: bool, attention, shard: Shard = Shard(), reduce=None):
         """``rotary``: the base's RoPE module (memories share its θ and head size); ``attention(i)``: the i-th
-        of the ``lanes × layers`` attention layers (vLLM's ``Attention``, see ``server/worker/model.py``)."""
+        of the ``lanes × layers`` attention layers (vLLM's ``Attention``, see ``server/worker/model.py``), over
+        this rank's heads; ``shard``: this rank's share; ``reduce``: the sum of a tensor over the ranks."""
         super().__init__()
         self.shape = base
         self.layers, self.lanes = layers, lanes
         self.rotary = rotary
+        self.shard, self.reduce = shard, reduce or (lambda t: t)
         c, n = base, slots
-        q, kv, inter = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.intermediate
+        heads, kv_heads = shard.part(c.heads), shard.kv_heads(c.kv_heads)
+        q, kv = (heads.stop - heads.start) * c.head_dim, (kv_heads.stop - kv_heads.start) * c.head_dim
+        inter = c.intermediate // shard.world
         self.q_size, self.kv_size = q, kv
 
         def buffer(name: str, *shape: int) -> None:
@@ -138,7 +171,17 @@ class MemoryBank(nn.Module):
 
     @torch.inference_mode()
     def _copy(self, s: int, cfg: DecoderConfig, w: dict[str, torch.Tensor], thin: bool) -> None:
-        q, kv, inter = self.q_size, self.kv_size, cfg.intermediate
+        """The memory's weights into slot ``s``: this rank's heads and MLP part, a narrower MLP zero-padded to the slots'."""
+        q, kv, d = self.q_size, self.kv_size, self.shape.head_dim
+        heads, kv_heads = self.shard.part(self.shape.heads), self.shard.kv_heads(self.shape.kv_heads)
+        rows = {"q": slice(heads.start * d, heads.stop * d), "k": slice(kv_heads.start * d, kv_heads.stop * d)}
+        rows["v"] = rows["k"]
+        mlp = self.shard.part(self.shape.intermediate)
+
+        def padded(t: torch.Tensor, dim: int) -> torch.Tensor:  # the MLP's channels zero-padded to the slots' count; this rank's part
+            missing = self.shape.intermediate - t.shape[dim]
+            return F.pad(t, (0, missing) if dim == 1 else (0, 0, 0, missing)).narrow(dim, mlp.start, mlp.stop - mlp.start)
+
         for t in (self.embed, self.head, self.norm, self.in_norm, self.post_norm, self.qkv, self.o, self.gate_up, self.down):
             t[s].zero_()
         if self.qkv_bias is not None:
@@ -151,16 +194,14 @@ class MemoryBank(nn.Module):
             p = f"layers.{j}."
             self.in_norm[s, j] = w[p + "input_layernorm.weight"]
             self.post_norm[s, j] = w[p + "post_attention_layernorm.weight"]
-            self.qkv[s, j] = torch.cat([w[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+            self.qkv[s, j] = torch.cat([w[p + f"self_attn.{x}_proj.weight"][rows[x]] for x in "qkv"])
             if self.qkv_bias is not None:
                 for x, (a, b) in zip("qkv", ((0, q), (q, q + kv), (q + kv, q + 2 * kv))):
                     if p + f"self_attn.{x}_proj.bias" in w:
-                        self.qkv_bias[s, j, a:b] = w[p + f"self_attn.{x}_proj.bias"]
-            self.o[s, j] = w[p + "self_attn.o_proj.weight"]
-            full = self.gate_up.shape[2] // 2
-            self.gate_up[s, j, :inter] = w[p + "mlp.gate_proj.weight"]
-            self.gate_up[s, j, full : full + inter] = w[p + "mlp.up_proj.weight"]
-            self.down[s, j, :, :inter] = w[p + "mlp.down_proj.weight"]
+                        self.qkv_bias[s, j, a:b] = w[p + f"self_attn.{x}_proj.bias"][rows[x]]
+            self.o[s, j] = w[p + "self_attn.o_proj.weight"][:, rows["q"]]
+            self.gate_up[s, j] = torch.cat([padded(w[p + "mlp.gate_proj.weight"], 0), padded(w[p + "mlp.up_proj.weight"], 0)])
+            self.down[s, j] = padded(w[p + "mlp.down_proj.weight"], 1)
 
     # ---- forward -----------------------------------------------------------
 
@@ -193,11 +234,18 @@ class MemoryBank(nn.Module):
                 qs, ks = self.rotary(positions[g.index], qs.contiguous(), ks.contiguous())
                 q[g.index], k[g.index], v[g.index] = qs, ks, vs
             out = self.attn[lane * self.layers + j](q, k, v)
+            # each projection back to the width is a partial sum over this rank's heads or channels: written for
+            # every running memory's tokens (zeros elsewhere, so the others are left as they were), then summed
+            partial = x.new_zeros(T, c.hidden)
+            for g in running:
+                partial[g.index] = F.linear(out[g.index], self.o[g.slot.index, j])
+            x = x + self.reduce(partial)
+            partial = x.new_zeros(T, c.hidden)
             for g in running:
                 s, i = g.slot.index, g.index
-                h = x[i] + F.linear(out[i], self.o[s, j])
-                gate, up = F.linear(rms_norm(h, self.post_norm[s, j], g.slot.eps), self.gate_up[s, j]).chunk(2, dim=-1)
-                x[i] = h + F.linear(F.silu(gate) * up, self.down[s, j])
+                gate, up = F.linear(rms_norm(x[i], self.post_norm[s, j], g.slot.eps), self.gate_up[s, j]).chunk(2, dim=-1)
+                partial[i] = F.linear(F.silu(gate) * up, self.down[s, j])
+            x = x + self.reduce(partial)
         for g in groups:
             x[g.index] = rms_norm(x[g.index], self.norm[g.slot.index], g.slot.eps)
         return x

@@ -78,9 +78,9 @@ class DecoderStep:
         k = max(len(parts) for _, parts in planned)
         entries = [(n, lane, part, t) for n, (t, parts) in enumerate(planned) for lane, part in enumerate(parts)]
         heads = []
-        for group in _by_head(entries):
-            columns = list(zip(*[(n, lane, t) for n, lane, _, t in group]))
-            heads.append((bank.head_weight(group[0][2].slot), *(upload(c, device) for c in columns)))
+        for group in _by_head(entries):  # one upload per head: its uses' rows, lanes and tokens as one [3, uses] tensor
+            columns = upload(list(zip(*[(n, lane, t) for n, lane, _, t in group])), device)
+            heads.append((bank.head_weight(group[0][2].slot), *columns.unbind(0)))
         weight = [[0.0] * k for _ in planned]
         temperature = [[1.0] * k for _ in planned]
         for n, lane, part, _ in entries:

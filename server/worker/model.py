@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
@@ -55,7 +56,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from memories.artifact import ArtifactError
 from memories.runner import DecoderConfig
 from server.engine.keys import MEMORY_LANES, MEMORY_LAYERS, MEMORY_SLOTS
-from server.worker.bank import MemoryBank
+from server.worker.bank import MemoryBank, Shard
 from server.worker.calm_step import CalmStep
 from server.worker.decoder_step import DecoderStep
 from server.worker.rows import MemoryRows
@@ -140,12 +141,19 @@ def memory_bank(vllm_config, model, prefix: str) -> MemoryBank | None:
     layers = int(getattr(hf, MEMORY_LAYERS, 0) or base.layers)
     prefix = f"{prefix}.memory_bank" if prefix else "memory_bank"
 
+    shard = Shard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    heads, kv_heads = shard.part(base.heads), shard.kv_heads(base.kv_heads)
+
     def attention(i: int) -> Attention:  # one integer in the name, vLLM's layer index: after the base's layers
-        return Attention(base.heads, base.head_dim, base.head_dim**-0.5, num_kv_heads=base.kv_heads, cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn.{base.layers + i}")
+        return Attention(
+            heads.stop - heads.start, base.head_dim, base.head_dim**-0.5, num_kv_heads=kv_heads.stop - kv_heads.start,
+            cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn.{base.layers + i}",
+        )  # fmt: skip
 
     own = model.layers[model.start_layer].self_attn
     lanes = int(getattr(hf, MEMORY_LANES, 1) or 1)
-    return MemoryBank(base, vllm_config.model_config.dtype, own.rotary_emb, slots, lanes, layers, own.qkv_proj.bias is not None, attention)
+    reduce = tensor_model_parallel_all_reduce if shard.world > 1 else None
+    return MemoryBank(base, vllm_config.model_config.dtype, own.rotary_emb, slots, lanes, layers, own.qkv_proj.bias is not None, attention, shard, reduce)
 
 
 def with_token_index(hidden: torch.Tensor) -> torch.Tensor:

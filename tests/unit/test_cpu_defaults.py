@@ -73,9 +73,18 @@ def test_large_machine_keeps_vllms_layout():
     assert choice.worker_threads == 15  # one thread per physical core, one core reserved
 
 
-def test_several_workers_keep_vllms_layout():
+def test_several_workers_on_a_small_machine_share_its_cpus():
+    """vLLM's own layout wants a NUMA node per worker and refuses to start a small one-node machine's tensor-parallel engine."""
     choice = choose(machine(cpus=4), {}, [], world_size=2)
+    assert choice.env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert choice.worker_threads == 2
+    assert choose(machine(cpus=2), {}, [], world_size=2).env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_several_workers_on_a_large_machine_keep_vllms_layout():
+    choice = choose(machine(cpus=32, cores=16), {}, [], world_size=2)
     assert choice.env == {}
+    assert choice.worker_threads == 7  # (16 physical cores - one reserved per worker) / 2
 
 
 def test_every_choice_is_logged_with_how_to_override():

@@ -79,3 +79,13 @@ def test_a_gpu_needs_an_attention_backend_with_token_spans(monkeypatch):
     (reason,) = unsupported(plain())
     assert "query_start_loc" in reason and "--attention-backend" in reason
     assert unsupported(plain(attention_backend="FLASH_ATTN")) == []
+
+
+def test_decoder_slots_run_tensor_parallel_but_not_in_pipeline_stages():
+    from server.engine.keys import MEMORY_SLOTS
+
+    slots = {"hf_overrides": {MEMORY_SLOTS: 4}}
+    assert unsupported(plain(tensor_parallel_size=2, **slots)) == []  # each rank holds its share (server/worker/bank.py Shard)
+    (reason,) = unsupported(plain(pipeline_parallel_size=2, **slots))
+    assert "--pipeline-parallel-size" in reason and "--decoder-slots 0" in reason
+    assert unsupported(plain(pipeline_parallel_size=2, hf_overrides={MEMORY_SLOTS: 0})) == []
