@@ -38,12 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from memories.flags import add_threads_argument, fraction
 from memories.flops import flops_per_token, memory_flops_per_token
 from memories.mixture import LAMBDA_GRID, mix_at_targets
-from memories.perplexity import perplexity
+from memories.perplexity import perplexity, scored_windows
 from memories.windows import iter_windows
 
 log = logging.getLogger("memserve.memory")
@@ -93,10 +92,8 @@ def text_sets(domain: str, spec: str, other_spec: str | None, tok, eval_tokens: 
 def score(logits_of, tokens: np.ndarray, context: int, stride: int, temperature: float = 1.0, desc: str = "", progress: bool = True) -> Scores:
     """``logits_of(ids [1, T]) -> [T, V]`` over the stream's windows, as ``memories.perplexity.model_logprobs`` scores them."""
     lps, ents = [], []
-    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
-        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long)[None]
-        logp = torch.log_softmax(logits_of(ids)[w.offset :].float() / temperature, dim=-1)
-        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long)
+    for ids, offset, labels in scored_windows(tokens, context, stride, desc, progress):
+        logp = torch.log_softmax(logits_of(ids)[offset:].float() / temperature, dim=-1)
         lps.append(logp.gather(-1, labels[:, None])[:, 0].numpy())
         ents.append(-(logp.exp() * logp).sum(-1).numpy())
     return Scores(np.concatenate(lps).astype(np.float64), np.concatenate(ents).astype(np.float64))

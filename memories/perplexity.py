@@ -31,14 +31,20 @@ def perplexity(logprobs) -> float:
     return math.exp(nll) if nll < 700 else math.inf
 
 
+def scored_windows(tokens: np.ndarray, context: int, stride: int, desc: str, progress: bool = True, device=None):
+    """For each window of a stream: its input ids ``[1, T]``, the offset of its first scored position, and the
+    next tokens of its scored positions (every position of the stream scored once, with the longest context)."""
+    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
+        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=device)[None]
+        yield ids, w.offset, torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=device)
+
+
 @torch.inference_mode()
 def model_logprobs(model, tokens: np.ndarray, context: int, stride: int, desc: str, temperatures=(1.0,), progress=True) -> dict[float, np.ndarray]:
     """log softmax(logits / T)(observed next token) at every position of a stream, per T."""
     out: dict[float, list] = {t: [] for t in temperatures}
-    for w in tqdm(list(iter_windows(len(tokens), context, stride)), desc=desc, unit="win", disable=not progress):
-        ids = torch.as_tensor(tokens[w.begin : w.end], dtype=torch.long, device=model.device)[None]
-        logits = model(input_ids=ids).logits[0, w.offset :]
-        labels = torch.as_tensor(tokens[w.first + 1 : w.end + 1], dtype=torch.long, device=model.device)
+    for ids, offset, labels in scored_windows(tokens, context, stride, desc, progress, model.device):
+        logits = model(input_ids=ids).logits[0, offset:]
         for t in temperatures:
             out[t].append(token_logprobs(logits / t, labels).cpu().numpy())
     return {t: np.concatenate(v) for t, v in out.items()}
