@@ -169,6 +169,7 @@ class Entry:
     meta: dict
     work: Path | None
     flops: float  # the memory's own FLOPs per token ÷ the base's (memories.flops)
+    default: bool = False  # a decoder memory as `memory build` makes it by default: own embeddings, β > 0
 
     @property
     def cpu_minutes(self) -> float | None:
@@ -200,7 +201,8 @@ def describe(path: Path, work_roots: list[Path], base_dir: str) -> Entry:
         variant = "lora, generated" if "generator" in meta or "prompts" in meta else "lora, trained"
     else:
         variant = "calm"
-    return Entry(name, path, kind, meta.get("domain", name), variant, meta, work, flops)
+    default = kind == "decoder" and meta.get("embeddings") != "base" and build.get("beta") != 0
+    return Entry(name, path, kind, meta.get("domain", name), variant, meta, work, flops, default)
 
 
 class Scorer:
@@ -367,7 +369,8 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     all_sets = {s.key: s for ss in sets.values() for s in ss}
     scorer = Scorer(base_dir, context, stride, progress, out / "scores")
 
-    defaults = {e.domain: max((x for x in entries if x.domain == e.domain and _is_default(x)), key=lambda x: x.flops, default=None) for e in entries}
+    # each domain's default decoder memory: the deepest one built by default
+    defaults = {e.domain: max((x for x in entries if x.domain == e.domain and x.default), key=lambda x: x.flops, default=None) for e in entries}
     report: dict = {"sets": {k: {"spec": s.spec, "tokens": len(s.tokens)} for k, s in all_sets.items()}, "base": {}, "knnlm": {}, "memories": {}, "lambda_rules": {}}
     report["defaults"] = {d: e.name for d, e in defaults.items() if e is not None}  # each domain's default decoder memory
     for k, s in all_sets.items():
@@ -406,11 +409,6 @@ def served_ratios(bench_json: Path) -> dict[str, float]:
 
 
 # --- verdicts and the report -----------------------------------------------------------------
-
-
-def _is_default(e: Entry) -> bool:
-    """A decoder memory as `memory build` makes it by default: own embeddings, β > 0 (the deepest of a domain's is its default)."""
-    return e.kind == "decoder" and "thin" not in e.variant and "β=0" not in e.variant
 
 
 def targets(report: dict) -> dict:

@@ -23,14 +23,14 @@ def memory_flops_per_token(memory_dir: str | Path) -> float:
     parameter once per token); a calm memory's augmenting model without its output head (never
     applied) plus its composition (every parameter once per token)."""
     memory_dir = Path(memory_dir)
-    card = memory_dir / "memory.json"
-    meta = json.loads(card.read_text()) if card.exists() else {}
     if (memory_dir / "adapter_config.json").exists():
         from safetensors import safe_open
 
         with safe_open(str(memory_dir / "adapter_model.safetensors"), "pt") as f:
             params = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys())
         return 2.0 * params
+    card = memory_dir / "memory.json"
+    meta = json.loads(card.read_text()) if card.exists() else {}
     if meta.get("kind") != "calm":
         return flops_per_token(memory_dir)
     augment = memory_dir / "augment"
