@@ -369,7 +369,6 @@ def compare(memory_dirs: list[Path], base_dir: str, out: Path, work_roots: list[
     all_sets = {s.key: s for ss in sets.values() for s in ss}
     scorer = Scorer(base_dir, context, stride, progress, out / "scores")
 
-    # each domain's default decoder memory: the deepest one built by default
     defaults = {e.domain: max((x for x in entries if x.domain == e.domain and x.default), key=lambda x: x.flops, default=None) for e in entries}
     report: dict = {"sets": {k: {"spec": s.spec, "tokens": len(s.tokens)} for k, s in all_sets.items()}, "base": {}, "knnlm": {}, "memories": {}, "lambda_rules": {}}
     report["defaults"] = {d: e.name for d, e in defaults.items() if e is not None}  # each domain's default decoder memory
