@@ -74,7 +74,7 @@ class ServeOptions:
     )  # fmt: skip
     max_model_len: int | None = option(None, "context length (default: the model's)")
     api_key: str | None = option(None, "require 'Authorization: Bearer KEY' on /v1 routes (default: none, /v1 is open)")
-    tensor_parallel_size: int = option(1, "devices every layer of the base is split across (vLLM tensor parallelism; default: %(default)s)")
+    tensor_parallel_size: int = option(1, "devices every layer of the base and of the decoder memory slots is split across (vLLM tensor parallelism; default: %(default)s)")
     pipeline_parallel_size: int = option(1, "devices the base's layers are divided between in stages (vLLM pipeline parallelism; default: %(default)s)")
 
     memory_root: str | None = option(
