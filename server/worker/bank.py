@@ -68,6 +68,10 @@ class Shard:
         head = self.rank // (self.world // n)
         return slice(head, head + 1)
 
+    def heads(self, c: DecoderConfig) -> tuple[slice, slice]:
+        """This rank's query heads and key/value heads of a memory of shape ``c``."""
+        return self.part(c.heads), self.kv_heads(c.kv_heads)
+
 
 @dataclass
 class Slot:
@@ -100,17 +104,19 @@ class MemoryBank(nn.Module):
     """``slots`` memory slots of the base's shape, and ``lanes`` × ``layers`` vLLM attention layers for their keys and values."""
 
     def __init__(self, base: DecoderConfig, dtype: torch.dtype, rotary, slots: int, lanes: int, layers: int, qkv_bias: bool, attention, shard: Shard = Shard(), reduce=None):
-        """``rotary``: the base's RoPE module (memories share its θ and head size); ``attention(i)``: the i-th
-        of the ``lanes × layers`` attention layers (vLLM's ``Attention``, see ``server/worker/model.py``), over
-        this rank's heads; ``shard``: this rank's share; ``reduce``: the sum of a tensor over the ranks."""
+        """``rotary``: the base's RoPE module (memories share its θ and head size); ``attention(i, heads, kv_heads)``:
+        the i-th of the ``lanes × layers`` attention layers (vLLM's ``Attention``, see ``server/worker/model.py``)
+        over this rank's query and key/value head counts; ``shard``: this rank's share; ``reduce``: the sum of a
+        tensor over the ranks (needed only when ``shard.world > 1``)."""
         super().__init__()
         self.shape = base
         self.layers, self.lanes = layers, lanes
         self.rotary = rotary
         self.shard, self.reduce = shard, reduce or (lambda t: t)
         c, n = base, slots
-        heads, kv_heads = shard.part(c.heads), shard.kv_heads(c.kv_heads)
-        q, kv = (heads.stop - heads.start) * c.head_dim, (kv_heads.stop - kv_heads.start) * c.head_dim
+        self.heads, self.kv_heads = shard.heads(c)
+        n_heads, n_kv = self.heads.stop - self.heads.start, self.kv_heads.stop - self.kv_heads.start
+        q, kv = n_heads * c.head_dim, n_kv * c.head_dim
         inter = c.intermediate // shard.world
         self.q_size, self.kv_size = q, kv
 
@@ -127,7 +133,7 @@ class MemoryBank(nn.Module):
         buffer("o", layers, c.hidden, q)
         buffer("gate_up", layers, 2 * inter, c.hidden)
         buffer("down", layers, c.hidden, inter)
-        self.attn = nn.ModuleList(attention(i) for i in range(lanes * layers))
+        self.attn = nn.ModuleList(attention(i, n_heads, n_kv) for i in range(lanes * layers))
         self.held: list[Slot | None] = [None] * slots
         self._lock = threading.Lock()
         self.base_embed = self.base_head = None  # the base's tensors, for thin memories (given at load)
@@ -173,8 +179,7 @@ class MemoryBank(nn.Module):
     def _copy(self, s: int, cfg: DecoderConfig, w: dict[str, torch.Tensor], thin: bool) -> None:
         """The memory's weights into slot ``s``: this rank's heads and MLP part, a narrower MLP zero-padded to the slots'."""
         q, kv, d = self.q_size, self.kv_size, self.shape.head_dim
-        heads, kv_heads = self.shard.part(self.shape.heads), self.shard.kv_heads(self.shape.kv_heads)
-        rows = {"q": slice(heads.start * d, heads.stop * d), "k": slice(kv_heads.start * d, kv_heads.stop * d)}
+        rows = {"q": slice(self.heads.start * d, self.heads.stop * d), "k": slice(self.kv_heads.start * d, self.kv_heads.stop * d)}
         rows["v"] = rows["k"]
         mlp = self.shard.part(self.shape.intermediate)
 
@@ -234,21 +239,30 @@ class MemoryBank(nn.Module):
                 qs, ks = self.rotary(positions[g.index], qs.contiguous(), ks.contiguous())
                 q[g.index], k[g.index], v[g.index] = qs, ks, vs
             out = self.attn[lane * self.layers + j](q, k, v)
-            # each projection back to the width is a partial sum over this rank's heads or channels: written for
-            # every running memory's tokens (zeros elsewhere, so the others are left as they were), then summed
-            partial = x.new_zeros(T, c.hidden)
-            for g in running:
-                partial[g.index] = F.linear(out[g.index], self.o[g.slot.index, j])
-            x = x + self.reduce(partial)
-            partial = x.new_zeros(T, c.hidden)
-            for g in running:
+            x = self._add(x, running, lambda g: F.linear(out[g.index], self.o[g.slot.index, j]))
+
+            def mlp(g: LaneGroup) -> torch.Tensor:
                 s, i = g.slot.index, g.index
                 gate, up = F.linear(rms_norm(x[i], self.post_norm[s, j], g.slot.eps), self.gate_up[s, j]).chunk(2, dim=-1)
-                partial[i] = F.linear(F.silu(gate) * up, self.down[s, j])
-            x = x + self.reduce(partial)
+                return F.linear(F.silu(gate) * up, self.down[s, j])
+
+            x = self._add(x, running, mlp)
         for g in groups:
             x[g.index] = rms_norm(x[g.index], self.norm[g.slot.index], g.slot.eps)
         return x
+
+    def _add(self, x: torch.Tensor, groups: list[LaneGroup], project) -> torch.Tensor:
+        """``x`` plus ``project(g)`` at each group's tokens (groups hold disjoint tokens). Under tensor parallelism each
+        projection is a partial sum over this rank's heads or MLP channels: they are written into one zero buffer and
+        summed over the ranks once for all the groups. On one device ``x`` is updated in place, without the buffer."""
+        if self.shard.world == 1:
+            for g in groups:
+                x[g.index] += project(g)
+            return x
+        partial = torch.zeros_like(x)
+        for g in groups:
+            partial[g.index] = project(g)
+        return x + self.reduce(partial)
 
     def head_weight(self, slot: Slot) -> torch.Tensor:
         """The slot's output head over its own vocabulary (thin memories: the base's, one tensor for all of them)."""

@@ -142,11 +142,10 @@ def memory_bank(vllm_config, model, prefix: str) -> MemoryBank | None:
     prefix = f"{prefix}.memory_bank" if prefix else "memory_bank"
 
     shard = Shard(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
-    heads, kv_heads = shard.part(base.heads), shard.kv_heads(base.kv_heads)
 
-    def attention(i: int) -> Attention:  # one integer in the name, vLLM's layer index: after the base's layers
+    def attention(i: int, heads: int, kv_heads: int) -> Attention:  # one integer in the name, vLLM's layer index: after the base's layers
         return Attention(
-            heads.stop - heads.start, base.head_dim, base.head_dim**-0.5, num_kv_heads=kv_heads.stop - kv_heads.start,
+            heads, base.head_dim, base.head_dim**-0.5, num_kv_heads=kv_heads,
             cache_config=vllm_config.cache_config, prefix=f"{prefix}.attn.{base.layers + i}",
         )  # fmt: skip
 

@@ -30,7 +30,7 @@ def test_a_memory_of_another_width_is_refused_naming_both_shapes(tiny, tmp_path)
 
 def test_deeper_than_the_slots_is_refused(tiny):
     bank = make_bank(tiny, slots=1)
-    shallow = MemoryBank(bank.shape, bank.embed.dtype, bank.rotary, 1, 1, 1, False, lambda i: bank.attn[0])
+    shallow = MemoryBank(bank.shape, bank.embed.dtype, bank.rotary, 1, 1, 1, False, lambda *_: bank.attn[0])
     with pytest.raises(ArtifactError, match="up to 1 layers"):
         shallow.load(str(tiny["beta"]), "beta@1", lambda s: False, None)  # 2 layers
     assert shallow.load(str(tiny["alpha"]), "alpha@1", lambda s: False, None).layers == 1
@@ -98,9 +98,8 @@ def test_sharded_slots_compute_what_whole_slots_compute(tiny, tmp_path):
     def run(shard: Shard, reduce=None) -> torch.Tensor:
         whole = make_bank(tiny, slots=2, lanes=1)
         c = whole.shape
-        heads, kv = shard.part(c.heads), shard.kv_heads(c.kv_heads)
-        rank_shape = SimpleNamespace(head_dim=c.head_dim, heads=heads.stop - heads.start, kv_heads=kv.stop - kv.start)
-        bank = MemoryBank(c, torch.float32, whole.rotary, 2, 1, c.layers, False, lambda i: StepAttention(rank_shape), shard, reduce)
+        step = lambda i, heads, kv_heads: StepAttention(SimpleNamespace(head_dim=c.head_dim, heads=heads, kv_heads=kv_heads))  # noqa: E731
+        bank = MemoryBank(c, torch.float32, whole.rotary, 2, 1, c.layers, False, step, shard, reduce)
         slots = [bank.load(str(path), key, lambda s: False, None) for path, key in memories]
         return bank(ids, positions, [[LaneGroup(s, t) for s, t in zip(slots, tokens)]])
 

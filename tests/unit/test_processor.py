@@ -101,7 +101,7 @@ class NeoxRope:
 
 def make_bank(tiny, slots: int = 4, lanes: int = 2) -> MemoryBank:
     cfg = DecoderConfig.from_hf("base", json.loads((tiny["base"] / "config.json").read_text()))
-    return MemoryBank(cfg, torch.float32, NeoxRope(cfg), slots, lanes, cfg.layers, False, lambda i: PagedAttention(cfg))
+    return MemoryBank(cfg, torch.float32, NeoxRope(cfg), slots, lanes, cfg.layers, False, lambda *_: PagedAttention(cfg))
 
 
 def load(bank: MemoryBank, path, key: str, base_tensors=None):
