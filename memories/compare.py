@@ -307,7 +307,9 @@ class Scorer:
         from memories.base_model import load_base
 
         if e.kind == "decoder":
-            model = self._decoder_model(e.path)
+            from memories.decoder.evaluate import load_memory_model
+
+            model = load_memory_model(e.path, self.base)
             yield lambda ids: model(input_ids=ids).logits[0]
         elif e.kind == "lora":
             from peft import PeftModel
@@ -320,17 +322,6 @@ class Scorer:
             augment, composition = load_calm(e.path)
             with composed(self.base, augment, composition):
                 yield lambda ids: self.base(input_ids=ids).logits[0]
-
-    def _decoder_model(self, path: Path):
-        from transformers import AutoModelForCausalLM
-
-        from memories.artifact import uses_base_embeddings
-
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-        if uses_base_embeddings(path):  # a thin memory runs on the base's embedding and head, as the server runs it
-            model.get_input_embeddings().weight.data.copy_(self.base.get_input_embeddings().weight.data)
-            model.get_output_embeddings().weight.data.copy_(self.base.get_output_embeddings().weight.data)
-        return model
 
 
 # --- the comparison -------------------------------------------------------------------------
@@ -455,7 +446,7 @@ def markdown(r: dict) -> str:
             lines.append(f"| {domain} | base + kNN-LM | {cell(knn.get(own), own)} | {cell(knn.get(other), other)} | | | | |")
         for n, m in mems.items():
             if m["domain"] == domain:
-                lines.append(f"| {domain} | {m['variant']} (`{n}`) | {cell(m['ppl'].get(own), own)} | {cell(m['ppl'].get(other), other)} | {_f(m['lambda'])} | {_f(m['flops'], '{:.3f}')} | {_f(m['cpu_minutes'], '{:.1f}')} | {_served(m.get('served'))} |")
+                lines.append(f"| {domain} | {m['variant']} (`{n}`) | {cell(m['ppl'].get(own), own)} | {cell(m['ppl'].get(other), other)} | {_f(m['lambda'])} | {_f(m['flops'], '{:.4f}')} | {_f(m['cpu_minutes'], '{:.1f}')} | {_served(m.get('served'))} |")
     crossing = [n for n, m in mems.items() if sum(1 for k in m["ppl"] if not k.startswith(m["domain"] + "/")) > 0]
     if crossing:
         test_sets = [k for k in r["sets"] if k.endswith("/test")]

@@ -23,6 +23,7 @@ import torch
 from memories.artifact import MEMORY_JSON, check_compatible, read_card
 from memories.calm.composition import Composition
 from memories.calm.hf import composed
+from memories.decoder.evaluate import load_memory_model
 from memories.perplexity import model_logprobs
 from memories.mixture import mix_at_targets
 from memories.perplexity import perplexity
@@ -34,23 +35,13 @@ LABELS = {"base": "base alone", "augment": "augmenting model alone", "compositio
 
 
 def load_decoder_memory(path: str | Path, base, base_tokenizer):
-    """A decoder memory checked as the server checks it, as a transformers model, with its λ and T.
-
-    A thin memory (``"embeddings": "base"``) gets the base's embedding and head, as the server gives it.
-    """
-    from transformers import AutoModelForCausalLM
-
+    """A decoder memory checked as the server checks it, as a transformers model, with its λ and T."""
     card = read_card(path, Path(path).name)
     meta = json.loads((Path(path) / MEMORY_JSON).read_text()) if (Path(path) / MEMORY_JSON).exists() else {}
     if meta.get("kind", "decoder") != "decoder":
         raise ValueError(f"--decoder-memory {path}: memory.json kind is {meta.get('kind')!r}, a decoder memory is needed")
     check_compatible(card, base_tokenizer, base.config.to_dict())
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if card.embeddings == "base":
-        with torch.no_grad():
-            model.get_input_embeddings().weight.copy_(base.get_input_embeddings().weight)
-            model.get_output_embeddings().weight.copy_(base.get_output_embeddings().weight)
-    return model.to(base.device).eval(), card.weight, card.temperature
+    return load_memory_model(path, base), card.weight, card.temperature
 
 
 def scored_positions(stream: np.ndarray, token_mask: np.ndarray | None) -> np.ndarray | None:

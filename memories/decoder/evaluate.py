@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memories.artifact import uses_base_embeddings
 from memories.decoder.heldout import knnlm_ppl
 from memories.mixture import LAMBDA_GRID, mix_at_targets
 from memories.perplexity import perplexity
@@ -20,6 +21,26 @@ from memories.perplexity import model_logprobs
 
 
 MEMORY_TEMPERATURES = (1.0, 1.5, 2.0, 3.0)
+
+
+def load_memory_model(path: str | Path, base):
+    """A decoder memory as a transformers model in fp32 on the base's device, for scoring beside ``base``.
+
+    A thin memory (``"embeddings": "base"``) stores no embedding or head; it gets the base's, as the server
+    gives it. It is built from its config and loaded with them, so nothing is reported missing.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not uses_base_embeddings(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(base.device).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)), dtype=torch.float32)
+    weights = {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    weights["model.embed_tokens.weight"] = base.get_input_embeddings().weight.detach()
+    weights["lm_head.weight"] = base.get_output_embeddings().weight.detach()
+    model.load_state_dict(weights)
+    return model.to(base.device).eval()
 
 
 def evaluate_memory(memory, streams: dict[str, np.ndarray], heldout_dir: Path, heldout_info: dict, out: Path, context: int, stride: int, vocab_size: int, progress=True) -> dict:

@@ -153,3 +153,19 @@ def test_thin_memory_of_another_vocabulary_is_refused(tiny, pair):
     shared = {k: v[:300] for k, v in base_tensors_of(tiny["base"]).items()}
     with pytest.raises(ArtifactError, match=r"embed_tokens.weight has shape \(300, 128\), config implies \(320, 128\)"):
         MemoryDecoder(pair[1], name="thin", base_tensors=shared)
+
+
+def test_a_thin_memory_scores_on_the_bases_embedding_and_head(tiny, tmp_path):
+    """Offline scoring (compare, calm's evaluation) loads a thin memory with the base's embedding and head: it
+    gives its full copy's logits, where transformers alone would leave both freshly initialised."""
+    from transformers import AutoModelForCausalLM
+
+    from memories.decoder.evaluate import load_memory_model
+    from tests.tiny_models import base_embedding_pair
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["base"]).eval()
+    full, thin = base_embedding_pair(tiny["beta"], tiny["base"], tmp_path)
+    ids = [5, 9, 11, 3, 7]
+    expected = hf_last(load_memory_model(full, base), ids)
+    torch.testing.assert_close(hf_last(load_memory_model(thin, base), ids), expected)
+    assert not torch.allclose(hf_last(AutoModelForCausalLM.from_pretrained(thin).eval(), ids), expected, atol=1e-3)
