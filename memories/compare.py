@@ -410,12 +410,15 @@ def targets(report: dict) -> dict:
         d = report["defaults"].get(domain)
         crossed = {n: m["ppl"][own] for n, m in mems.items() if own in m["ppl"] and m["domain"] != domain and n in report["defaults"].values()}
         loras = [m["ppl"][own] for m in mems.values() if m["domain"] == domain and m["variant"] == "lora, trained" and own in m["ppl"]]
-        small = [m["ppl"][own] / base[own] for m in mems.values() if m["domain"] == domain and m["kind"] == "decoder" and m["flops"] <= 1 / 3]
+        small = {}  # per kind, the best in-domain ratio to the base among its memories at most a third of the base's FLOPs
+        for m in mems.values():
+            if m["domain"] == domain and m["flops"] <= 1 / 3 and own in m["ppl"]:
+                small[m["kind"]] = min(small.get(m["kind"], math.inf), m["ppl"][own] / base[own])
         out[domain] = {
             "beats_other_memories_and_control": (all(mems[d]["ppl"][own] < p for p in crossed.values()) if d and crossed else None),
             "default_decoder_at_or_below_same_budget_lora": (mems[d]["ppl"][own] <= min(loras) if d and loras else None),
             "other_source_gain_at_own_lambda": (1 - mems[d]["ppl"][other] / base[other] if d and other in mems[d]["ppl"] else None),
-            "memory_at_most_a_third_of_base_flops_ppl_ratio": (min(small) if small else None),
+            "at_most_a_third_of_base_flops_ppl_ratio_by_kind": small or None,
         }
     return out
 

@@ -87,6 +87,9 @@ def test_compare_scores_another_source_and_other_domains(compared):
     md = (root / "out" / "report.md").read_text()
     assert f"`{cfg.name}`" in md and "Cross-domain matrix" in md and "λ rules" in md
     assert report["targets"][domain]["other_source_gain_at_own_lambda"] == pytest.approx(1 - decoder["ppl"][f"{domain}/other/test"] / report["base"][f"{domain}/other/test"])
+    small = report["targets"][domain]["at_most_a_third_of_base_flops_ppl_ratio_by_kind"]  # the lora is; the 2-of-3-layer decoder is not
+    lora = report["memories"]["synth-lora"]
+    assert lora["flops"] <= 1 / 3 and small == {"lora": pytest.approx(lora["ppl"][f"{domain}/own/test"] / report["base"][f"{domain}/own/test"])}
 
 
 def test_compare_refuses_options_that_change_a_builds_test_split(compared, capsys):
