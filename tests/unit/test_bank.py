@@ -98,7 +98,10 @@ def test_sharded_slots_compute_what_whole_slots_compute(tiny, tmp_path):
     def run(shard: Shard, reduce=None) -> torch.Tensor:
         whole = make_bank(tiny, slots=2, lanes=1)
         c = whole.shape
-        step = lambda i, heads, kv_heads: StepAttention(SimpleNamespace(head_dim=c.head_dim, heads=heads, kv_heads=kv_heads))  # noqa: E731
+
+        def step(i: int, heads: int, kv_heads: int) -> StepAttention:  # over this rank's head counts, as the bank gives them
+            return StepAttention(SimpleNamespace(head_dim=c.head_dim, heads=heads, kv_heads=kv_heads))
+
         bank = MemoryBank(c, torch.float32, whole.rotary, 2, 1, c.layers, False, step, shard, reduce)
         slots = [bank.load(str(path), key, lambda s: False, None) for path, key in memories]
         return bank(ids, positions, [[LaneGroup(s, t) for s, t in zip(slots, tokens)]])
