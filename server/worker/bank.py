@@ -112,7 +112,7 @@ class MemoryBank(nn.Module):
         self.shape = base
         self.layers, self.lanes = layers, lanes
         self.rotary = rotary
-        self.shard, self.reduce = shard, reduce or (lambda t: t)
+        self.shard, self.reduce = shard, reduce
         c, n = base, slots
         self.heads, self.kv_heads = shard.heads(c)
         n_heads, n_kv = self.heads.stop - self.heads.start, self.kv_heads.stop - self.kv_heads.start
